@@ -1,0 +1,63 @@
+"""Pure tensor kernels (no optimizer state): Newton–Schulz, spectral maps, eigen/QR, precision."""
+
+from whiten.linalg.batching import map_batched
+from whiten.linalg.eigen import (
+    eigh_descending,
+    orthogonal_iteration,
+    principal_angles,
+    rayleigh_quotients,
+    sort_basis,
+)
+from whiten.linalg.newton_schulz import (
+    KELLER_QUINTIC,
+    NS_COEFFICIENT_SETS,
+    POLAR_EXPRESS,
+    NSSchedule,
+    newton_schulz,
+    ns_schedule,
+    polar_svd,
+)
+from whiten.linalg.precision import (
+    MANTISSA_BITS,
+    PRECISIONS,
+    check_precision,
+    emulate_matmul_precision,
+    matmul_precision,
+    round_mantissa,
+)
+from whiten.linalg.spectral import (
+    coupled_newton_schulz_sqrt,
+    initial_stream_basis,
+    ns_power_rounds,
+    schatten_power_ns,
+    schatten_power_stream,
+    schatten_power_svd,
+)
+
+__all__ = [
+    "KELLER_QUINTIC",
+    "MANTISSA_BITS",
+    "NS_COEFFICIENT_SETS",
+    "POLAR_EXPRESS",
+    "PRECISIONS",
+    "NSSchedule",
+    "check_precision",
+    "coupled_newton_schulz_sqrt",
+    "eigh_descending",
+    "emulate_matmul_precision",
+    "initial_stream_basis",
+    "map_batched",
+    "matmul_precision",
+    "newton_schulz",
+    "ns_power_rounds",
+    "ns_schedule",
+    "orthogonal_iteration",
+    "polar_svd",
+    "principal_angles",
+    "rayleigh_quotients",
+    "round_mantissa",
+    "schatten_power_ns",
+    "schatten_power_stream",
+    "schatten_power_svd",
+    "sort_basis",
+]

@@ -1,0 +1,78 @@
+"""Symmetric eigendecomposition, warm-started orthogonal iteration and subspace angles.
+
+These are the kernels the Kronecker-factored optimizers (SOAP, KL-Shampoo, Pro-KLShampoo) use
+to keep an eigenbasis of each factor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def eigh_descending(A: Tensor, *, jitter: float = 1e-7, max_jitter_tries: int = 4) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns, same order) of symmetric ``A`` (batched).
+
+    ``torch.linalg.eigh`` occasionally fails to converge on ill-conditioned fp32 input. Then the
+    decomposition is retried in fp64, and if that fails too, with a diagonal jitter of
+    ``jitter * (mean |diag A| + 1e-30)`` growing 10x per try. Results come back in ``A``'s dtype.
+    The input is symmetrised first so that round-off asymmetry never matters.
+    """
+    if A.size(-1) != A.size(-2):
+        raise ValueError(f"eigh_descending needs square matrices, got shape {tuple(A.shape)}")
+    sym = 0.5 * (A + A.mT)
+    try:
+        vals, vecs = torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        work = sym.double()
+        scale = work.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True).unsqueeze(-1) + 1e-30
+        eye = torch.eye(A.size(-1), dtype=work.dtype, device=work.device)
+        for attempt in range(max_jitter_tries + 1):
+            try:
+                shift = 0.0 if attempt == 0 else jitter * 10 ** (attempt - 1)
+                vals, vecs = torch.linalg.eigh(work + shift * scale * eye)
+                break
+            except torch.linalg.LinAlgError:
+                if attempt == max_jitter_tries:
+                    raise
+        vals, vecs = vals.to(A.dtype), vecs.to(A.dtype)
+    return vals.flip(-1), vecs.flip(-1)
+
+
+def rayleigh_quotients(A: Tensor, Q: Tensor) -> Tensor:
+    """``diag(Q^T A Q)`` without forming the full product (batched)."""
+    return ((A @ Q) * Q).sum(-2)
+
+
+def sort_basis(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """Reorder the columns of ``Q`` by descending Rayleigh quotient under ``A``.
+
+    Returns the permuted basis and the permutation (so companion state can be permuted alike).
+    """
+    order = torch.argsort(rayleigh_quotients(A, Q), dim=-1, descending=True)
+    return torch.take_along_dim(Q, order.unsqueeze(-2), dim=-1), order
+
+
+def orthogonal_iteration(A: Tensor, Q: Tensor, steps: int = 1) -> Tensor:
+    """Warm-started orthogonal (subspace) iteration: ``Q <- qr(A Q).Q`` repeated ``steps`` times.
+
+    Starting from the previous eigenbasis, one step is usually enough to track a slowly moving
+    factor (SOAP, KL-Shampoo). Works on ``n x k`` bases (``k <= n``) and batches.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    for _ in range(steps):
+        Q, _ = torch.linalg.qr(A @ Q)
+    return Q
+
+
+def principal_angles(A: Tensor, B: Tensor) -> Tensor:
+    """Principal angles (radians, ascending) between the column spans of ``A`` and ``B``.
+
+    Both are orthonormalised first, so any full-column-rank bases are accepted. The largest
+    angle is the usual "how far did the subspace move" number.
+    """
+    Qa, _ = torch.linalg.qr(A)
+    Qb, _ = torch.linalg.qr(B)
+    cosines = torch.linalg.svdvals(Qa.mT @ Qb).clamp(-1.0, 1.0)
+    return torch.arccos(cosines)  # svdvals are descending, so the angles ascend

@@ -1,0 +1,134 @@
+"""Newton–Schulz orthogonalization and the exact polar factor.
+
+For ``G = A diag(s) B^T`` (thin SVD) the polar factor is ``polar(G) = A B^T``. Newton–Schulz
+approximates it with odd matrix polynomials that act on the singular values only:
+
+    X_0 = G / max(c * ||G||_F, eps)                  (so every singular value is <= 1)
+    X_{k+1} = a_k X_k + (b_k A_k + c_k A_k^2) X_k,   A_k = X_k X_k^T
+
+The iteration works on the wide orientation (rows <= cols) so that ``A_k`` is the smaller Gram
+matrix. Coefficient sets:
+
+* ``"keller"``: Keller Jordan's quintic ``(3.4445, -4.7750, 2.0315)`` for every step; it pushes
+  singular values into roughly [0.7, 1.2] rather than exactly to 1 (KellerJordan/Muon).
+* ``"polar_express"``: the per-step minimax schedule of Amsel et al. (2025), "The Polar Express",
+  with the safety factor 1.01 applied to the normalisation and to the first seven tuples
+  (``a / 1.01, b / 1.01^3, c / 1.01^5``), then ``(1.875, -1.25, 0.375)`` for every further step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Coefficients = tuple[float, float, float]
+
+KELLER_QUINTIC: Coefficients = (3.4445, -4.7750, 2.0315)
+
+_POLAR_EXPRESS_RAW: tuple[Coefficients, ...] = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+)
+_POLAR_EXPRESS_SAFETY = 1.01
+POLAR_EXPRESS: tuple[Coefficients, ...] = tuple(
+    (a / _POLAR_EXPRESS_SAFETY, b / _POLAR_EXPRESS_SAFETY**3, c / _POLAR_EXPRESS_SAFETY**5)
+    for a, b, c in _POLAR_EXPRESS_RAW
+)
+POLAR_EXPRESS_TAIL: Coefficients = (1.875, -1.25, 0.375)
+
+
+@dataclass(frozen=True)
+class NSSchedule:
+    """A resolved Newton–Schulz schedule: one coefficient tuple per step and the norm scale."""
+
+    coefficients: tuple[Coefficients, ...]
+    norm_scale: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.coefficients)
+
+
+NS_COEFFICIENT_SETS = ("keller", "polar_express")
+
+
+def ns_schedule(coefficients: str | Sequence[float] | Sequence[Sequence[float]], steps: int) -> NSSchedule:
+    """Resolve a coefficient-set name or explicit tuple(s) into a per-step schedule.
+
+    ``coefficients`` is a name from :data:`NS_COEFFICIENT_SETS`, a single ``(a, b, c)`` used for
+    every step (``torch.optim.Muon``'s ``ns_coefficients``), or a sequence of per-step tuples
+    (the last one repeats when ``steps`` is longer).
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1 or steps >= 100:
+        raise ValueError(f"ns_steps must be an integer in [1, 99], got {steps!r}")
+    if isinstance(coefficients, str):
+        if coefficients == "keller":
+            return NSSchedule((KELLER_QUINTIC,) * steps, 1.0)
+        if coefficients == "polar_express":
+            head = POLAR_EXPRESS[:steps]
+            tail = (POLAR_EXPRESS_TAIL,) * max(0, steps - len(POLAR_EXPRESS))
+            return NSSchedule(head + tail, _POLAR_EXPRESS_SAFETY)
+        raise ValueError(
+            f"ns_coefficients={coefficients!r} is not a known set; use one of {NS_COEFFICIENT_SETS} "
+            "or an explicit (a, b, c) tuple"
+        )
+    seq = list(coefficients)
+    if len(seq) == 3 and all(isinstance(v, (int, float)) for v in seq):
+        return NSSchedule((tuple(float(v) for v in seq),) * steps, 1.0)  # type: ignore[arg-type]
+    if seq and all(isinstance(t, Sequence) and len(t) == 3 for t in seq):
+        tuples = [tuple(float(v) for v in t) for t in seq]
+        tuples += [tuples[-1]] * max(0, steps - len(tuples))
+        return NSSchedule(tuple(tuples[:steps]), 1.0)  # type: ignore[arg-type]
+    raise ValueError(
+        f"ns_coefficients must be a set name, an (a, b, c) tuple or a list of such tuples, got {coefficients!r}"
+    )
+
+
+def newton_schulz(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: str | Sequence[float] | Sequence[Sequence[float]] = "keller",
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    eps: float = 1e-7,
+) -> Tensor:
+    """Approximate ``polar(G)`` for ``G`` of shape ``(..., m, n)`` (batched over leading dims).
+
+    Returns a tensor of ``G``'s shape in ``compute_dtype``. ``eps`` floors the normaliser
+    ``max(scale * ||G||_F, eps)`` (as ``torch.optim.Muon`` does), so a zero input gives zero.
+    ``compute_dtype=torch.bfloat16`` reproduces the low-precision iteration of KellerJordan/Muon
+    and ``torch.optim.Muon``; fp32 (default) is the accurate path.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix (..., m, n), got shape {tuple(G.shape)}")
+    schedule = ns_schedule(coefficients, steps)
+    X = G.to(compute_dtype)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    norm = torch.linalg.matrix_norm(X, keepdim=True) if X.ndim > 2 else X.norm()
+    X = X / (norm * schedule.norm_scale).clamp(min=eps)
+    for a, b, c in schedule.coefficients:
+        A = X @ X.mT
+        B = torch.addmm(A, A, A, beta=b, alpha=c) if A.ndim == 2 else torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.addmm(X, B, X, beta=a) if X.ndim == 2 else torch.baddbmm(X, B, X, beta=a)
+    return X.mT if transposed else X
+
+
+def polar_svd(G: Tensor) -> Tensor:
+    """Exact polar factor ``A B^T`` of ``G = A diag(s) B^T`` via a thin SVD (batched).
+
+    Computed in fp32 or better (fp64 stays fp64); this is the reference that the Newton–Schulz
+    path approximates.
+    """
+    work = G if G.dtype == torch.float64 else G.float()
+    A, _, Bh = torch.linalg.svd(work, full_matrices=False)
+    return A @ Bh

@@ -1,0 +1,104 @@
+"""Matmul precision control and a CPU emulation of reduced-precision matmul operands.
+
+On CUDA, ``torch.set_float32_matmul_precision("high")`` lets fp32 matmuls run on TF32 tensor
+cores (operands rounded to a 10-bit mantissa) and ``"medium"`` allows bf16 (7-bit mantissa).
+On CPU PyTorch ignores the setting, so the precision effects studied in the seed notebook (an
+eigenbasis jumping after a gradient spike under TF32) cannot be seen there. :func:`emulate_matmul_precision`
+reproduces the operand rounding on any device: inside it, every fp32 matrix product
+(``@``, ``mm``, ``bmm``, ``matmul``, ``addmm``, ``baddbmm``, ``einsum``) first rounds its operands
+to the reduced mantissa (round to nearest, ties to even) and accumulates in fp32, as tensor
+cores do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+PRECISIONS = ("highest", "high", "medium")
+
+#: explicit mantissa bits kept by each precision level's matmul operands
+MANTISSA_BITS = {"highest": 23, "high": 10, "medium": 7}
+
+
+def check_precision(precision: str, name: str = "precision") -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{name}={precision!r} is not valid; use one of {PRECISIONS}")
+    return precision
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """Set ``torch``'s fp32 matmul precision inside the block and restore it on exit (even on error)."""
+    check_precision(precision)
+    previous = torch.get_float32_matmul_precision()
+    if previous == precision:
+        yield
+        return
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def round_mantissa(x: Tensor, bits: int) -> Tensor:
+    """Round fp32 values to ``bits`` explicit mantissa bits (nearest, ties to even); exponent kept.
+
+    ``bits=10`` gives TF32 operands, ``bits=7`` gives bf16 values. Non-fp32 inputs are returned
+    unchanged (the emulation only concerns fp32 matmuls). NaN and Inf pass through.
+    """
+    if x.dtype != torch.float32 or bits >= 23:
+        return x
+    if bits < 0:
+        raise ValueError(f"bits must be >= 0, got {bits}")
+    drop = 23 - bits
+    as_int = x.contiguous().view(torch.int32)
+    half = 1 << (drop - 1)
+    lsb = (as_int >> drop) & 1
+    rounded = ((as_int + (half - 1) + lsb) >> drop) << drop
+    out = rounded.view(torch.float32)
+    return torch.where(torch.isfinite(x), out, x)
+
+
+_MATMUL_FUNCS = {
+    torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.bmm,
+    torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.linalg.matmul,
+}
+_ADD_MATMUL_FUNCS = {torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
+
+
+class _OperandRounding(TorchFunctionMode):
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _MATMUL_FUNCS:
+            args = tuple(round_mantissa(a, self.bits) if isinstance(a, Tensor) else a for a in args)
+        elif func in _ADD_MATMUL_FUNCS:
+            # the accumulator (first argument) stays fp32; only the product's operands are rounded
+            args = (args[0], *(round_mantissa(a, self.bits) if isinstance(a, Tensor) else a for a in args[1:]))
+        elif func is torch.einsum:
+            args = (args[0], *(round_mantissa(a, self.bits) if isinstance(a, Tensor) else a for a in args[1:]))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def emulate_matmul_precision(precision: str) -> Iterator[None]:
+    """Round fp32 matmul operands as ``precision`` would on a GPU ("high" = TF32, "medium" = bf16).
+
+    ``"highest"`` is a no-op. Works on every device; it is slow (extra elementwise passes), so it
+    is meant for studies and tests, not training.
+    """
+    check_precision(precision)
+    if precision == "highest":
+        yield
+        return
+    with _OperandRounding(MANTISSA_BITS[precision]):
+        yield

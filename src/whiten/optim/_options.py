@@ -1,0 +1,91 @@
+"""The one place that validates optimizer options.
+
+Each optimizer declares a table ``{option name: check}``; :func:`validate_group` runs it on
+every parameter group at construction and in ``add_param_group``, so a bad value is refused
+before any state exists, with a message naming the option and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Check = Callable[[str, Any], None]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def nonneg(name: str, value: Any) -> None:
+    if not _is_number(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def positive(name: str, value: Any) -> None:
+    if not _is_number(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def unit_interval(name: str, value: Any) -> None:
+    """A decay rate ``beta`` in ``[0, 1)`` (this library's convention: beta weights the OLD value)."""
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def beta_pair(name: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+    unit_interval(f"{name}[0]", value[0])
+    unit_interval(f"{name}[1]", value[1])
+
+
+def positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def nonneg_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def choice(*allowed: Any) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not valid; use one of {allowed}")
+
+    return check
+
+
+def optional(inner: Check) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value is not None:
+            inner(name, value)
+
+    return check
+
+
+def either(*checks: Check, what: str) -> Check:
+    def check(name: str, value: Any) -> None:
+        for inner in checks:
+            try:
+                inner(name, value)
+                return
+            except ValueError:
+                continue
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+    return check
+
+
+def validate_group(group: Mapping[str, Any], checks: Mapping[str, Check]) -> None:
+    for name, check in checks.items():
+        if name in group:
+            check(name, group[name])

@@ -1,0 +1,268 @@
+"""Muon and HTMuon: momentum, then a spectral map of the momentum matrix.
+
+Both run, per matrix parameter ``W`` (``m x n``; conv weights flattened to ``(out, in*kh*kw)``)::
+
+    buf <- lerp(buf, G, 1 - mu)                       # EMA momentum
+    U   <- lerp(G, buf, mu) if nesterov else buf      # out of place, p.grad is never modified
+    O   <- spectral_map(U)                            # Muon: NS(U) ~ polar(U); HTMuon: A diag(s^p) B^T
+    O   <- normuon(O)                                 # optional (HTMuon): row-wise second moment
+    O   <- O * sqrt(max(1, m/n))                      # "original" (Keller)  or  0.2 sqrt(max(m, n))
+    W   <- W (1 - lr wd) - lr O                       # decoupled decay with the unadjusted lr
+
+Sources: KellerJordan/Muon, ``torch.optim.Muon`` (PyTorch 2.9+), HTMuon (TDCSZ327/HTmuon,
+seed 004). See ``docs/optimizers.md`` for defaults and deliberate deviations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from whiten.linalg import (
+    KELLER_QUINTIC,
+    initial_stream_basis,
+    map_batched,
+    newton_schulz,
+    ns_schedule,
+    schatten_power_ns,
+    schatten_power_stream,
+    schatten_power_svd,
+)
+from whiten.optim import _options as opt
+from whiten.optim._adamw import apply_update_
+from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
+
+_NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _check_ns_coefficients(name: str, value: Any) -> None:
+    ns_schedule(value, 1)
+
+
+def shape_factor(shape: torch.Size | Sequence[int], adjust_lr_fn: str | None) -> float:
+    """Muon's lr adjustment for an ``m x n`` matrix (``torch.optim.Muon``'s ``adjust_lr_fn``)."""
+    m, n = shape[0], shape[1]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, m / n))
+    return 0.2 * math.sqrt(max(m, n))
+
+
+def normuon_normalize_(O: Tensor, row_second_moment: Tensor, beta2: float, eps: float = 1e-10) -> Tensor:
+    """NorMuon: per-row EMA of ``mean(O^2)``, divide rows by its root, keep ``||O||_F``.
+
+    Updates ``row_second_moment`` in place and returns the normalised matrix.
+    """
+    row_second_moment.lerp_(O.square().mean(dim=-1), 1.0 - beta2)
+    normalized = O * torch.rsqrt(row_second_moment + eps).unsqueeze(-1)
+    scale = torch.linalg.matrix_norm(O) / torch.linalg.matrix_norm(normalized).clamp(min=1e-30)
+    return normalized * scale
+
+
+class _SpectralMomentum(WhitenOptimizer):
+    """Shared step of :class:`Muon` and :class:`HTMuon` (the map is chosen by the group's options)."""
+
+    option_checks: ClassVar[dict[str, opt.Check]] = {
+        "momentum": opt.unit_interval,
+        "nesterov": opt.boolean,
+        "ns_coefficients": _check_ns_coefficients,
+        "ns_steps": opt.positive_int,
+        "ns_dtype": opt.choice(*_NS_DTYPES),
+        "eps": opt.nonneg,
+        "adjust_lr_fn": opt.choice(None, "original", "match_rms_adamw"),
+        "power": opt.either(opt.nonneg, what="a number >= 0"),
+        "spectral_map": opt.choice("ns", "svd", "stream"),
+        "interval": opt.positive_int,
+        "normuon": opt.boolean,
+        "normuon_beta2": opt.unit_interval,
+        "ns_ridge": opt.nonneg,
+    }
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        super()._validate(group)
+        if group.get("spectral_map") == "ns" and group.get("power", 0.0) > 1:
+            raise ValueError(f"spectral_map='ns' supports 0 < power <= 1, got power={group['power']}")
+
+    def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        mu = group["momentum"]
+        directions: list[Tensor] = []
+        use_ht: list[bool] = []
+        for p, g in zip(params, grads, strict=True):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=stat_dtype(p), memory_format=torch.contiguous_format)
+                state["step"] = 0
+            state["step"] += 1
+            buf = state["momentum_buffer"]
+            g_wide = g.to(buf.dtype)
+            buf.lerp_(g_wide, 1.0 - mu)
+            update = g_wide.lerp(buf, mu) if group["nesterov"] else buf
+            directions.append(as_matrix(update))
+            use_ht.append(group["power"] > 0 and state["step"] % group["interval"] == 0)
+
+        outputs: list[Tensor | None] = [None] * len(params)
+        ns_idx = [i for i, ht in enumerate(use_ht) if not ht]
+        if ns_idx:
+            dtype = _NS_DTYPES[group["ns_dtype"]]
+            ns_out = map_batched(
+                lambda X: newton_schulz(X, group["ns_steps"], group["ns_coefficients"], compute_dtype=dtype, eps=group["eps"]),
+                [directions[i] for i in ns_idx],
+            )
+            for i, O in zip(ns_idx, ns_out, strict=True):
+                outputs[i] = O
+        ht_idx = [i for i, ht in enumerate(use_ht) if ht]
+        if ht_idx:
+            for i, O in zip(ht_idx, self._power_map(group, [params[i] for i in ht_idx], [directions[i] for i in ht_idx]), strict=True):
+                outputs[i] = O
+
+        for p, U, O in zip(params, directions, outputs, strict=True):
+            assert O is not None
+            O = O.to(U.dtype)
+            if group["normuon"]:
+                state = self.state[p]
+                if "normuon_v" not in state:
+                    state["normuon_v"] = torch.zeros(U.shape[0], dtype=U.dtype, device=U.device)
+                O = normuon_normalize_(O, state["normuon_v"], group["normuon_beta2"])
+            O = O * shape_factor(U.shape, group["adjust_lr_fn"])
+            apply_update_(p, O.view(p.shape), group["lr"], group["weight_decay"])
+
+    def _power_map(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> list[Tensor]:
+        power = group["power"]
+        kind = group["spectral_map"]
+        if kind == "svd":
+            return map_batched(lambda X: schatten_power_svd(X, power), directions)
+        if kind == "ns":
+            return map_batched(
+                lambda X: schatten_power_ns(
+                    X, power, ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"], ridge=group["ns_ridge"]
+                ),
+                directions,
+            )
+        outs = []
+        for p, U in zip(params, directions, strict=True):
+            state = self.state[p]
+            if "stream_basis" not in state:
+                state["stream_basis"] = initial_stream_basis(U)
+            O, state["stream_basis"] = schatten_power_stream(U, state["stream_basis"], power)
+            outs.append(O)
+        return outs
+
+
+class Muon(_SpectralMomentum):
+    r"""Muon: MomentUm Orthogonalized by Newton–Schulz (Keller Jordan et al., 2024).
+
+    .. math::
+        B_t = \mu B_{t-1} + (1-\mu) G_t,\quad U_t = \text{nesterov} ? (1-\mu) G_t + \mu B_t : B_t,\\
+        W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha(m, n)\,\mathrm{NS}_5(U_t)
+
+    Accepts ``torch.optim.Muon``'s arguments with the same names and meanings (``lr,
+    weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn``). Unlike it,
+    parameters with fewer than 2 dims (and any group with ``use_matrix=False``) are trained by a
+    built-in AdamW with ``adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay``; use
+    :func:`whiten.param_groups` to also put embeddings and the output head on AdamW.
+
+    Args:
+        lr: Muon learning rate (before the shape factor).
+        weight_decay: decoupled weight decay, applied as ``W *= 1 - lr * weight_decay``.
+        momentum: EMA coefficient ``mu`` of the momentum buffer.
+        nesterov: use ``lerp(G, buf, mu)`` instead of ``buf``.
+        ns_coefficients: ``"keller"``, ``"polar_express"``, one ``(a, b, c)`` tuple or a list of them.
+        eps: floor of the Frobenius normaliser before Newton–Schulz.
+        ns_steps: Newton–Schulz iterations.
+        adjust_lr_fn: ``None``/``"original"`` (``sqrt(max(1, m/n))``) or ``"match_rms_adamw"``
+            (``0.2 sqrt(max(m, n))``, Moonlight).
+        ns_dtype: ``"float32"`` (default, accurate) or ``"bfloat16"`` (as KellerJordan/Muon and
+            ``torch.optim.Muon``), or ``"float64"``.
+        adamw_lr: lr of the AdamW half (default 3e-4; ``None`` means ``lr``).
+        nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = KELLER_QUINTIC,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        ns_dtype: str = "float32",
+        adamw_lr: float | None = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
+            eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, power=0.0, spectral_map="ns",
+            interval=1, normuon=False, normuon_beta2=0.95, ns_ridge=1e-6, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize, nonfinite=nonfinite,
+        )
+        super().__init__(params, defaults)
+
+
+class HTMuon(_SpectralMomentum):
+    r"""HTMuon: Muon with singular values mapped to ``s^p`` instead of 1 (seed 004, TDCSZ327/HTmuon).
+
+    .. math::
+        U_t = A\,\mathrm{diag}(s)\,B^\top,\quad
+        W_t = W_{t-1}(1-\eta\lambda) - \eta\,\sqrt{\max(1, m/n)}\;A\,\mathrm{diag}(s^p)\,B^\top
+
+    ``A diag(s^p) B^T`` is steepest descent under the Schatten-q norm, ``q = 1 + 1/p``; ``p = 0``
+    is Muon. The update is deliberately NOT normalised (as the reference), so its magnitude is
+    ~0.24-0.42x Muon's and the released lr is 3x Muon's.
+
+    Args:
+        lr: learning rate (reference scripts: 0.03 at 60M/135M, 5e-3 at 350M/1B).
+        power: exponent ``p`` (default 0.125).
+        spectral_map: ``"svd"`` (exact fp32 SVD, default), ``"ns"`` (the reference NS variant:
+            ``NS(U) (U^T U + ns_ridge I)^(p/2)`` by repeated coupled NS square roots, ``p`` rounded
+            to ``2^(1-k)``) or ``"stream"`` (one warm-started subspace iteration per step).
+        interval: apply the power map on steps ``t % interval == 0`` (1-based) and plain
+            Newton–Schulz Muon otherwise; the counter is saved in the state.
+        normuon: apply the NorMuon row normalisation after the map (``normuon_beta2``).
+        Other arguments as :class:`Muon`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.95,
+        weight_decay: float = 0.1,
+        nesterov: bool = True,
+        power: float = 0.125,
+        spectral_map: str = "svd",
+        interval: int = 1,
+        normuon: bool = False,
+        *,
+        normuon_beta2: float = 0.95,
+        ns_steps: int = 5,
+        ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = KELLER_QUINTIC,
+        ns_dtype: str = "float32",
+        ns_ridge: float = 1e-6,
+        eps: float = 1e-7,
+        adjust_lr_fn: str | None = None,
+        adamw_lr: float | None = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, power=power,
+            spectral_map=spectral_map, interval=interval, normuon=normuon, normuon_beta2=normuon_beta2,
+            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_ridge=ns_ridge, eps=eps,
+            adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay, maximize=maximize, nonfinite=nonfinite,
+        )
+        super().__init__(params, defaults)
