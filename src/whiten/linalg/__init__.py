@@ -8,6 +8,7 @@ from whiten.linalg.eigen import (
     rayleigh_quotients,
     sort_basis,
 )
+from whiten.linalg.kronecker import clamp_eigenvalues, kl_eigenvalue_targets, kl_factor_targets
 from whiten.linalg.newton_schulz import (
     KELLER_QUINTIC,
     NS_COEFFICIENT_SETS,
@@ -42,10 +43,13 @@ __all__ = [
     "PRECISIONS",
     "NSSchedule",
     "check_precision",
+    "clamp_eigenvalues",
     "coupled_newton_schulz_sqrt",
     "eigh_descending",
     "emulate_matmul_precision",
     "initial_stream_basis",
+    "kl_eigenvalue_targets",
+    "kl_factor_targets",
     "map_batched",
     "matmul_precision",
     "newton_schulz",

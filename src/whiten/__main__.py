@@ -1,0 +1,5 @@
+import sys
+
+from whiten.cli import main
+
+sys.exit(main())
