@@ -150,7 +150,7 @@ class WhitenOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._gather(group)) for group in self.param_groups]
-        for group, params, grads, finite in work:
+        for group, params, _grads, finite in work:
             if group["nonfinite"] == "raise" and not all(finite):
                 bad = [tuple(p.shape) for p, ok in zip(params, finite, strict=True) if not ok]
                 raise FloatingPointError(
@@ -186,7 +186,8 @@ class WhitenOptimizer(Optimizer):
         if not grads:
             return params, grads, []
         # one reduction and one host sync for the whole group instead of one per parameter
-        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(grads[0].device) for g in grads])
+        device = grads[0].device
+        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) for g in grads])
         finite = torch.isfinite(norms).tolist()
         return params, grads, finite
 

@@ -108,14 +108,17 @@ class _SpectralMomentum(WhitenOptimizer):
         if ns_idx:
             dtype = _NS_DTYPES[group["ns_dtype"]]
             ns_out = map_batched(
-                lambda X: newton_schulz(X, group["ns_steps"], group["ns_coefficients"], compute_dtype=dtype, eps=group["eps"]),
+                lambda X: newton_schulz(
+                    X, group["ns_steps"], group["ns_coefficients"], compute_dtype=dtype, eps=group["eps"]
+                ),
                 [directions[i] for i in ns_idx],
             )
             for i, O in zip(ns_idx, ns_out, strict=True):
                 outputs[i] = O
         ht_idx = [i for i, ht in enumerate(use_ht) if ht]
         if ht_idx:
-            for i, O in zip(ht_idx, self._power_map(group, [params[i] for i in ht_idx], [directions[i] for i in ht_idx]), strict=True):
+            mapped = self._power_map(group, [params[i] for i in ht_idx], [directions[i] for i in ht_idx])
+            for i, O in zip(ht_idx, mapped, strict=True):
                 outputs[i] = O
 
         for p, U, O in zip(params, directions, outputs, strict=True):
