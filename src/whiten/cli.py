@@ -14,7 +14,9 @@ _COMMAND_MODULES = ("whiten.bench.cli", "whiten.diagnostics.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="whiten", description="Matrix-whitening optimizers: benchmark and diagnostics.")
+    parser = argparse.ArgumentParser(
+        prog="whiten", description="Matrix-whitening optimizers: benchmark and diagnostics."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _COMMAND_MODULES:
         try:

@@ -93,7 +93,9 @@ class _SpectralMomentum(WhitenOptimizer):
         for p, g in zip(params, grads, strict=True):
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=stat_dtype(p), memory_format=torch.contiguous_format)
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, dtype=stat_dtype(p), memory_format=torch.contiguous_format
+                )
                 state["step"] = 0
             state["step"] += 1
             buf = state["momentum_buffer"]
@@ -140,7 +142,11 @@ class _SpectralMomentum(WhitenOptimizer):
         if kind == "ns":
             return map_batched(
                 lambda X: schatten_power_ns(
-                    X, power, ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"], ridge=group["ns_ridge"]
+                    X,
+                    power,
+                    ns_steps=group["ns_steps"],
+                    ns_coefficients=group["ns_coefficients"],
+                    ridge=group["ns_ridge"],
                 ),
                 directions,
             )
