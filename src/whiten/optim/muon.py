@@ -103,7 +103,9 @@ class _SpectralMomentum(WhitenOptimizer):
             buf.lerp_(g_wide, 1.0 - mu)
             update = g_wide.lerp(buf, mu) if group["nesterov"] else buf
             directions.append(as_matrix(update))
-            use_ht.append(group["power"] > 0 and state["step"] % group["interval"] == 0)
+            # "ns" at power 0 is plain Muon; any other map (exact SVD polar at p = 0 included) is the HT map
+            is_power_map = group["power"] > 0 or group["spectral_map"] != "ns"
+            use_ht.append(is_power_map and state["step"] % group["interval"] == 0)
 
         outputs: list[Tensor | None] = [None] * len(params)
         ns_idx = [i for i, ht in enumerate(use_ht) if not ht]
