@@ -187,7 +187,9 @@ class WhitenOptimizer(Optimizer):
             return params, grads, []
         # one reduction and one host sync for the whole group instead of one per parameter
         device = grads[0].device
-        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) for g in grads])
+        norms = torch.stack(
+            [torch.linalg.vector_norm(g.detach(), dtype=stat_dtype(g)).to(device, torch.float64) for g in grads]
+        )
         finite = torch.isfinite(norms).tolist()
         return params, grads, finite
 
