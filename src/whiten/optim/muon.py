@@ -110,10 +110,15 @@ class _SpectralMomentum(WhitenOptimizer):
         outputs: list[Tensor | None] = [None] * len(params)
         ns_idx = [i for i, ht in enumerate(use_ht) if not ht]
         if ns_idx:
-            dtype = _NS_DTYPES[group["ns_dtype"]]
+            ns_dtype = _NS_DTYPES[group["ns_dtype"]]
+            # fp64 parameters iterate in fp64 whatever ns_dtype says (statistics "fp32 or better")
             ns_out = map_batched(
                 lambda X: newton_schulz(
-                    X, group["ns_steps"], group["ns_coefficients"], compute_dtype=dtype, eps=group["eps"]
+                    X,
+                    group["ns_steps"],
+                    group["ns_coefficients"],
+                    compute_dtype=torch.float64 if X.dtype == torch.float64 else ns_dtype,
+                    eps=group["eps"],
                 ),
                 [directions[i] for i in ns_idx],
             )
