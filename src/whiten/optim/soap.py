@@ -1,0 +1,426 @@
+r"""SOAP, KL-SOAP and REKLS: Adam in the eigenbasis of Kronecker factors (SPEC §3, seed 003).
+
+A drop-in for NVIDIA Emerging-Optimizers 0.3.0 ``SOAP`` / ``REKLS`` (same constructor names,
+defaults and step), with the peer's known defects fixed (see ``docs/soap.md``). Per matrix
+parameter ``W`` (``m x n``; conv weights flattened to ``(out, in*kh*kw)``), with ``t`` 1-based::
+
+    bs = shampoo_beta, or 1 - (1 - bs) / (1 - bs^t) with correct_shampoo_beta_bias (default: correct_bias)
+    # (1) Kronecker factors (under fp32_matmul_prec), Rayleigh eigenvalues from the OLD factors and basis
+    plain: L <- lerp(L, G G^T, 1 - bs);   R <- lerp(R, G^T G, 1 - bs)
+    KL:    lamL = max(diag(Q_L^T L Q_L), eps),  lamR = max(diag(Q_R^T R Q_R), eps)
+           L <- lerp(L, (1/n) G Q_R diag(1/lamR) Q_R^T G^T, 1 - bs)
+           R <- lerp(R, (1/m) G^T Q_L diag(1/lamL) Q_L^T G, 1 - bs)
+    # (2) eigenbasis refresh (under qr_fp32_matmul_prec) on steps t = 1, 1 + T, 1 + 2T, ...
+    M = Q_L exp_avg Q_R^T                                   # first moment back to the parameter basis
+    Q = eigh_desc(K)                                        # first step, or use_eigh
+      = qr(K Q_sorted).Q, power_iter_steps times          # else; Q_sorted = old Q by descending
+                                                            # diag(Q^T K Q), exp_avg_sq permuted alike
+    exp_avg = Q_L^T M Q_R                                   # exp_avg_sq is permuted, never rotated
+    # (3) weight decay: decoupled W *= 1 - lr wd | independent W *= 1 - wd | l2: G' uses G + wd W (a copy)
+    # (4) Adam in the eigenbasis
+    G' = Q_L^T G Q_R;  exp_avg <- lerp(exp_avg, G', 1 - b1);  exp_avg_sq <- lerp(exp_avg_sq, G'^2, 1 - b2)
+    mhat = b1 exp_avg / (1 - b1^(t+1)) + (1 - b1) G' / (1 - b1^t)   if nesterov   else exp_avg / (1 - b1^t)
+    U = Q_L [mhat / (sqrt(exp_avg_sq / (1 - b2^t)) + eps)] Q_R^T      (no bias terms if not correct_bias)
+    U *= min(1, max_update_rms / (rms(U) + 1e-7))           if max_update_rms > 0
+    W <- W - lr U
+
+Sources: Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam" (arXiv 2409.11321);
+Lin et al., KL-Shampoo (arXiv 2509.03378; the KL factor statistics); NVIDIA Emerging-Optimizers
+0.3.0 (``SOAP(use_kl_shampoo=...)``, ``REKLS``: the step order and options reproduced here).
+
+Deliberate differences from the peer: a safe KL initialisation (``kl_init="safe"``, below),
+every switch in the param groups (so it survives ``state_dict``), non-matrix parameters routed
+to a built-in AdamW instead of refused, ``fp32_matmul_prec="highest"`` by default, a copy of the
+gradient for ``l2`` decay (the peer adds ``wd W`` to ``p.grad`` in place), and two extra options,
+``precondition_frequency`` and ``max_precond_dim``.
+
+KL initialisation. The peer starts from ``L = R = 0`` and identity bases, so the first KL
+target is whitened by ``1 / eps = 1e8``; every later target is ~``1e-16`` of it and the basis of
+the longer side stays frozen for hundreds of steps. With ``kl_init="safe"`` the first step's
+targets are instead the trace-preserving shrunk Gram matrices::
+
+    L_1 target = (1 - a) G G^T / n + a mu I,   R_1 target = (1 - a) G^T G / m + a mu I,   mu = ||G||_F^2 / (m n)
+
+(``a = kl_init_shrinkage``, default 0.5; ``mu`` is the mean eigenvalue of both Grams; the
+eigenvectors are those of the Grams). ``a = 0`` gives the bare Gram ``S_R = I`` answer, but one
+gradient has rank ``min(m, n)``, so the Gram of the longer side has ``|m - n|`` zero
+eigenvalues that the eps clamp turns into ``1e8`` gains one step later: the same freeze again
+(measured; see ``docs/soap.md``). ``kl_init="peer"`` reproduces the peer exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from whiten.linalg import (
+    PRECISIONS,
+    eigh_descending,
+    kl_factor_targets,
+    matmul_precision,
+    orthogonal_iteration,
+    rayleigh_quotients,
+    sort_basis,
+)
+from whiten.optim import _options as opt
+from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
+
+WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
+KL_INITS = ("safe", "peer")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """Batch same-shape tensors; a single one becomes a view (no copy), so in-place ops reach it."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _store(states: list[dict[str, Any]], key: str, batched: Tensor) -> None:
+    """Write a batched result back into the per-parameter state."""
+    if len(states) == 1:
+        states[0][key] = batched[0]  # the whole storage of a fresh or in-place-updated tensor: no copy
+        return
+    for state, value in zip(states, batched, strict=True):
+        state[key].copy_(value)
+
+
+def to_eigenbasis(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
+    """``Q_L^T X Q_R`` (batched); a missing basis is the identity (an unpreconditioned side)."""
+    if Q_L is not None:
+        X = Q_L.mT @ X
+    if Q_R is not None:
+        X = X @ Q_R
+    return X
+
+
+def from_eigenbasis(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
+    """``Q_L X Q_R^T`` (batched); a missing basis is the identity."""
+    if Q_L is not None:
+        X = Q_L @ X
+    if Q_R is not None:
+        X = X @ Q_R.mT
+    return X
+
+
+def _add_to_diagonal(A: Tensor, value: Tensor) -> Tensor:
+    """``A + value I`` for a batch of square matrices and a per-matrix ``value`` of shape ``(B,)``."""
+    A.diagonal(dim1=-2, dim2=-1).add_(value.unsqueeze(-1))
+    return A
+
+
+class SOAP(WhitenOptimizer):
+    r"""SOAP: ShampoO with Adam in the Preconditioner's eigenbasis; KL-SOAP with ``use_kl_shampoo``.
+
+    .. math::
+        L_t = \mathrm{lerp}(L_{t-1}, G G^\top, 1-\beta_s),\quad R_t = \mathrm{lerp}(R_{t-1}, G^\top G, 1-\beta_s),\\
+        G' = Q_L^\top G Q_R,\quad W_t = W_{t-1} - \eta\, Q_L \frac{\hat m(G')}{\sqrt{\hat v(G')} + \epsilon} Q_R^\top
+
+    with ``Q_L, Q_R`` eigenbases of ``L, R`` (full ``eigh`` or warm-started QR) and Adam's moments
+    kept in that basis. Arguments with the names of Emerging-Optimizers 0.3.0 have its meaning
+    and default; the full step is in the module docstring and ``docs/soap.md``.
+
+    Args:
+        lr: learning rate (required, as in the peer).
+        betas: Adam ``(b1, b2)`` in the eigenbasis.
+        shampoo_beta: EMA coefficient of the Kronecker factors (weights the OLD value).
+        eps: Adam epsilon; also the floor of the KL Rayleigh eigenvalues (as the peer).
+        weight_decay: decay coefficient, applied as ``weight_decay_method`` says.
+        weight_decay_method: ``"decoupled"`` (``W *= 1 - lr wd``), ``"independent"`` (``W *= 1 - wd``)
+            or ``"l2"`` (``wd W`` added to a copy of the gradient before the eigenbasis projection;
+            the factors see the raw gradient).
+        nesterov: Nesterov momentum in the inner Adam.
+        correct_bias: Adam bias correction (and, by default, the factor EMA's).
+        fp32_matmul_prec: matmul precision of the factor update and the projections.
+        use_eigh: refresh the basis by full ``eigh`` every time (else warm-started QR).
+        qr_fp32_matmul_prec: matmul precision of the basis refresh and the momentum rotation.
+        power_iter_steps: QR power iterations per refresh.
+        max_update_rms: clip the update's RMS to this (0 = off).
+        use_kl_shampoo: KL-Shampoo factor statistics (KL-SOAP).
+        correct_shampoo_beta_bias: bias-correct the factor EMA; ``None`` follows ``correct_bias``.
+        precondition_frequency: refresh the eigenbasis on steps ``t = 1, 1 + T, 1 + 2T, ...``
+            (1 = every step, the peer's behaviour); the factors are updated every step.
+        max_precond_dim: a side longer than this is not preconditioned (identity basis, no factor or
+            basis stored for it).
+        kl_init: ``"safe"`` (default: shrunk Gram seed on the first KL step) or ``"peer"`` (``L = R = 0``
+            and the ``1/eps`` first term, reproducing the peer's frozen basis).
+        kl_init_shrinkage: weight ``a`` of the trace-matched identity in the safe seed.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the built-in AdamW for parameters
+            with fewer than 2 dims (or groups with ``use_matrix=False``); ``None`` means the SOAP
+            value (``lr``, ``betas``, ``eps``); ``adamw_weight_decay`` defaults to 0 (no decay of
+            gains and biases).
+        maximize: maximise the objective.
+        nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
+
+    State per matrix parameter (fp32, fp64 for fp64 parameters): ``step`` (int, completed steps),
+    ``exp_avg`` and ``exp_avg_sq`` (``m x n``, in the eigenbasis), ``L``/``Q_L`` (``m x m``) and
+    ``R``/``Q_R`` (``n x n``), the latter two pairs absent on a side longer than ``max_precond_dim``.
+    """
+
+    option_checks: ClassVar[dict[str, opt.Check]] = {
+        "betas": opt.beta_pair,
+        "shampoo_beta": opt.unit_interval,
+        "eps": opt.positive,
+        "weight_decay_method": opt.choice(*WEIGHT_DECAY_METHODS),
+        "nesterov": opt.boolean,
+        "correct_bias": opt.boolean,
+        "fp32_matmul_prec": opt.choice(*PRECISIONS),
+        "use_eigh": opt.boolean,
+        "qr_fp32_matmul_prec": opt.choice(*PRECISIONS),
+        "power_iter_steps": opt.positive_int,
+        "max_update_rms": opt.nonneg,
+        "use_kl_shampoo": opt.boolean,
+        "correct_shampoo_beta_bias": opt.optional(opt.boolean),
+        "precondition_frequency": opt.positive_int,
+        "max_precond_dim": opt.positive_int,
+        "kl_init": opt.choice(*KL_INITS),
+        "kl_init_shrinkage": _fraction,
+    }
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        shampoo_beta: float = 0.95,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        weight_decay_method: str = "decoupled",
+        nesterov: bool = False,
+        correct_bias: bool = True,
+        fp32_matmul_prec: str = "highest",
+        use_eigh: bool = False,
+        qr_fp32_matmul_prec: str = "highest",
+        power_iter_steps: int = 1,
+        max_update_rms: float = 0.0,
+        use_kl_shampoo: bool = False,
+        correct_shampoo_beta_bias: bool | None = None,
+        precondition_frequency: int = 1,
+        max_precond_dim: int = 8192,
+        kl_init: str = "safe",
+        kl_init_shrinkage: float = 0.5,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] | None = None,
+        adamw_eps: float | None = None,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+            weight_decay_method=weight_decay_method, nesterov=nesterov, correct_bias=correct_bias,
+            fp32_matmul_prec=fp32_matmul_prec, use_eigh=use_eigh, qr_fp32_matmul_prec=qr_fp32_matmul_prec,
+            power_iter_steps=power_iter_steps, max_update_rms=max_update_rms, use_kl_shampoo=use_kl_shampoo,
+            correct_shampoo_beta_bias=correct_shampoo_beta_bias, precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim, kl_init=kl_init, kl_init_shrinkage=kl_init_shrinkage,
+            adamw_lr=adamw_lr, adamw_betas=tuple(betas if adamw_betas is None else adamw_betas),
+            adamw_eps=eps if adamw_eps is None else adamw_eps, adamw_weight_decay=adamw_weight_decay,
+            maximize=maximize, nonfinite=nonfinite,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        m, n = as_matrix(param).shape
+        kw = dict(dtype=stat_dtype(param), device=param.device)
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(m, n, **kw)
+        state["exp_avg_sq"] = torch.zeros(m, n, **kw)
+        if m <= group["max_precond_dim"]:
+            state["L"] = torch.zeros(m, m, **kw)
+            state["Q_L"] = torch.eye(m, **kw)
+        if n <= group["max_precond_dim"]:
+            state["R"] = torch.zeros(n, n, **kw)
+            state["Q_R"] = torch.eye(n, **kw)
+
+    # -- stepping -------------------------------------------------------------------------------
+    def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        # one batched pass per (shape, dtype, device, step count, preconditioned sides)
+        buckets: dict[tuple, list[int]] = {}
+        for index, p in enumerate(params):
+            state = self.state[p]
+            if "exp_avg" not in state:
+                self._init_state(p, state, group)
+            key = (tuple(state["exp_avg"].shape), state["exp_avg"].dtype, p.device, state["step"], "L" in state,
+                   "R" in state)  # fmt: skip
+            buckets.setdefault(key, []).append(index)
+        for indices in buckets.values():
+            self._bucket_step(group, [params[i] for i in indices], [grads[i] for i in indices])
+
+    def _bucket_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """One SOAP step for same-shape parameters at the same step count, batched."""
+        states = [self.state[p] for p in params]
+        dtype = states[0]["exp_avg"].dtype
+        t = states[0]["step"] + 1
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        correct_bias = group["correct_bias"]
+
+        def stacked(key: str) -> Tensor | None:
+            return _stack([s[key] for s in states]) if key in states[0] else None
+
+        # never modified in place: for one fp32 parameter this is a view of p.grad
+        G = _stack([as_matrix(g).to(dtype) for g in grads])
+        L, R, Q_L, Q_R = stacked("L"), stacked("R"), stacked("Q_L"), stacked("Q_R")
+        exp_avg, exp_avg_sq = stacked("exp_avg"), stacked("exp_avg_sq")
+
+        # (1) Kronecker factors, statistics from the raw gradient and the OLD factors and bases
+        shampoo_beta = group["shampoo_beta"]
+        correct_factor_bias = group["correct_shampoo_beta_bias"]
+        if correct_factor_bias is None:
+            correct_factor_bias = correct_bias
+        if correct_factor_bias:
+            shampoo_beta = 1.0 - (1.0 - shampoo_beta) / (1.0 - shampoo_beta**t)
+        with matmul_precision(group["fp32_matmul_prec"]):
+            left, right = self._factor_targets(group, G, L, R, Q_L, Q_R, first=t == 1)
+        if L is not None:
+            L.lerp_(left, 1.0 - shampoo_beta)
+        if R is not None:
+            R.lerp_(right, 1.0 - shampoo_beta)
+
+        # (2) eigenbasis refresh, first moment rotated along, second moment only permuted
+        if (t - 1) % group["precondition_frequency"] == 0 and (L is not None or R is not None):
+            with matmul_precision(group["qr_fp32_matmul_prec"]):
+                moment = from_eigenbasis(exp_avg, Q_L, Q_R) if t > 1 else None  # exp_avg is 0 on step 1
+                full = t == 1 or group["use_eigh"]
+                steps = group["power_iter_steps"]
+                if L is not None:
+                    if full:
+                        Q_L = eigh_descending(L)[1]
+                    else:
+                        Q_L, order = sort_basis(L, Q_L)
+                        exp_avg_sq = exp_avg_sq.take_along_dim(order.unsqueeze(-1), dim=-2)
+                        Q_L = orthogonal_iteration(L, Q_L, steps)
+                if R is not None:
+                    if full:
+                        Q_R = eigh_descending(R)[1]
+                    else:
+                        Q_R, order = sort_basis(R, Q_R)
+                        exp_avg_sq = exp_avg_sq.take_along_dim(order.unsqueeze(-2), dim=-1)
+                        Q_R = orthogonal_iteration(R, Q_R, steps)
+                if moment is not None:
+                    exp_avg = to_eigenbasis(moment, Q_L, Q_R)
+
+        # (3) l2 decay enters the Adam gradient only (a copy; the factors saw the raw gradient)
+        weight_decay, method = group["weight_decay"], group["weight_decay_method"]
+        G_adam = G
+        if method == "l2" and weight_decay != 0.0:
+            G_adam = G + weight_decay * _stack([as_matrix(p).to(dtype) for p in params])
+
+        # (4) Adam in the eigenbasis
+        with matmul_precision(group["fp32_matmul_prec"]):
+            G_rot = to_eigenbasis(G_adam, Q_L, Q_R)
+        exp_avg.lerp_(G_rot, 1.0 - beta1)
+        exp_avg_sq.lerp_(G_rot.square(), 1.0 - beta2)
+        bias1 = 1.0 - beta1**t if correct_bias else 1.0
+        bias2 = 1.0 - beta2**t if correct_bias else 1.0
+        if group["nesterov"]:
+            bias_next = 1.0 - beta1 ** (t + 1) if correct_bias else 1.0
+            momentum = exp_avg * (beta1 / bias_next) + G_rot * ((1.0 - beta1) / bias1)
+        else:
+            momentum = exp_avg / bias1
+        direction = momentum / (exp_avg_sq / bias2).sqrt_().add_(eps)
+        with matmul_precision(group["fp32_matmul_prec"]):
+            update = from_eigenbasis(direction, Q_L, Q_R)
+        max_rms = group["max_update_rms"]
+        if max_rms > 0:
+            rms = update.square().mean(dim=(-2, -1), keepdim=True).sqrt_()
+            update = update * (max_rms / (rms + 1e-7)).clamp_(max=1.0)
+
+        lr = group["lr"]
+        if method == "decoupled":
+            decay = 1.0 - lr * weight_decay
+        elif method == "independent":
+            decay = 1.0 - weight_decay
+        else:
+            decay = 1.0
+        for p, U in zip(params, update, strict=True):
+            _decay_and_update_(p, U.view(p.shape), lr, decay)
+
+        for key, value in (("L", L), ("R", R), ("Q_L", Q_L), ("Q_R", Q_R), ("exp_avg", exp_avg),
+                           ("exp_avg_sq", exp_avg_sq)):  # fmt: skip
+            if value is not None:
+                _store(states, key, value)
+        for state in states:
+            state["step"] = t
+
+    @staticmethod
+    def _factor_targets(
+        group: dict[str, Any],
+        G: Tensor,
+        L: Tensor | None,
+        R: Tensor | None,
+        Q_L: Tensor | None,
+        Q_R: Tensor | None,
+        *,
+        first: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """One-sample targets of the factor EMAs (``None`` for an unpreconditioned side)."""
+        m, n = G.shape[-2], G.shape[-1]
+        if not group["use_kl_shampoo"]:
+            return (G @ G.mT if L is not None else None, G.mT @ G if R is not None else None)
+        if first and group["kl_init"] == "safe":
+            # trace-preserving shrinkage of the Grams (S = I on the other side) towards mu I
+            shrink = group["kl_init_shrinkage"]
+            mu = G.square().sum(dim=(-2, -1)) / (m * n)
+            left = _add_to_diagonal((G @ G.mT) * ((1.0 - shrink) / n), shrink * mu) if L is not None else None
+            right = _add_to_diagonal((G.mT @ G) * ((1.0 - shrink) / m), shrink * mu) if R is not None else None
+            return left, right
+        eps = group["eps"]
+        lam_L = rayleigh_quotients(L, Q_L).clamp_min(eps) if L is not None else None
+        lam_R = rayleigh_quotients(R, Q_R).clamp_min(eps) if R is not None else None
+        if L is not None and R is not None:
+            return kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R)
+        # an unpreconditioned side has S = I, so the other side's target is the normalised Gram
+        return (G @ G.mT / n if L is not None else None, G.mT @ G / m if R is not None else None)
+
+
+def _decay_and_update_(param: Tensor, update: Tensor, lr: float, decay: float) -> None:
+    """``W <- decay * W - lr * U``, rounded once into ``param``'s dtype when ``update`` is wider."""
+    if param.dtype == update.dtype:
+        if decay != 1.0:
+            param.mul_(decay)
+        param.add_(update, alpha=-lr)
+        return
+    wide = param.to(update.dtype)
+    if decay != 1.0:
+        wide.mul_(decay)
+    wide.add_(update, alpha=-lr)
+    param.copy_(wide)
+
+
+class REKLS(SOAP):
+    """REKLS ("realtime eigen KL-SOAP"): :class:`SOAP` with ``use_eigh=True, use_kl_shampoo=True``.
+
+    The factors take the KL-Shampoo statistics and the eigenbasis is recomputed by a full
+    ``eigh`` after every factor update (so it includes the current gradient). Same positional
+    arguments as Emerging-Optimizers' ``REKLS``; every other :class:`SOAP` keyword option
+    (``fp32_matmul_prec``, ``kl_init``, ``precondition_frequency``, ``adamw_*``, ...) is accepted.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        shampoo_beta: float = 0.95,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        weight_decay_method: str = "decoupled",
+        **options: Any,
+    ) -> None:
+        fixed = sorted({"use_eigh", "use_kl_shampoo"} & options.keys())
+        if fixed:
+            raise TypeError(f"REKLS fixes use_eigh=True and use_kl_shampoo=True; do not pass {fixed} (use SOAP)")
+        super().__init__(
+            params, lr, betas, shampoo_beta, eps, weight_decay, weight_decay_method=weight_decay_method,
+            use_eigh=True, use_kl_shampoo=True, **options,
+        )  # fmt: skip
