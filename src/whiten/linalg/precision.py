@@ -73,19 +73,25 @@ _ADD_MATMUL_FUNCS = {torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tenso
 
 
 class _OperandRounding(TorchFunctionMode):
-    def __init__(self, bits: int) -> None:
+    """Round matmul operands to ``bits``; ``bits=None`` reads torch's current fp32 matmul precision per call."""
+
+    def __init__(self, bits: int | None) -> None:
         super().__init__()
         self.bits = bits
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        bits = self.bits
+        if bits is None:
+            bits = MANTISSA_BITS.get(torch.get_float32_matmul_precision(), 23)
+        if bits >= 23:
+            return func(*args, **kwargs)
         if func in _MATMUL_FUNCS:
-            args = tuple(round_mantissa(a, self.bits) if isinstance(a, Tensor) else a for a in args)
-        elif func in _ADD_MATMUL_FUNCS:
-            # the accumulator (first argument) stays fp32; only the product's operands are rounded
-            args = (args[0], *(round_mantissa(a, self.bits) if isinstance(a, Tensor) else a for a in args[1:]))
-        elif func is torch.einsum:
-            args = (args[0], *(round_mantissa(a, self.bits) if isinstance(a, Tensor) else a for a in args[1:]))
+            args = tuple(round_mantissa(a, bits) if isinstance(a, Tensor) else a for a in args)
+        elif func in _ADD_MATMUL_FUNCS or func is torch.einsum:
+            # addmm/baddbmm: the accumulator (first argument) stays fp32, only the product's operands
+            # are rounded; einsum: the first argument is the equation string
+            args = (args[0], *(round_mantissa(a, bits) if isinstance(a, Tensor) else a for a in args[1:]))
         return func(*args, **kwargs)
 
 
@@ -101,4 +107,18 @@ def emulate_matmul_precision(precision: str) -> Iterator[None]:
         yield
         return
     with _OperandRounding(MANTISSA_BITS[precision]):
+        yield
+
+
+@contextlib.contextmanager
+def emulate_global_matmul_precision() -> Iterator[None]:
+    """Round fp32 matmul operands as torch's CURRENT fp32 matmul precision would on a GPU.
+
+    Unlike :func:`emulate_matmul_precision`, the precision is read at every matmul, so code that
+    sets it for some blocks only (``with matmul_precision(group["fp32_matmul_prec"])``, as SOAP does
+    for its factor update but not for its QR refresh) gets exactly those blocks emulated: on CPU
+    this reproduces what the same code does on a GPU. Outside such blocks the global setting
+    (default ``"highest"``) applies.
+    """
+    with _OperandRounding(None):
         yield
