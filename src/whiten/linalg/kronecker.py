@@ -11,16 +11,25 @@ from __future__ import annotations
 from torch import Tensor
 
 
-def kl_factor_targets(G: Tensor, Q_L: Tensor, lam_L: Tensor, Q_R: Tensor, lam_R: Tensor) -> tuple[Tensor, Tensor]:
+def kl_factor_targets(
+    G: Tensor,
+    Q_L: Tensor,
+    lam_L: Tensor,
+    Q_R: Tensor,
+    lam_R: Tensor,
+    *,
+    rotated: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """``((1/n) G S_R^{-1} G^T, (1/m) G^T S_L^{-1} G)`` with ``S^{-1} = Q diag(1/lam) Q^T``.
 
     Both targets use the OLD bases and eigenvalues (Jacobi order, as the reference). ``lam``
-    must be strictly positive; callers clamp it.
+    must be strictly positive (``+inf`` means "no gain" and contributes 0); callers clamp it.
+    ``rotated=(G Q_R, Q_L^T G)`` passes those products when the caller already has them
+    (KL-Shampoo also needs them for ``E = Q_L^T G Q_R``), so they are not computed twice.
     """
     m, n = G.shape[-2], G.shape[-1]
-    GQ = G @ Q_R  # m x n, right-rotated gradient
+    GQ, QG = rotated if rotated is not None else (G @ Q_R, Q_L.mT @ G)  # right- and left-rotated gradient
     left = (GQ / lam_R.unsqueeze(-2)) @ GQ.mT / n
-    QG = Q_L.mT @ G  # m x n, left-rotated gradient
     right = QG.mT @ (QG / lam_L.unsqueeze(-1)) / m
     return left, right
 
@@ -36,12 +45,16 @@ def kl_eigenvalue_targets(E: Tensor, lam_L: Tensor, lam_R: Tensor) -> tuple[Tens
 
 
 def clamp_eigenvalues(lam: Tensor, dim: int) -> Tensor:
-    """KL-Shampoo's clamp: ``lam^{-1/2} <= max(10, min(dim, 4000))``, NaN/Inf mapped to the floor.
+    """KL-Shampoo's clamp: ``lam^{-1/2} <= max(10, min(dim, 4000))``, invalid values get no gain.
 
-    Returns new eigenvalues ``>= 1 / max(10, min(dim, 4000))^2`` (and finite), so the
-    preconditioner gain per factor never exceeds that bound.
+    Returns new eigenvalues ``>= 1 / max(10, min(dim, 4000))^2``, so the preconditioner gain
+    per factor never exceeds that bound. As the reference (``1/sqrt(lam)`` passed through
+    ``nan_to_num(nan=0, posinf=0)``), an eigenvalue that is NaN, ``<= 0`` or ``+inf`` gets gain
+    ``lam^{-1/2} = 0``, stored here as ``lam = +inf``; an EMA reads it back as 0 (see
+    :func:`whiten.linalg.kl_family.ema_eigenvalues`). Mapping such values to the floor instead
+    would give an overflowed (huge) eigenvalue the LARGEST gain.
     """
     bound = float(max(10, min(dim, 4000)))
     floor = 1.0 / bound**2
-    finite = lam.isfinite() & (lam > 0)
-    return lam.where(finite, lam.new_full((), floor)).clamp(min=floor)
+    valid = lam.isfinite() & (lam > 0)
+    return lam.clamp(min=floor).where(valid, lam.new_full((), float("inf")))
