@@ -1,0 +1,309 @@
+"""KL-Shampoo and KL-SOAP (Lin et al., arXiv 2509.03378; reference: yorkerlin/KL-Methods ``optim/kl_opt.py``).
+
+KL-Shampoo fits ``S = S_L (x) S_R`` to the gradient covariance by minimising
+``KL(N(0, E[g g^T]) || N(0, S))``; the fixed point is ``S_L = (1/n) E[G S_R^{-1} G^T]``,
+``S_R = (1/m) E[G^T S_L^{-1} G]``. Each factor is kept as a stale eigenbasis ``Q`` (refreshed by one
+warm-started QR step every ``precondition_frequency`` steps) and EMA eigenvalues ``lam``
+(updated every step). Per matrix parameter ``W`` (``m x n``), following the reference step by step::
+
+    first step (no parameter update, momentum not fed):
+        L = (1-b) G G^T / n;  R = (1-b) G^T G / m;  Q_L, Q_R = eigh_desc(L), eigh_desc(R);  lam = init_factor
+    every later step t = 1, 2, ...:
+        M <- lerp(M, G, 1 - b1)                                       # no bias correction, no Nesterov
+        U  = Q_L [ (Q_L^T M Q_R) / (sqrt(lamL (x) lamR) + eps) ] Q_R^T   # "kl"  (KL-Shampoo)
+        or   Adam on Q_L^T G Q_R, momentum kept in the eigenbasis         # "adam" (KL-SOAP)
+        L <- b L + (1-b)/n G Q_R diag(1/lamR) Q_R^T G^T;  R <- ... (raw G, OLD Q and lam)
+        lamL <- b lamL + (1-b) mean_j(E_ij^2/lamR_j);  lamR <- ...;  E = Q_L^T G Q_R;  clamp
+        if t % T == 0: Q <- qr(F Q).Q for each factor (KL-SOAP rotates its momentum to the new basis)
+        W <- W - lr U;  W <- W (1 - lr wd)                             # decay after the step
+
+3-D parameters (stacked experts) keep one factor per dimension, each whitened by the other two and
+normalised by ``numel / d_k``; conv weights with >= 4 dims are flattened to ``(out, rest)``. A
+dimension larger than ``max_precond_dim`` keeps the identity factor (nothing stored). See
+``docs/kl_shampoo.md`` for the reference mapping and the deliberate deviations (fp32 instead of bf16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from whiten.linalg import (
+    eigh_descending,
+    ema_eigenvalues,
+    kl_eigenvalue_targets,
+    kl_factor_targets,
+    kl_tensor_statistics,
+    orthogonal_iteration,
+    rotate_all,
+)
+from whiten.optim import _options as opt
+from whiten.optim._adamw import apply_update_
+from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_shampoo_beta(name: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        if value != -1:
+            raise ValueError(f"{name} must be in [0, 1) or -1 (use betas[1]), got {value!r}")
+        return
+    opt.unit_interval(name, value)
+
+
+def work_view(t: Tensor) -> Tensor:
+    """The tensor a Kronecker method works on: matrices and 3-D tensors as they are, >= 4-D flattened."""
+    return t if t.ndim in (2, 3) else as_matrix(t)
+
+
+def side_names(ndim: int) -> tuple[str, ...]:
+    """State names of the factors: ``("L", "R")`` for matrices, ``("F0", "F1", "F2")`` for 3-D tensors."""
+    return ("L", "R") if ndim == 2 else tuple(f"F{k}" for k in range(ndim))
+
+
+def shampoo_beta(group: dict[str, Any]) -> float:
+    """The factor EMA rate: ``shampoo_beta`` if >= 0, else ``betas[1]`` (reference convention)."""
+    beta = group["shampoo_beta"]
+    return float(beta) if beta >= 0 else float(group["betas"][1])
+
+
+def factor_dtype(group: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the factor matrices: ``state_dtype``, except fp64 statistics stay fp64."""
+    return torch.float64 if dtype == torch.float64 else STATE_DTYPES[group["state_dtype"]]
+
+
+class KLFactored(WhitenOptimizer):
+    """Shared implementation of :class:`KLShampoo` (``preconditioner="kl"``) and :class:`KLSOAP` (``"adam"``).
+
+    State per parameter with a ``m x n`` work view: ``"L"``, ``"R"`` (factors), ``"Q_L"``, ``"Q_R"``
+    (eigenbases, columns in the order of the first eigendecomposition, descending), ``"lam_L"``, ``"lam_R"``
+    (EMA eigenvalues), ``"exp_avg"`` (momentum: parameter basis for KL-Shampoo, eigenbasis for KL-SOAP),
+    ``"exp_avg_sq"`` (KL-SOAP only, eigenbasis) and ``"step"`` (int, 0 after the initialisation step). 3-D
+    parameters use ``"F0", "F1", "F2"``, ``"Q_F0"``, ..., ``"lam_F0"``, ... for dimensions 0, 1, 2. A
+    dimension larger than ``max_precond_dim`` has no entries (identity factor, unit eigenvalues).
+    """
+
+    option_checks: ClassVar[dict[str, opt.Check]] = {
+        "betas": opt.beta_pair,
+        "shampoo_beta": _check_shampoo_beta,
+        "eps": opt.nonneg,
+        "precondition_frequency": opt.positive_int,
+        "init_factor": opt.positive,
+        "max_precond_dim": opt.positive_int,
+        "state_dtype": opt.choice(*STATE_DTYPES),
+        "preconditioner": opt.choice("kl", "adam"),
+    }
+
+    def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        for p, g in zip(params, grads, strict=True):
+            state = self.state[p]
+            G = work_view(g).to(stat_dtype(p))
+            if "exp_avg" not in state:
+                self._kl_init(group, G, state)  # the reference's initialisation step: no update
+                continue
+            update = self._kl_step(group, G, state)
+            apply_update_(p, update.reshape(p.shape), group["lr"], group["weight_decay"], decay_first=False)
+
+    # -- the full-factor path --------------------------------------------------------------------
+    def _kl_init(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> None:
+        beta = shampoo_beta(group)
+        fdtype = factor_dtype(group, G.dtype)
+        numel = G.numel()
+        for k, name in enumerate(side_names(G.ndim)):
+            d = G.shape[k]
+            if d > group["max_precond_dim"]:
+                continue
+            Gk = G.movedim(k, 0).reshape(d, -1)
+            factor = (Gk @ Gk.mT) * ((1.0 - beta) * d / numel)
+            _, Q = eigh_descending(factor)  # the eigenvalues are discarded, as in the reference
+            state[name] = factor.to(fdtype)
+            state[f"Q_{name}"] = Q
+            state[f"lam_{name}"] = torch.full((d,), float(group["init_factor"]), dtype=G.dtype, device=G.device)
+        state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+        if group["preconditioner"] == "adam":
+            state["exp_avg_sq"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+        state["step"] = 0
+
+    def _kl_step(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> Tensor:
+        """One KL-Shampoo / KL-SOAP step for ``G`` (work view); returns the update direction."""
+        names = side_names(G.ndim)
+        bases: list[Tensor | None] = [state.get(f"Q_{nm}") for nm in names]
+        lams: list[Tensor | None] = [state.get(f"lam_{nm}") for nm in names]
+        beta1, beta2 = group["betas"]
+        beta = shampoo_beta(group)
+        eps = group["eps"]
+        state["step"] += 1
+        step = state["step"]
+
+        # (1) direction from the OLD basis and eigenvalues
+        if group["preconditioner"] == "kl":
+            exp_avg = state["exp_avg"]
+            exp_avg.lerp_(G, 1.0 - beta1)
+            denom = None
+            for k, lam in enumerate(lams):
+                if lam is not None:
+                    root = lam.sqrt().view([-1 if j == k else 1 for j in range(G.ndim)])
+                    denom = root if denom is None else denom * root
+            D = rotate_all(exp_avg, bases)
+            precond = D if denom is None else D / (denom + eps)
+        else:
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            G_rot = rotate_all(G, bases)
+            exp_avg.lerp_(G_rot, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(G_rot, G_rot, value=1.0 - beta2)
+            precond = exp_avg / exp_avg_sq.sqrt().add_(eps)
+        update = rotate_all(precond, bases, back=True)
+
+        # (2) statistics from the RAW gradient with the OLD bases and eigenvalues (both sides, Jacobi order)
+        if G.ndim == 2 and bases[0] is not None and bases[1] is not None:
+            Q_L, Q_R = bases
+            lam_L, lam_R = lams
+            GQ = G @ Q_R
+            QG = Q_L.mT @ G
+            m, n = G.shape
+            E = Q_L.mT @ GQ if m <= n else QG @ Q_R  # the cheaper of the two products
+            factor_targets = list(kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R, rotated=(GQ, QG)))
+            lam_targets = list(kl_eigenvalue_targets(E, lam_L, lam_R))  # type: ignore[arg-type]
+        else:
+            stats = kl_tensor_statistics(G, bases, lams)
+            factor_targets, lam_targets = stats.factors, stats.eigenvalues
+        for k, name in enumerate(names):
+            if bases[k] is None:
+                continue
+            factor = state[name]
+            factor.lerp_(factor_targets[k].to(factor.dtype), 1.0 - beta)  # type: ignore[union-attr]
+            state[f"lam_{name}"] = ema_eigenvalues(state[f"lam_{name}"], lam_targets[k], beta, G.shape[k])  # type: ignore[arg-type]
+
+        # (3) eigenbasis refresh every T steps: one warm-started QR step, eigenvalues kept
+        if step % group["precondition_frequency"] == 0:
+            adam = group["preconditioner"] == "adam"
+            momentum = rotate_all(state["exp_avg"], bases, back=True) if adam else None
+            for k, name in enumerate(names):
+                if bases[k] is not None:
+                    state[f"Q_{name}"] = orthogonal_iteration(state[name].to(G.dtype), state[f"Q_{name}"])
+            if adam:
+                new_bases = [state.get(f"Q_{nm}") for nm in names]
+                state["exp_avg"].copy_(rotate_all(momentum, new_bases))  # type: ignore[arg-type]
+        return update
+
+
+def _defaults(
+    lr: float,
+    betas: tuple[float, float],
+    shampoo_beta: float,
+    eps: float,
+    weight_decay: float,
+    precondition_frequency: int,
+    init_factor: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    return dict(
+        lr=lr,
+        betas=betas,
+        shampoo_beta=shampoo_beta,
+        eps=eps,
+        weight_decay=weight_decay,
+        precondition_frequency=precondition_frequency,
+        init_factor=init_factor,
+        **extra,
+    )
+
+
+class KLShampoo(KLFactored):
+    r"""KL-Shampoo (Lin et al., 2025, arXiv 2509.03378), faithful to the reference ``KLOpt``.
+
+    .. math::
+        U_t = Q_L\Big[\frac{Q_L^\top M_t Q_R}{\sqrt{\lambda_L \otimes \lambda_R} + \epsilon}\Big]Q_R^\top,\qquad
+        S_L = \tfrac1n \mathbb E[G S_R^{-1} G^\top],\ S_R = \tfrac1m \mathbb E[G^\top S_L^{-1} G]
+
+    The first step of every parameter only initialises the factors (no update). Momentum is a plain
+    EMA (no bias correction, no Nesterov); decoupled weight decay is applied after the step.
+
+    Args:
+        lr: learning rate (reference default 1e-4).
+        betas: ``(b1, b2)``: momentum EMA rate and (when ``shampoo_beta < 0``) the factor EMA rate.
+        shampoo_beta: factor and eigenvalue EMA rate; ``-1`` means ``betas[1]``.
+        eps: added to ``sqrt(lamL (x) lamR)`` in the update.
+        weight_decay: decoupled, ``W <- W (1 - lr wd)`` after the step.
+        precondition_frequency: ``T``, steps between QR refreshes of the eigenbases.
+        init_factor: initial eigenvalues after the initialisation step.
+        max_precond_dim: dimensions above it are not preconditioned (identity factor, nothing stored).
+        state_dtype: storage dtype of the factor matrices (``"float32"`` default; ``"bfloat16"`` or
+            ``"float16"`` halve their memory); bases, eigenvalues and momentum stay fp32 (fp64 for fp64 params).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW that trains 1-D parameters
+            (and any ``use_matrix=False`` group); ``adamw_lr=None`` uses ``lr``.
+        maximize: ascend instead of descend.
+        nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.98),
+        shampoo_beta: float = -1,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        init_factor: float = 0.1,
+        *,
+        max_precond_dim: int = 10000,
+        state_dtype: str = "float32",
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = _defaults(
+            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, init_factor,
+            max_precond_dim=max_precond_dim, state_dtype=state_dtype, preconditioner="kl", adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            nonfinite=nonfinite,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+
+class KLSOAP(KLFactored):
+    r"""KL-SOAP: KL-Shampoo's factors and eigenbases, Adam in the eigenbasis (reference ``using_klsoap=True``).
+
+    .. math::
+        G' = Q_L^\top G Q_R,\quad m \leftarrow \mathrm{lerp}(m, G', 1-\beta_1),\quad
+        v \leftarrow \mathrm{lerp}(v, G'^2, 1-\beta_2),\quad U = Q_L \frac{m}{\sqrt v + \epsilon} Q_R^\top
+
+    No bias correction (as the reference). On an eigenbasis refresh the momentum ``m`` is rotated to
+    the new basis; the second moment ``v`` is not. Same arguments as :class:`KLShampoo`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.98),
+        shampoo_beta: float = -1,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        init_factor: float = 0.1,
+        *,
+        max_precond_dim: int = 10000,
+        state_dtype: str = "float32",
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = _defaults(
+            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, init_factor,
+            max_precond_dim=max_precond_dim, state_dtype=state_dtype, preconditioner="adam", adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            nonfinite=nonfinite,
+        )  # fmt: skip
+        super().__init__(params, defaults)
