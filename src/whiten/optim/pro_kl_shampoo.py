@@ -1,0 +1,297 @@
+"""Pro-KLShampoo: KL-Shampoo with one factor restricted to the spike-and-flat family (arXiv 2605.06316).
+
+The paper's full text is not available; this is the reconstruction of SPEC §5 from its abstract and
+KL-Shampoo's fixed point (``docs/pro_kl_shampoo.md`` has the derivation and every open choice).
+Orient ``W`` (``m x n``) so that the restricted side has ``n`` columns (``project_side``). The right
+factor is ``S_R = U diag(Lam) U^T + sigma (I - U U^T)`` with ``U`` an ``n x r`` tracked orthonormal
+subspace; the left factor is a full KL-Shampoo factor. Per step::
+
+    M <- lerp(M, G, 1 - b1);  A = Q_L^T M;  B = A U
+    sub = B / (sqrt(lamL (x) Lam) + eps)                     # two-sided KL whitening on span(U)
+    X   = diag(lamL^{-1/2}) (A - B U^T)  ("left_whitened_orth")   or   A - B U^T  ("orth")
+    W  <- W - lr Q_L [ sub U^T + c NS(X) ]                    # NS(X) stays in the complement of U
+    W  <- W (1 - lr wd)
+    statistics of the restricted family (raw G, OLD values): L, lamL, Lam, sigma, sketch Y ~ C U
+    every T steps: Q_L <- qr(L Q_L).Q;  U <- qr(Y).Q;  Y <- U diag(Lam)
+
+``Q_L NS(X) = NS(Q_L X)``, so the left rotation is applied once to the sum. The memory is
+``O(m^2 + n r)``: no ``n x n`` matrix is ever formed. When the tracked rank reaches the restricted
+dimension (``rank >= n``), when a side exceeds ``max_precond_dim``, or for 3-D parameters, the
+parameter is trained by the full KL-Shampoo path of :class:`whiten.KLShampoo` (same code, same state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from whiten.linalg import (
+    choose_rank,
+    effective_flat_value,
+    eigh_descending,
+    ema_eigenvalues,
+    map_batched,
+    newton_schulz,
+    ns_schedule,
+    orthogonal_iteration,
+    spike_flat_statistics,
+)
+from whiten.optim import _options as opt
+from whiten.optim._adamw import apply_update_
+from whiten.optim.base import stat_dtype
+from whiten.optim.kl_shampoo import KLFactored, _defaults, factor_dtype, shampoo_beta, work_view
+
+COMPLEMENTS = ("left_whitened_orth", "orth")
+COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
+
+
+def _check_ns_coefficients(name: str, value: Any) -> None:
+    ns_schedule(value, 1)
+
+
+def tracked_rank(group: dict[str, Any]) -> int:
+    """Number of tracked directions ``R``: ``max_rank`` (default ``2 rank``) when adaptive, else ``rank``."""
+    if not group["adaptive_rank"]:
+        return group["rank"]
+    return group["max_rank"] if group["max_rank"] is not None else 2 * group["rank"]
+
+
+def orientation(group: dict[str, Any], shape: Sequence[int]) -> bool:
+    """Whether the matrix is transposed so that the restricted side becomes the columns."""
+    side = group["project_side"]
+    return side == "left" or (side == "auto" and shape[0] > shape[1])
+
+
+class ProKLShampoo(KLFactored):
+    r"""Pro-KLShampoo: spike-and-flat right factor, orthogonalized complement (reconstruction, SPEC §5).
+
+    .. math::
+        S_R = U\Lambda U^\top + \sigma P_\perp,\quad
+        \Delta W = Q_L\Big[\frac{B}{\sqrt{\lambda_L\otimes\Lambda}+\epsilon}U^\top + c\,\mathrm{NS}(X)\Big],\quad
+        B = Q_L^\top M U,\ X = \lambda_L^{-1/2}\odot Q_L^\top M P_\perp
+
+    Args (beyond :class:`whiten.KLShampoo`'s, which keep their names and defaults):
+        rank: ``r``, directions of the restricted factor with their own eigenvalue. ``rank >= n`` (the
+            restricted dimension) is exactly full KL-Shampoo for that parameter.
+        project_side: ``"auto"`` (restrict the larger dimension, default), ``"right"`` (columns) or
+            ``"left"`` (rows; the state is then kept for the transposed matrix, see the docs).
+        complement: ``"left_whitened_orth"`` (Identity A: ``NS(S_L^{-1/2} M P_perp)``, default) or
+            ``"orth"`` (plain Muon on ``M P_perp``).
+        complement_scale: ``"sqrt_m"`` (the exact Identity A constant ``sqrt(m)``, default), ``"kl_norm"``
+            (match ``||sigma^{-1/2} S_L^{-1/2} M P_perp||_F``, the spike-and-flat KL-Shampoo complement)
+            or ``"muon_rms"`` (``0.2 sqrt(max(m, n))``).
+        ns_steps, ns_coefficients: Newton–Schulz iteration (:func:`whiten.linalg.newton_schulz`).
+        adaptive_rank: choose ``r`` per layer from the tracked spectrum (:func:`whiten.linalg.choose_rank`)
+            every ``rank_update_interval`` steps, between 1 and ``max_rank`` (default ``2 rank``), with a
+            KL-gap ``rank_tolerance`` in nats per row; ``rank`` is the starting value.
+    """
+
+    option_checks: ClassVar[dict[str, opt.Check]] = {
+        **KLFactored.option_checks,
+        "rank": opt.positive_int,
+        "project_side": opt.choice("auto", "left", "right"),
+        "complement": opt.choice(*COMPLEMENTS),
+        "complement_scale": opt.choice(*COMPLEMENT_SCALES),
+        "ns_steps": opt.positive_int,
+        "ns_coefficients": _check_ns_coefficients,
+        "adaptive_rank": opt.boolean,
+        "max_rank": opt.optional(opt.positive_int),
+        "rank_tolerance": opt.nonneg,
+        "rank_update_interval": opt.positive_int,
+    }
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.98),
+        shampoo_beta: float = -1,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        init_factor: float = 0.1,
+        *,
+        rank: int = 128,
+        project_side: str = "auto",
+        complement: str = "left_whitened_orth",
+        complement_scale: str = "sqrt_m",
+        ns_steps: int = 5,
+        ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = "keller",
+        adaptive_rank: bool = False,
+        max_rank: int | None = None,
+        rank_tolerance: float = 0.5,
+        rank_update_interval: int = 100,
+        max_precond_dim: int = 10000,
+        state_dtype: str = "float32",
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = _defaults(
+            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, init_factor,
+            rank=rank, project_side=project_side, complement=complement, complement_scale=complement_scale,
+            ns_steps=ns_steps, ns_coefficients=ns_coefficients, adaptive_rank=adaptive_rank, max_rank=max_rank,
+            rank_tolerance=rank_tolerance, rank_update_interval=rank_update_interval,
+            max_precond_dim=max_precond_dim, state_dtype=state_dtype, preconditioner="kl", adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            nonfinite=nonfinite,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        super()._validate(group)
+        if group.get("preconditioner", "kl") != "kl":
+            raise ValueError("ProKLShampoo supports only preconditioner='kl' (KL-SOAP has no spike-and-flat variant)")
+        max_rank = group.get("max_rank")
+        if group.get("adaptive_rank") and max_rank is not None and max_rank < group.get("rank", 1):
+            raise ValueError(
+                f"max_rank={max_rank} is below rank={group.get('rank')}; with adaptive_rank=True, rank is the "
+                "starting rank and must be <= max_rank (or leave max_rank=None for 2 * rank)"
+            )
+
+    def uses_projection(self, group: dict[str, Any], shape: Sequence[int]) -> bool:
+        """Whether a parameter of this (work-view) shape takes the spike-and-flat path.
+
+        Only matrices whose restricted dimension exceeds the tracked rank and whose dimensions are all
+        within ``max_precond_dim``; every other parameter is trained by full KL-Shampoo.
+        """
+        if len(shape) != 2:
+            return False
+        n = shape[0] if orientation(group, shape) else shape[1]
+        return tracked_rank(group) < n and max(shape) <= group["max_precond_dim"]
+
+    # -- stepping --------------------------------------------------------------------------------
+    def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        full_p, full_g, pending = [], [], []
+        for p, g in zip(params, grads, strict=True):
+            state = self.state[p]
+            G = work_view(g)
+            projected = "U" in state if "exp_avg" in state else self.uses_projection(group, G.shape)
+            if not projected:
+                full_p.append(p)
+                full_g.append(g)
+                continue
+            G = G.to(stat_dtype(p))
+            if "exp_avg" not in state:
+                self._pro_init(group, G, state)
+                continue
+            pending.append((p, G, self._pro_direction(group, G, state)))
+        if full_p:
+            super()._matrix_step(group, full_p, full_g)
+        if not pending:
+            return
+        # Newton–Schulz on the complement coordinates, batched over matrices of the same shape
+        orthogonal = map_batched(
+            lambda X: newton_schulz(X, group["ns_steps"], group["ns_coefficients"], compute_dtype=X.dtype),
+            [ctx["X"] for _, _, ctx in pending],
+        )
+        for (p, G, ctx), O in zip(pending, orthogonal, strict=True):
+            update = self._pro_finish(group, G, self.state[p], ctx, O)
+            apply_update_(p, update.reshape(p.shape), group["lr"], group["weight_decay"], decay_first=False)
+
+    def _pro_init(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> None:
+        """Initialisation step (no update): full left factor as KL-Shampoo, ``U`` = top right singular vectors."""
+        transposed = orientation(group, G.shape)
+        Gw = G.mT if transposed else G
+        m, n = Gw.shape
+        R = tracked_rank(group)
+        beta = shampoo_beta(group)
+        init = float(group["init_factor"])
+        L = (Gw @ Gw.mT) * ((1.0 - beta) / n)
+        _, Q_L = eigh_descending(L)
+        # top right singular vectors from the left eigenvectors: G^T q_k = s_k v_k (no SVD needed)
+        k = min(R, m)
+        V = Gw.mT @ Q_L[:, :k]
+        if k < R:  # fewer singular vectors than tracked directions: complete with a fixed random basis
+            gen = torch.Generator(device=G.device).manual_seed(0)
+            V = torch.cat([V, torch.randn(n, R - k, generator=gen, device=G.device, dtype=G.dtype)], dim=1)
+        U, _ = torch.linalg.qr(V)
+        state["transposed"] = transposed
+        state["L"] = L.to(factor_dtype(group, G.dtype))
+        state["Q_L"] = Q_L
+        state["lam_L"] = torch.full((m,), init, dtype=G.dtype, device=G.device)
+        state["U"] = U
+        state["Lam"] = torch.full((R,), init, dtype=G.dtype, device=G.device)
+        state["sigma"] = torch.full((), init, dtype=G.dtype, device=G.device)
+        state["Y_sketch"] = U * init
+        state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+        state["rank"] = min(group["rank"], R)
+        state["step"] = 0
+
+    def _pro_direction(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> dict[str, Tensor]:
+        """Momentum, the subspace term and the complement coordinates ``X`` (NS is applied afterwards)."""
+        beta1 = group["betas"][0]
+        state["step"] += 1
+        exp_avg = state["exp_avg"]
+        exp_avg.lerp_(G, 1.0 - beta1)
+        Mw = exp_avg.mT if state["transposed"] else exp_avg
+        r = state["rank"]
+        U = state["U"]
+        U_r = U if r == U.shape[-1] else U[:, :r]
+        lam_L, Lam = state["lam_L"], state["Lam"][:r]
+        A = state["Q_L"].mT @ Mw  # m x n: momentum in the left eigenbasis
+        B = A @ U_r  # m x r: its coordinates on the tracked subspace
+        sub = B / (lam_L.sqrt().unsqueeze(-1) * Lam.sqrt().unsqueeze(-2) + group["eps"])
+        X = torch.addmm(A, B, U_r.mT, alpha=-1.0)  # A P_perp
+        inv_root = lam_L.rsqrt().unsqueeze(-1)
+        if group["complement"] == "left_whitened_orth":
+            X.mul_(inv_root)  # diag(lamL^{-1/2}) Q_L^T M P_perp  (= Q_L^T S_L^{-1/2} M P_perp)
+            whitened_norm = torch.linalg.matrix_norm(X)
+        else:
+            whitened_norm = torch.linalg.matrix_norm(X * inv_root) if group["complement_scale"] == "kl_norm" else None
+        return {"sub": sub, "U_r": U_r, "X": X, "whitened_norm": whitened_norm}
+
+    def _pro_finish(
+        self, group: dict[str, Any], G: Tensor, state: dict[str, Any], ctx: dict[str, Any], O: Tensor
+    ) -> Tensor:
+        """Combine the two terms, update the statistics (raw ``G``, OLD values), refresh, adapt the rank."""
+        transposed = state["transposed"]
+        Gw = G.mT if transposed else G
+        m, n = Gw.shape
+        r = state["rank"]
+        R = state["U"].shape[-1]
+        Q_L, lam_L, Lam, sigma = state["Q_L"], state["lam_L"], state["Lam"], state["sigma"]
+        kind = group["complement_scale"]
+        if kind == "sqrt_m":
+            scale: Tensor | float = math.sqrt(m)
+        elif kind == "muon_rms":
+            scale = 0.2 * math.sqrt(max(m, n))
+        else:
+            flat = effective_flat_value(Lam, sigma, r, n)
+            scale = flat.rsqrt() * ctx["whitened_norm"] / torch.linalg.matrix_norm(O).clamp(min=1e-30)
+        coords = O.mul_(scale) if isinstance(scale, float) else O * scale
+        coords = torch.addmm(coords, ctx["sub"], ctx["U_r"].mT)
+        update = Q_L @ coords  # m x n in the working orientation
+        if transposed:
+            update = update.mT
+
+        beta = shampoo_beta(group)
+        stats = spike_flat_statistics(Gw, Q_L, lam_L, state["U"], Lam, sigma, r)
+        state["L"].lerp_(stats.left.to(state["L"].dtype), 1.0 - beta)
+        state["lam_L"] = ema_eigenvalues(lam_L, stats.lam_left, beta, m)
+        state["Lam"] = ema_eigenvalues(Lam, stats.Lam, beta, n)
+        state["sigma"] = ema_eigenvalues(sigma, stats.sigma, beta, n)
+        state["Y_sketch"].lerp_(stats.sketch, 1.0 - beta)
+
+        step = state["step"]
+        if step % group["precondition_frequency"] == 0:
+            state["Q_L"] = orthogonal_iteration(state["L"].to(G.dtype), Q_L)
+            # order the tracked directions by eigenvalue, then one orthogonal-iteration step on C via the sketch
+            order = torch.argsort(state["Lam"], descending=True)
+            Lam_sorted = state["Lam"][order]
+            U_new, _ = torch.linalg.qr(state["Y_sketch"][:, order])
+            state["U"] = U_new
+            state["Lam"] = Lam_sorted
+            state["Y_sketch"] = U_new * Lam_sorted
+        if group["adaptive_rank"] and step % group["rank_update_interval"] == 0:
+            Lam_now = state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
+            tail = state["sigma"].masked_fill(state["sigma"].isinf(), 0.0).expand(n - R)
+            state["rank"] = choose_rank(torch.cat([Lam_now, tail]), m, group["rank_tolerance"], R)
+        return update
