@@ -2,6 +2,19 @@
 
 from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
 from whiten.optim.groups import param_groups, split_parameters
+from whiten.optim.kl_shampoo import KLSOAP, KLShampoo
 from whiten.optim.muon import HTMuon, Muon
+from whiten.optim.pro_kl_shampoo import ProKLShampoo
 
-__all__ = ["HTMuon", "Muon", "WhitenOptimizer", "as_matrix", "param_groups", "split_parameters", "stat_dtype"]
+__all__ = [
+    "KLSOAP",
+    "HTMuon",
+    "KLShampoo",
+    "Muon",
+    "ProKLShampoo",
+    "WhitenOptimizer",
+    "as_matrix",
+    "param_groups",
+    "split_parameters",
+    "stat_dtype",
+]
