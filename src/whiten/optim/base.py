@@ -13,7 +13,10 @@
   parameter and its state untouched for the step and counts it in ``state["nonfinite_skips"]``,
   ``"raise"`` raises ``FloatingPointError`` before any parameter or state is modified;
 * restores state dtypes on ``load_state_dict`` (PyTorch casts floating state to the parameter
-  dtype, which would silently drop fp32 statistics of bf16 weights to bf16).
+  dtype, which would silently drop fp32 statistics of bf16 weights to bf16);
+* runs under ``torch.distributed`` (DDP, FSDP2 DTensor parameters) with the option
+  ``distributed_mode``: ``"replicate"`` (default) or ``"split"`` (each matrix stepped by one
+  owner rank); the mechanism lives in :mod:`whiten.optim.distributed`, see ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from whiten.optim import _options as opt
+from whiten.optim import distributed
 from whiten.optim._adamw import adamw_step_
 
 COMMON_CHECKS: dict[str, opt.Check] = {
@@ -38,6 +42,7 @@ COMMON_CHECKS: dict[str, opt.Check] = {
     "adamw_weight_decay": opt.nonneg,
     "maximize": opt.boolean,
     "nonfinite": opt.choice("skip", "raise"),
+    "distributed_mode": opt.choice(*distributed.MODES),
 }
 
 
@@ -68,10 +73,25 @@ class WhitenOptimizer(Optimizer):
             "adamw_weight_decay": 0.0,
             "maximize": False,
             "nonfinite": "skip",
+            "distributed_mode": "replicate",
             **defaults,
         }
         self._validate(full)
+        #: process group that splits the work of plain (DDP) parameters; ``None`` = the default group
+        self.process_group: Any = None
         super().__init__(params, full)
+
+    def set_distributed_mode(self, mode: str, process_group: Any = None) -> None:
+        """Set ``distributed_mode`` (``"replicate"`` or ``"split"``) of every group and of the defaults.
+
+        ``process_group`` splits the work of replicated (DDP) parameters; FSDP2 parameters use their
+        device mesh. Call it before the first step: switching later leaves state on former owners.
+        """
+        opt.choice(*distributed.MODES)("distributed_mode", mode)
+        self.defaults["distributed_mode"] = mode
+        for group in self.param_groups:
+            group["distributed_mode"] = mode
+        self.process_group = process_group
 
     # -- construction ---------------------------------------------------------------------------
     def _validate(self, group: Mapping[str, Any]) -> None:
@@ -163,13 +183,13 @@ class WhitenOptimizer(Optimizer):
                 if ok:
                     kept_params.append(p)
                     kept_grads.append(g)
-                else:
+                elif distributed.holds_state(self, group, p):  # split mode: only the owner counts
                     state = self.state[p]
                     state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
             if not kept_params:
                 continue
             if group["use_matrix"]:
-                self._matrix_step(group, kept_params, kept_grads)
+                distributed.matrix_step(self, group, kept_params, kept_grads)
             else:
                 self._adamw_step(group, kept_params, kept_grads)
         return loss
@@ -185,6 +205,8 @@ class WhitenOptimizer(Optimizer):
             grads.append(-p.grad if group["maximize"] else p.grad)
         if not grads:
             return params, grads, []
+        if any(distributed.is_sharded(g) for g in grads):
+            return params, grads, distributed.finite_flags(grads)
         # one reduction and one host sync for the whole group instead of one per parameter
         device = grads[0].device
         norms = torch.stack(
@@ -220,7 +242,8 @@ class WhitenOptimizer(Optimizer):
         for state in self.state.values():
             for value in state.values():
                 if isinstance(value, Tensor):
-                    total += value.numel() * value.element_size()
+                    local = value.to_local() if distributed.is_sharded(value) else value  # this rank's shard
+                    total += local.numel() * local.element_size()
         return total
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -230,11 +253,14 @@ class WhitenOptimizer(Optimizer):
             for index, entry in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, tensors in saved.items():
-            state = self.state.get(params[index])
+        # saved ids are indices, or parameter names when the dict comes from torch.distributed.checkpoint
+        saved_ids = [key for group in state_dict["param_groups"] for key in group["params"]]
+        params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"]), strict=False))
+        for key_id, tensors in saved.items():
+            param = params.get(key_id)
+            state = self.state.get(param) if param is not None else None
             if state is None:
                 continue
             for key, value in tensors.items():
                 if isinstance(state.get(key), Tensor) and state[key].dtype != value.dtype:
-                    state[key] = value.to(device=params[index].device, copy=True)
+                    state[key] = value.to(device=param.device, copy=True)

@@ -1,0 +1,627 @@
+"""Scale-out of every ``whiten`` optimizer over ``torch.distributed`` (SPEC §10).
+
+The mechanism is generic: it only needs the contract of :class:`whiten.optim.WhitenOptimizer`
+subclasses (``_matrix_step(group, params, grads)`` updates full matrices in place and keeps
+per-parameter state in ``self.state[p]``). It is called by ``WhitenOptimizer.step`` for every
+matrix group; the AdamW fallback never comes here (it is elementwise, so it runs unchanged on
+replicated tensors and on FSDP2 shards, its state being DTensors shaped like the shards).
+
+Two modes, chosen per parameter group by the option ``distributed_mode``:
+
+``"replicate"`` (default)
+    DDP: every rank holds the same all-reduced gradient and runs the same step; nothing is
+    communicated. FSDP2 (DTensor parameters): each matrix's parameter and gradient are
+    all-gathered, every rank runs the step on the full matrix (full-size state on every rank),
+    and keeps its own shard of the result.
+
+``"split"`` (opt-in)
+    Each matrix is owned by one rank of the process group (DDP) or of the parameter's device
+    mesh (FSDP2), chosen by :func:`assign_owners` from the estimated flops of the method for that
+    shape (greedy, largest first, onto the least-loaded rank). Only the owner runs the matrix
+    step and holds the state of that matrix; the result is sent back:
+    DDP: the owner broadcasts the new parameter value (one broadcast per owner rank and dtype).
+    FSDP2: every rank sends its shard of the parameter and of the gradient to the owner (one
+    ``all_to_all``), the owner assembles the whole matrix, steps, and sends each rank its shard
+    of the new value (a second ``all_to_all``), as Dion and Distributed Shampoo do.
+
+Whole-matrix methods need the whole momentum too, so under FSDP2 the matrix state (momentum,
+factors, bases) is full-size on the owner (split) or on every rank (replicate); only the
+AdamW state is sharded. Checkpoints go through DCP (:func:`save_checkpoint`,
+:func:`load_checkpoint`): every matrix state is saved once, as a full tensor keyed by the
+parameter's name, so a checkpoint loads into either mode and any world size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+except ImportError:  # pragma: no cover - builds without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+MODES = ("replicate", "split")
+
+
+# -- cost model and assignment ----------------------------------------------------------------------
+def _eigh_flops(d: int) -> float:
+    # symmetric eigendecomposition with vectors: ~9 d^3 (tridiagonalisation + QR iterations)
+    return 9.0 * d**3
+
+
+def _qr_refresh_flops(d: int) -> float:
+    # one warm-started orthogonal-iteration step: K Q (2 d^3) then Householder QR (4/3 d^3)
+    return 2.0 * d**3 + 4.0 / 3.0 * d**3
+
+
+def _ns_flops(m: int, n: int, steps: int) -> float:
+    # per iteration on the short side a: A = X X^T (2 a^2 b), B = bA + cA^2 (2 a^3), B X (2 a^2 b)
+    a, b = min(m, n), max(m, n)
+    return steps * (4.0 * a * a * b + 2.0 * a**3)
+
+
+def _family(optimizer: Any) -> str:
+    names = [cls.__name__ for cls in type(optimizer).__mro__]
+    for family in ("ProKLShampoo", "KLShampoo", "SOAP", "HTMuon", "Muon"):
+        if family in names:
+            return family
+    return names[0]
+
+
+def matrix_flops(optimizer: Any, shape: Sequence[int], group: Mapping[str, Any]) -> float:
+    """Estimated flops of one matrix step of ``optimizer`` for an ``m x n`` matrix (amortised).
+
+    The model counts matmuls (``2 m n k``), eigendecompositions (``9 d^3``) and QR refreshes
+    (``2 d^3 + 4/3 d^3``) divided by their refresh interval; elementwise work is ignored. An
+    optimizer class may override it by defining ``matrix_flops(shape, group)``. Only relative
+    values matter: they drive :func:`assign_owners`.
+    """
+    custom = getattr(optimizer, "matrix_flops", None)
+    if callable(custom):
+        return float(custom(shape, group))
+    m = int(shape[0])
+    n = math.prod(int(s) for s in shape[1:])
+    family = _family(optimizer)
+    kron = 2.0 * (m * m * n + m * n * n)  # one two-sided product Q_L^T X Q_R, or G G^T plus G^T G
+    interval = max(1, int(group.get("precondition_frequency", 1) or 1))
+    if family in ("Muon", "HTMuon"):
+        ns = _ns_flops(m, n, int(group.get("ns_steps", 5)))
+        power = float(group.get("power", 0.0) or 0.0)
+        if power == 0.0:
+            return ns
+        a, b = min(m, n), max(m, n)
+        kind = group.get("spectral_map", "svd")
+        if kind == "svd":
+            ht = 4.0 * b * a * a + 22.0 * a**3
+        elif kind == "stream":
+            ht = 4.0 * m * n * a + 4.0 * b * a * a
+        else:  # NS polar factor times k coupled NS square roots of the Gram matrix
+            k = max(1, round(math.log(power, 0.5) + 1))
+            ht = ns + k * int(group.get("ns_steps", 5)) * 4.0 * a**3
+        every = int(group.get("interval", 1))
+        return ns * (1.0 - 1.0 / every) + ht / every
+    if family == "SOAP":
+        eig = _eigh_flops if group.get("use_eigh") else _qr_refresh_flops
+        refresh = eig(m) + eig(n)
+        # factor statistics (x2 for KL's whitened products), rotate G in, rotate the update out
+        stats = 2.0 * kron if group.get("use_kl_shampoo") else kron
+        return stats + 2.0 * kron + refresh / interval
+    if family == "KLShampoo":
+        # whitened factor statistics, G rotated for the eigenvalue EMAs, momentum rotated in and out
+        return 2.0 * kron + 3.0 * kron + (_qr_refresh_flops(m) + _qr_refresh_flops(n)) / interval
+    if family == "ProKLShampoo":
+        r = int(group.get("rank", min(m, n)) or min(m, n))
+        a, b = min(m, n), max(m, n)
+        left = 2.0 * a * a * b  # products with the full left factor / basis (short side)
+        return 4.0 * left + 8.0 * a * b * r + _ns_flops(a, b, int(group.get("ns_steps", 5))) + (
+            _qr_refresh_flops(a) + 4.0 * b * r * r
+        ) / interval
+    # unknown method: a Kronecker-factored default (statistics, two rotations, QR refresh)
+    return 3.0 * kron + (_qr_refresh_flops(m) + _qr_refresh_flops(n)) / interval
+
+
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """Greedy longest-processing-time assignment: largest cost first onto the least-loaded rank.
+
+    Ties go to the lower index / lower rank, so every rank computes the same answer. The makespan
+    is at most ``4/3`` of the optimum (Graham, 1969).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += float(costs[index])
+    return owners
+
+
+# -- communication accounting ----------------------------------------------------------------------
+@dataclass
+class CommStats:
+    """Bytes this rank sent and received in the optimizer's own collectives (not DDP/FSDP's)."""
+
+    sent: int = 0
+    received: int = 0
+    calls: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, sent: int, received: int) -> None:
+        self.sent += sent
+        self.received += received
+        self.calls += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + sent + received
+
+    def reset(self) -> None:
+        self.sent = self.received = self.calls = 0
+        self.by_kind.clear()
+
+
+def comm_stats(optimizer: Any) -> CommStats:
+    """The optimizer's :class:`CommStats` (created on first use)."""
+    stats = getattr(optimizer, "_comm_stats", None)
+    if stats is None:
+        stats = CommStats()
+        optimizer._comm_stats = stats
+    return stats
+
+
+# -- helpers on parameters -----------------------------------------------------------------------
+def is_sharded(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def process_group_of(optimizer: Any, params: Sequence[Tensor]) -> Any:
+    """The group that splits the work: the device mesh's group for DTensors, else the optimizer's."""
+    meshes = []
+    for p in params:  # per-module fully_shard calls build equal but distinct DeviceMesh objects
+        if is_sharded(p) and all(p.device_mesh != m for m in meshes):
+            meshes.append(p.device_mesh)
+    if len(meshes) > 1:
+        raise ValueError("distributed_mode='split' needs all sharded parameters of a group on one device mesh")
+    if meshes:
+        mesh = meshes[0]
+        if mesh.ndim != 1:
+            raise ValueError(
+                f"distributed_mode='split' supports 1-D device meshes (FSDP2), got a {mesh.ndim}-D mesh; "
+                "use distributed_mode='replicate' for HSDP / 2-D meshes"
+            )
+        return mesh.get_group()
+    return getattr(optimizer, "process_group", None) or dist.group.WORLD
+
+
+def _shard_bounds(p: Tensor, world: int) -> tuple[int, list[tuple[int, int]]]:
+    """``(dim, [(start, length) per rank])`` of a ``Shard(dim)`` DTensor (``torch.chunk`` layout)."""
+    placements = p.placements
+    if len(placements) != 1 or not isinstance(placements[0], Shard):
+        raise ValueError(
+            f"distributed_mode='split' needs parameters sharded as (Shard(dim),) (FSDP2), got {placements}; "
+            "use distributed_mode='replicate'"
+        )
+    dim = placements[0].dim
+    size = p.shape[dim]
+    chunk = -(-size // world) if size else 0
+    bounds = []
+    for r in range(world):
+        start = min(r * chunk, size)
+        bounds.append((start, min(chunk, size - start)))
+    return dim, bounds
+
+
+@contextmanager
+def _state_moved_to(state: dict, params: Sequence[Tensor], proxies: Sequence[Tensor]) -> Iterator[None]:
+    """Key each parameter's optimizer state by its full-size proxy for the duration of the block."""
+    for p, q in zip(params, proxies, strict=True):
+        if p in state:
+            state[q] = state.pop(p)
+    try:
+        yield
+    finally:
+        for p, q in zip(params, proxies, strict=True):
+            if q in state:
+                state[p] = state.pop(q)
+
+
+# -- ownership ---------------------------------------------------------------------------------------
+def owners_of(optimizer: Any, group: Mapping[str, Any]) -> dict[int, int] | None:
+    """``{id(param): owner rank}`` for a split-mode matrix group, or ``None`` when not splitting.
+
+    The assignment balances estimated flops over all split-mode matrix groups of the optimizer
+    together; it depends only on shapes and options, so every rank computes the same one. It is
+    cached and recomputed when the parameters or the world size change.
+    """
+    if group.get("distributed_mode") != "split" or not group.get("use_matrix") or not _initialized():
+        return None
+    pg = process_group_of(optimizer, group["params"])
+    world = dist.get_world_size(pg)
+    if world == 1:
+        return None
+    split_groups = [g for g in optimizer.param_groups if g.get("use_matrix") and g.get("distributed_mode") == "split"]
+    key = (world, tuple(id(p) for g in split_groups for p in g["params"]))
+    cache = getattr(optimizer, "_owner_cache", None)
+    if cache is None or cache[0] != key:
+        entries = [(p, g) for g in split_groups for p in g["params"]]
+        costs = [matrix_flops(optimizer, tuple(p.shape), g) for p, g in entries]
+        owners = assign_owners(costs, world)
+        cache = (key, {id(p): r for (p, _), r in zip(entries, owners, strict=True)})
+        optimizer._owner_cache = cache
+    return cache[1]
+
+
+def holds_state(optimizer: Any, group: Mapping[str, Any], param: Tensor) -> bool:
+    """Whether this rank keeps optimizer state for ``param`` (False for another owner's matrix)."""
+    owners = owners_of(optimizer, group)
+    if owners is None:
+        return True
+    return owners[id(param)] == dist.get_rank(process_group_of(optimizer, group["params"]))
+
+
+def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """Finite check of every gradient with one reduction; for DTensors the verdict is global."""
+    if not grads:
+        return []
+    local = [g.to_local() if is_sharded(g) else g for g in grads]
+    device = local[0].device
+    norms = torch.stack(
+        [
+            torch.linalg.vector_norm(g.detach(), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+            .to(device, torch.float64)
+            for g in local
+        ]
+    )
+    sharded = [is_sharded(g) for g in grads]
+    if any(sharded):
+        # a NaN on one shard must skip the parameter on every rank; a NaN/Inf norm stays non-finite in a sum
+        bad = (~torch.isfinite(norms)).to(torch.float64) * torch.tensor(sharded, dtype=torch.float64, device=device)
+        pgs = {id(g.device_mesh): g.device_mesh.get_group() for g in grads if is_sharded(g)}
+        for pg in pgs.values():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=pg)
+        return [bool(ok) and not b for ok, b in zip(torch.isfinite(norms).tolist(), bad.tolist(), strict=True)]
+    return torch.isfinite(norms).tolist()
+
+
+# -- the step ------------------------------------------------------------------------------------------
+def matrix_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    """Run ``optimizer._matrix_step`` on ``params`` in the group's ``distributed_mode``."""
+    step_fn: Callable[..., None] = optimizer._matrix_step
+    owners = owners_of(optimizer, group)
+    if owners is None:
+        sharded = [i for i, p in enumerate(params) if is_sharded(p)]
+        if not sharded:
+            step_fn(group, params, grads)
+            return
+        _replicated_sharded_step(optimizer, group, params, grads)
+        return
+    pg = process_group_of(optimizer, group["params"])
+    sharded = [i for i, p in enumerate(params) if is_sharded(p)]
+    plain = [i for i, p in enumerate(params) if not is_sharded(p)]
+    if plain:
+        _split_replicated_step(optimizer, group, [params[i] for i in plain], [grads[i] for i in plain], owners, pg)
+    if sharded:
+        _split_sharded_step(optimizer, group, [params[i] for i in sharded], [grads[i] for i in sharded], owners, pg)
+
+
+def _replicated_sharded_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    """FSDP2, replicate mode: gather each matrix, step on the whole matrix everywhere, keep the shard."""
+    meshes = [p.device_mesh for p in params if is_sharded(p)]
+    if all(is_sharded(p) and _is_row_sharded(p) and p.device_mesh == meshes[0] for p in params):
+        # the FSDP2 layout: one batched exchange for all matrices instead of two collectives each
+        _split_sharded_step(optimizer, group, params, grads, None, meshes[0].get_group())
+        return
+    stats = comm_stats(optimizer)
+    full_params, full_grads = [], []
+    for p, g in zip(params, grads, strict=True):
+        if not is_sharded(p):
+            full_params.append(p)
+            full_grads.append(g)
+            continue
+        fp = p.detach().full_tensor()
+        fg = g.full_tensor() if is_sharded(g) else g
+        world = p.device_mesh.size()
+        nbytes = fp.numel() * fp.element_size() + fg.numel() * fg.element_size()
+        stats.add("all_gather", nbytes // world, nbytes - nbytes // world)
+        full_params.append(fp)
+        full_grads.append(fg)
+    with _state_moved_to(optimizer.state, params, full_params):
+        optimizer._matrix_step(group, full_params, full_grads)
+    for p, fp in zip(params, full_params, strict=True):
+        if is_sharded(p):
+            # every rank holds the same full value: slice locally, no communication
+            shard = distribute_tensor(fp, p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
+
+
+def _split_replicated_step(
+    optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], owners: dict[int, int], pg: Any
+) -> None:
+    """DDP, split mode: the owner steps its matrices, then broadcasts their new values."""
+    me, world = dist.get_rank(pg), dist.get_world_size(pg)
+    mine = [i for i, p in enumerate(params) if owners[id(p)] == me]
+    if mine:
+        optimizer._matrix_step(group, [params[i] for i in mine], [grads[i] for i in mine])
+    stats = comm_stats(optimizer)
+    for rank in range(world):
+        owned = [p for p in params if owners[id(p)] == rank]
+        for dtype in sorted({p.dtype for p in owned}, key=str):
+            same = [p for p in owned if p.dtype == dtype]
+            numel = sum(p.numel() for p in same)
+            if rank == me:
+                flat = torch.cat([p.detach().reshape(-1) for p in same])
+            else:
+                flat = torch.empty(numel, dtype=dtype, device=same[0].device)
+            dist.broadcast(flat, src=dist.get_global_rank(pg, rank), group=pg)
+            nbytes = numel * flat.element_size()
+            stats.add("broadcast", nbytes * (world - 1) if rank == me else 0, 0 if rank == me else nbytes)
+            if rank != me:
+                offset = 0
+                for p in same:
+                    p.copy_(flat[offset : offset + p.numel()].view(p.shape))
+                    offset += p.numel()
+
+
+def _all_to_all(
+    pg: Any, send: list[list[Tensor]], recv_numel: list[int], dtype: torch.dtype, device: Any
+) -> list[Tensor]:
+    """Send ``send[r]`` (flattened, concatenated) to rank ``r``; return the flat buffer from each rank."""
+    in_splits = [sum(t.numel() for t in chunk) for chunk in send]
+    flat_in = torch.cat([t.reshape(-1).to(dtype) for chunk in send for t in chunk]) if sum(in_splits) else None
+    if flat_in is None:
+        flat_in = torch.empty(0, dtype=dtype, device=device)
+    flat_out = torch.empty(sum(recv_numel), dtype=dtype, device=device)
+    dist.all_to_all_single(flat_out, flat_in, recv_numel, in_splits, group=pg)
+    return list(torch.split(flat_out, recv_numel))
+
+
+def _is_row_sharded(p: Tensor) -> bool:
+    """A DTensor on a 1-D mesh with one ``Shard`` placement (the FSDP2 layout)."""
+    return p.device_mesh.ndim == 1 and len(p.placements) == 1 and isinstance(p.placements[0], Shard)
+
+
+def _split_sharded_step(
+    optimizer: Any,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    owners: dict[int, int] | None,
+    pg: Any,
+) -> None:
+    """FSDP2: shards to the owner (one all_to_all), whole-matrix step there, shards back (a second one).
+
+    ``owners=None`` is replicate mode: every rank gathers every matrix (the same bytes as an
+    all-gather), steps it, and keeps its own shard of the result by a local slice.
+    """
+    me, world = dist.get_rank(pg), dist.get_world_size(pg)
+    stats = comm_stats(optimizer)
+    layout = [_shard_bounds(p, world) for p in params]
+    device = params[0].to_local().device
+
+    def owned_by(i: int, rank: int) -> bool:
+        return owners is None or owners[id(params[i])] == rank
+
+    def rows(i: int, rank: int) -> int:
+        """Number of elements of rank ``rank``'s shard of matrix ``i``."""
+        dim, bounds = layout[i]
+        size = params[i].shape[dim]
+        return bounds[rank][1] * (params[i].numel() // size) if size else 0
+
+    def exchange(send: list[list[Tensor]], recv: list[int], dtype: torch.dtype) -> list[Tensor]:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        sent = sum(t.numel() for r, chunk in enumerate(send) if r != me for t in chunk)
+        stats.add("all_to_all", sent * itemsize, sum(n for r, n in enumerate(recv) if r != me) * itemsize)
+        return _all_to_all(pg, send, recv, dtype, device)
+
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        idx = [i for i, p in enumerate(params) if p.dtype == dtype]
+        mine = [i for i in idx if owned_by(i, me)]
+        # 1. my shard of (param, grad) of every matrix to its owner(s)
+        send: list[list[Tensor]] = [[] for _ in range(world)]
+        for rank in range(world):
+            for i in idx:
+                if owned_by(i, rank):
+                    send[rank] += [params[i].to_local().detach(), grads[i].to_local()]
+        got = exchange(send, [2 * sum(rows(i, s) for i in mine) for s in range(world)], dtype)
+        # 2. assemble whole matrices on the owner and step there
+        pieces: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for i in mine}
+        for s in range(world):
+            offset = 0
+            for i in mine:
+                dim, bounds = layout[i]
+                shape = list(params[i].shape)
+                shape[dim] = bounds[s][1]
+                k = rows(i, s)
+                pieces[i][0].append(got[s][offset : offset + k].view(shape))
+                pieces[i][1].append(got[s][offset + k : offset + 2 * k].view(shape))
+                offset += 2 * k
+        full_params = [torch.cat(pieces[i][0], dim=layout[i][0]) for i in mine]
+        full_grads = [torch.cat(pieces[i][1], dim=layout[i][0]).to(grads[i].dtype) for i in mine]
+        if mine:
+            owned = [params[i] for i in mine]
+            with _state_moved_to(optimizer.state, owned, full_params):
+                optimizer._matrix_step(group, full_params, full_grads)
+        if owners is None:  # replicate: every rank has every new value, keep my slice
+            for i, fp in zip(mine, full_params, strict=True):
+                dim, bounds = layout[i]
+                params[i].to_local().copy_(fp.narrow(dim, *bounds[me]))
+            continue
+        # 3. each rank's shard of the new values back
+        back: list[list[Tensor]] = [[] for _ in range(world)]
+        for i, fp in zip(mine, full_params, strict=True):
+            dim, bounds = layout[i]
+            for s in range(world):
+                back[s].append(fp.narrow(dim, *bounds[s]))
+        recv_back = [sum(rows(i, me) for i in idx if owned_by(i, s)) for s in range(world)]
+        got = exchange(back, recv_back, dtype)
+        for s in range(world):
+            offset = 0
+            for i in idx:
+                if owned_by(i, s):
+                    local = params[i].to_local()
+                    local.copy_(got[s][offset : offset + local.numel()].view(local.shape))
+                    offset += local.numel()
+
+
+# -- checkpointing through DCP ----------------------------------------------------------------------
+@contextmanager
+def _no_init_step(optimizer: Any) -> Iterator[None]:
+    """Keep ``get/set_optimizer_state_dict`` from running their zero-gradient "init" step.
+
+    torch's ``_init_optim_state`` calls ``optimizer.step()`` when the optimizer has no state and
+    no gradients. In split mode a rank that owns nothing has no state, so it would run a step
+    (with collectives) alone and hang; and the step would also advance counters. It does nothing
+    when some parameter has a gradient, so one zero gradient is put in place for the call.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    planted = None
+    if params and all(p.grad is None for p in params):
+        planted = params[0]
+        planted.grad = torch.zeros_like(planted)
+    try:
+        yield
+    finally:
+        if planted is not None:
+            planted.grad = None
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any) -> None:
+    """Save model and optimizer with DCP (collective: call on every rank).
+
+    Uses ``get_state_dict``: DTensor entries are saved shard-wise, plain tensors once (DCP
+    de-duplicates replicated entries), and each split-mode matrix state only by its owner.
+    Plain numbers in the state (step counters) are stored by DCP as pickled bytes.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    with _no_init_step(optimizer):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.fspath(path))
+
+
+def _matrix_params_needed(optimizer: Any) -> set[int]:
+    """ids of the parameters whose state this rank must hold (all but other owners' matrices)."""
+    needed = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not group.get("use_matrix") or holds_state(optimizer, group, p):
+                needed.add(id(p))
+    return needed
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any) -> None:
+    """Load a checkpoint written by :func:`save_checkpoint` (collective: call on every rank).
+
+    The optimizer template is built from the checkpoint's metadata, so every state entry that
+    was saved is restored (also entries an optimizer creates only on later steps), for exactly
+    the parameters this rank holds state for in its current mode. World size and mode may
+    differ from the saving run: matrix states are whole tensors, AdamW states are resharded.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = os.fspath(path)
+    model_sd = get_model_state_dict(model)
+    with _no_init_step(optimizer):
+        optim_sd = get_optimizer_state_dict(model, optimizer)
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    # parameter names as DCP writes them (wrapper prefixes such as DDP's "module." removed), in group order
+    named = {
+        fqn: p
+        for saved, group in zip(optim_sd["param_groups"], optimizer.param_groups, strict=True)
+        for fqn, p in zip(saved["params"], group["params"], strict=True)
+    }
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    needed = _matrix_params_needed(optimizer)
+    state: dict[str, dict[str, Any]] = {}
+    for flat_key, obj_path in metadata.planner_data.items():
+        if len(obj_path) != 4 or obj_path[0] != "optim" or obj_path[1] != "state":
+            continue
+        _, _, fqn, key = obj_path
+        param = named.get(fqn)
+        if param is None or id(param) not in needed:
+            continue
+        md = metadata.state_dict_metadata[flat_key]
+        if isinstance(md, TensorStorageMetadata):
+            dtype = md.properties.dtype
+            if is_sharded(param) and not group_of[id(param)].get("use_matrix") and tuple(md.size) == tuple(param.shape):
+                value: Any = torch.empty_like(param.detach(), dtype=dtype)  # AdamW state: a DTensor like the param
+            else:
+                device = param.to_local().device if is_sharded(param) else param.device
+                value = torch.empty(tuple(md.size), dtype=dtype, device=device)
+        else:
+            value = 0  # plain Python value (step counter): DCP replaces it with the saved object
+        state.setdefault(fqn, {})[key] = value
+    optim_sd["state"] = state
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    set_model_state_dict(model, model_sd)
+    with _no_init_step(optimizer):
+        # strict=False: in split mode the matrices owned by other ranks have no state here
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(strict=False))
+
+
+# -- processes ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group a launcher (``torchrun`` / :func:`launch`) describes in the environment.
+
+    Returns ``(rank, world_size, device)``. Backend: ``nccl`` when CUDA is available, else ``gloo``.
+    Without ``WORLD_SIZE`` in the environment it returns ``(0, 1, device)`` and starts nothing.
+    """
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def launch(nproc: int, argv: Sequence[str], *, module: bool = True, env: Mapping[str, str] | None = None) -> int:
+    """Run ``python -m <argv...>`` (or a script when ``module=False``) on ``nproc`` local processes.
+
+    Uses ``torch.distributed.run`` (torchrun) with a free port on 127.0.0.1; each process finds
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in its environment (see :func:`init_distributed`).
+    Returns the launcher's exit code.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", *(["-m"] if module else []), *argv,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    return subprocess.run(cmd, env=full_env, check=False).returncode

@@ -1,0 +1,115 @@
+"""Shared by tests/test_distributed.py (single process) and tests/_dist_worker.py (each rank).
+
+A tiny float64 MLP whose matrices have different shapes (so the cost-balanced assignment gives
+every rank work) and an odd row count (so FSDP2 shards are uneven), a fixed batch that the ranks
+split in equal halves, and the optimizers under test with small but non-trivial settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+STEPS = 20
+HALF = 10
+BATCH = 32
+
+
+class Net(nn.Module):
+    """Square matrices only (7x7, 5x5, 12x12) and a batch larger than any dimension.
+
+    Both Kronecker factors of every gradient are then full rank. (A non-square gradient has a
+    rank-deficient factor, whose null-space eigenbasis is fixed by rounding noise; methods that
+    are not rotation invariant in that subspace, like SOAP's Adam in the eigenbasis, then amplify
+    1e-16 reduction-order differences to O(1), and no distributed run could match a reference.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(7, 7)  # 7 rows: uneven FSDP shards 4 / 3 on two ranks
+        self.b = nn.Linear(5, 5, bias=False)
+        self.norm = nn.LayerNorm(12)
+        self.c = nn.Linear(12, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.tanh(self.a(x[:, :7])), torch.tanh(self.b(x[:, 7:]))], dim=1)
+        return self.c(self.norm(h))
+
+
+def make_model() -> Net:
+    torch.manual_seed(0)
+    return Net().to(torch.float64)
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 12, dtype=torch.float64, generator=gen)
+    y = torch.randn(BATCH, 12, dtype=torch.float64, generator=gen)
+    return x, y
+
+
+def _factories() -> dict[str, Callable[[Any], Any]]:
+    """Optimizer name -> constructor taking the parameters (only the classes that exist)."""
+    specs = {
+        "Muon": ("whiten.optim.muon", "Muon", dict(lr=0.02, weight_decay=0.1, adamw_lr=0.01)),
+        "HTMuon": ("whiten.optim.muon", "HTMuon", dict(lr=0.05, power=0.125, spectral_map="svd", adamw_lr=0.01)),
+        "SOAP": ("whiten.optim.soap", "SOAP", dict(lr=0.01, precondition_frequency=2, adamw_lr=0.01)),
+        "KLShampoo": ("whiten.optim.kl_shampoo", "KLShampoo", dict(lr=0.01, precondition_frequency=3)),
+        "ProKLShampoo": ("whiten.optim.pro_kl_shampoo", "ProKLShampoo", dict(lr=0.01, rank=2)),
+    }
+    out = {}
+    for name, (module, cls_name, kwargs) in specs.items():
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        out[name] = lambda params, cls=cls, kwargs=kwargs: cls(params, **kwargs)
+    return out
+
+
+FACTORIES = _factories()
+OPTIMIZERS = sorted(FACTORIES)
+
+
+def make_optimizer(name: str, model: nn.Module, mode: str = "replicate") -> Any:
+    optimizer = FACTORIES[name](model.parameters())
+    optimizer.set_distributed_mode(mode)
+    return optimizer
+
+
+def train(model: nn.Module, optimizer: Any, x: torch.Tensor, y: torch.Tensor, steps: int,
+          reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+    """``steps`` steps of mean-squared error; ``reduce`` averages the loss over ranks for logging."""
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        logged = loss.detach().clone()
+        losses.append(float(reduce(logged) if reduce is not None else logged))
+    return losses
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter values by name, gathered to full tensors (DTensor) and without wrapper prefixes."""
+    out = {}
+    for name, p in model.named_parameters():
+        value = p.detach()
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        out[name.removeprefix("module.")] = value.clone()
+    return out
+
+
+def reference(name: str, steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Single-process run on the whole batch."""
+    model = make_model()
+    optimizer = make_optimizer(name, model)
+    x, y = make_data()
+    losses = train(model, optimizer, x, y, steps)
+    return losses, full_params(model)

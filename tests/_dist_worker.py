@@ -1,0 +1,86 @@
+"""One rank of the multi-process tests (started by tests/test_distributed.py through ``launch``).
+
+Usage: ``_dist_worker.py OUT_DIR [OPTIMIZER ...]``. For every optimizer it runs DDP and FSDP2, each
+replicated and work-split, and DCP save/load at step HALF, and saves what it saw to
+``OUT_DIR/rank<r>.pt`` for the test process to compare with its single-process reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _dist_common import HALF, STEPS, full_params, make_data, make_model, make_optimizer, train
+from whiten.optim.distributed import comm_stats, init_distributed, load_checkpoint, owners_of, save_checkpoint
+
+
+def wrap(kind: str) -> torch.nn.Module:
+    model = make_model()
+    if kind == "ddp":
+        return DistributedDataParallel(model)
+    fully_shard(model)  # one FSDP unit: two collectives per step keep the test fast
+    return model
+
+
+def ownership(model: torch.nn.Module, optimizer) -> dict[str, tuple[int, bool]]:
+    """name -> (assigned owner, whether this rank holds state) for every matrix parameter."""
+    out = {}
+    for group in optimizer.param_groups:
+        owners = owners_of(optimizer, group)
+        for p in group["params"]:
+            if group["use_matrix"]:
+                name = next(n for n, q in model.named_parameters() if q is p).removeprefix("module.")
+                out[name] = (owners[id(p)] if owners else -1, bool(optimizer.state.get(p)))
+    return out
+
+
+def main() -> None:
+    out_dir, names = sys.argv[1], sys.argv[2:]
+    torch.set_num_threads(1)
+    rank, world, _ = init_distributed()
+    x, y = make_data()
+    per = x.shape[0] // world
+    x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t / world
+
+    results: dict[str, dict] = {}
+    for name in names:
+        for kind in ("ddp", "fsdp"):
+            for mode in ("replicate", "split"):
+                model = wrap(kind)
+                optimizer = make_optimizer(name, model, mode)
+                losses = train(model, optimizer, x, y, STEPS, mean)
+                results[f"{name}/{kind}/{mode}"] = {
+                    "losses": losses,
+                    "params": full_params(model),
+                    "ownership": ownership(model, optimizer),
+                    "comm_bytes_per_step": (comm_stats(optimizer).sent + comm_stats(optimizer).received) / STEPS,
+                }
+            # checkpoint: save at step HALF (split mode), load into a fresh model/optimizer, finish
+            model = wrap(kind)
+            optimizer = make_optimizer(name, model, "split")
+            first = train(model, optimizer, x, y, HALF, mean)
+            path = os.path.join(out_dir, f"ckpt-{name}-{kind}")
+            save_checkpoint(path, model, optimizer)
+            del model, optimizer
+            model = wrap(kind)
+            optimizer = make_optimizer(name, model, "split")
+            load_checkpoint(path, model, optimizer)
+            second = train(model, optimizer, x, y, STEPS - HALF, mean)
+            results[f"{name}/{kind}/ckpt"] = {"losses": first + second, "params": full_params(model)}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
