@@ -28,28 +28,27 @@ from whiten.bench.runner import BenchConfig, RunSpec, run_all
 
 _MAIN_OPTIMIZERS = ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16"]
 _PAPER_OPTIMIZERS = ["adamw", "muon", "soap", "kl-shampoo", "pro-kls-r32", "pro-kls-r64", "pro-kls-r128"]
-_PAPER_SCALE = {"ctx": 1024, "batch_size": 32, "steps": 5000, "warmup": 250, "eval_every": 250, "eval_batches": 20,
-                "tokenizer": "gpt2", "seeds": [0, 1, 2], "optimizers": _PAPER_OPTIMIZERS, "threads": None,
-                "checkpoint_every": 500, "weight_decay": 0.1}  # fmt: skip
+_PAPER_SCALE = {"ctx": 1024, "batch_size": 32, "steps": 5000, "eval_batches": 20, "tokenizer": "gpt2",
+                "seeds": [0, 1, 2], "optimizers": _PAPER_OPTIMIZERS, "threads": None, "weight_decay": 0.1}
+_TINY = {"ctx": 64, "batch_size": 16, "steps": 500, "eval_batches": 8, "threads": 1}
 
+# warmup (5%), eval_every (steps/24) and checkpoint_every (steps/6) scale with --steps unless given
 PRESETS: dict[str, dict[str, Any]] = {
-    # `make bench`: ~0.2M-parameter GPT on bytes, about 5-8 minutes on 2 shared CPU cores
-    "default": {"model": "gpt-tiny", "ctx": 64, "batch_size": 16, "steps": 600, "warmup": 30, "eval_every": 25,
-                "eval_batches": 8, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS, "threads": 1},
-    "tiny-3seeds": {"model": "gpt-tiny", "ctx": 64, "batch_size": 16, "steps": 600, "warmup": 30, "eval_every": 25,
-                    "eval_batches": 8, "seeds": [0, 1, 2], "threads": 1,
+    # `make bench`: ~0.2M-parameter GPT on bytes, a few minutes on 2 shared CPU cores
+    "default": {"model": "gpt-tiny", **_TINY, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS},
+    "tiny-3seeds": {"model": "gpt-tiny", **_TINY, "seeds": [0, 1, 2],
                     "optimizers": [*_MAIN_OPTIMIZERS, "pro-kls-r32", "pro-kls-r64"]},
-    "llama-tiny": {"model": "llama-tiny", "ctx": 64, "batch_size": 16, "steps": 600, "warmup": 30, "eval_every": 25,
-                   "eval_batches": 8, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS, "threads": 1},
+    "llama-tiny": {"model": "llama-tiny", **_TINY, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS},
     # ~10.7M parameters: hours on a CPU; minutes on a GPU
-    "small": {"model": "gpt-small", "ctx": 256, "batch_size": 32, "steps": 2000, "warmup": 100, "eval_every": 100,
-              "eval_batches": 16, "seeds": [0, 1, 2], "threads": None, "checkpoint_every": 250,
+    "small": {"model": "gpt-small", "ctx": 256, "batch_size": 32, "steps": 2000, "eval_batches": 16,
+              "seeds": [0, 1, 2], "threads": None,
               "optimizers": ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32", "pro-kls-r64"]},
+    # paper-like settings (GPT-2 BPE, 1024 context); point --data at a corpus much larger than Shakespeare
     "gpt2-124m": {"model": "gpt2-124m", **_PAPER_SCALE},
     "gpt2-350m": {"model": "gpt2-350m", **_PAPER_SCALE},
     "llama-134m": {"model": "llama-134m", **_PAPER_SCALE},
     "llama-450m": {"model": "llama-450m", **_PAPER_SCALE},
-}
+}  # fmt: skip
 
 # CLI option -> BenchConfig field (options that map 1:1)
 _FIELDS = ("model", "ctx", "batch_size", "steps", "warmup", "schedule", "min_lr_ratio", "decay_fraction",

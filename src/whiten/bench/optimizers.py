@@ -23,6 +23,13 @@ import torch
 from torch import Tensor, nn
 
 ADAMW_BETAS = (0.9, 0.95)
+_MODULES = {
+    "SOAP": "whiten.optim.soap",
+    "REKLS": "whiten.optim.soap",
+    "KLShampoo": "whiten.optim.kl_shampoo",
+    "KLSOAP": "whiten.optim.kl_shampoo",
+    "ProKLShampoo": "whiten.optim.pro_kl_shampoo",
+}
 
 
 @dataclass(frozen=True)
@@ -80,11 +87,18 @@ def optimizer_class(spec: OptimizerSpec) -> type[torch.optim.Optimizer]:
     """The class behind ``spec``; raises ``ImportError`` with the reason when it is unavailable."""
     if spec.class_name == "AdamW":
         return torch.optim.AdamW
-    package = importlib.import_module("whiten")
-    cls = getattr(package, spec.class_name, None)
-    if cls is None:
-        raise ImportError(f"whiten.{spec.class_name} does not exist (yet) in this checkout")
-    return cls
+    # the package root first; the defining module while an optimizer is not exported there yet
+    for module_name in ("whiten", "whiten.optim", _MODULES.get(spec.class_name)):
+        if module_name is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, spec.class_name, None)
+        if cls is not None:
+            return cls
+    raise ImportError(f"whiten.{spec.class_name} does not exist (yet) in this checkout")
 
 
 def availability() -> dict[str, str | None]:

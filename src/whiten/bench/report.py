@@ -153,7 +153,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             f"| {_fmt(e['optimizer_ms_per_step']['mean'], '.1f')} "
             f"| {_fmt(e['optimizer_state_bytes']['mean'] / 2**20 if e['optimizer_state_bytes']['mean'] else None)} "
             f"| {_fmt(e['peak_rss_bytes']['mean'] / 2**20 if e['peak_rss_bytes']['mean'] else None, '.0f')} "
-            f"| {_fmt(to_final, '.1f')} | {_fmt(ratio, '.2f')}x |"
+            f"| {_fmt(to_final, '.1f')} | {_fmt(ratio, '.2f')} |"
         )
     targets = summary["targets"]["losses"]
     if targets:

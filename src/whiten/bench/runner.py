@@ -45,7 +45,7 @@ class BenchConfig:
     ctx: int = 64
     batch_size: int = 16
     steps: int = 600
-    warmup: int = 30
+    warmup: int | None = None  # None -> 5% of the steps
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
@@ -57,15 +57,25 @@ class BenchConfig:
     tokenizer: str = "byte"
     data: str | None = None
     val_fraction: float = 0.1
-    eval_every: int = 25
+    eval_every: int | None = None  # None -> steps // 24 (25 evaluations)
     eval_batches: int = 8
     targets: list[float] | None = None  # absolute val-loss targets; None -> relative to AdamW's final loss
     target_factors: list[float] = field(default_factory=lambda: [1.10, 1.05, 1.02, 1.0])
-    checkpoint_every: int = 100
+    checkpoint_every: int | None = None  # None -> steps // 6
     record_every: int = 0
     device: str = "cpu"
     threads: int | None = 1
     preset: str | None = None
+
+    def __post_init__(self) -> None:
+        # step-count options left at None scale with --steps, so `--steps 50` alone is a valid run
+        if isinstance(self.steps, int) and self.steps >= 1:
+            if self.warmup is None:
+                self.warmup = round(0.05 * self.steps)
+            if self.eval_every is None:
+                self.eval_every = max(1, self.steps // 24)
+            if self.checkpoint_every is None:
+                self.checkpoint_every = max(1, self.steps // 6)
 
     def validate(self) -> None:
         """Refuse bad configurations with one-line messages naming the option."""
@@ -86,7 +96,7 @@ class BenchConfig:
                             ("checkpoint-every", self.checkpoint_every)):  # fmt: skip
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"--{name} {value} is not valid; it must be an integer >= 1")
-        if not 0 <= self.warmup < self.steps:
+        if not (isinstance(self.warmup, int) and 0 <= self.warmup < self.steps):
             raise ValueError(f"--warmup {self.warmup} must be >= 0 and smaller than --steps {self.steps}")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"--schedule {self.schedule!r} is not valid; use 'cosine' or 'wsd'")
