@@ -75,8 +75,10 @@ def test_every_available_optimizer_trains_and_outputs_parse(corpus, tmp_path, ca
         assert [r["step"] for r in log if "train_loss" in r] == list(range(1, 17))
     adamw = next(r for r in summary["runs"] if r["label"] == "adamw")
     assert summary["targets"]["losses"][-1] == pytest.approx(adamw["final_val_loss"])
-    assert adamw["to_target"][-1]["step"] == pytest.approx(16)  # AdamW reaches its own final loss at the end
-    assert summary["aggregate"]["adamw"]["time_to_adamw_final_vs_adamw_time"] == pytest.approx(1.0)
+    # AdamW reaches its own final loss at the end at the latest (earlier when the curve is not monotone)
+    assert 0 < adamw["to_target"][-1]["step"] <= 16
+    assert 0 < summary["aggregate"]["adamw"]["time_to_adamw_final_vs_adamw_time"] <= 1.0 + 1e-9
+    assert 0 < summary["aggregate"]["adamw"]["cpu_time_to_adamw_final_vs_adamw"] <= 1.0 + 1e-9
     for name in PLOT_FILES:
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
     assert (out / "results.md").read_text().startswith("| optimizer |")
@@ -225,11 +227,11 @@ def test_schedule_shapes():
 
 
 def test_time_to_target_interpolates_between_evaluations():
-    vals = [{"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": 5.0},
-            {"step": 10, "tokens": 100, "time_s": 2.0, "val_loss": 3.0},
-            {"step": 20, "tokens": 200, "time_s": 4.0, "val_loss": 2.0}]  # fmt: skip
+    vals = [{"step": 0, "tokens": 0, "time_s": 0.0, "cpu_s": 0.0, "val_loss": 5.0},
+            {"step": 10, "tokens": 100, "time_s": 2.0, "cpu_s": 1.0, "val_loss": 3.0},
+            {"step": 20, "tokens": 200, "time_s": 4.0, "cpu_s": 3.0, "val_loss": 2.0}]  # fmt: skip
     hit = time_to_target(vals, 2.5)
-    assert hit == {"step": 15.0, "tokens": 150.0, "seconds": 3.0}
+    assert hit == {"step": 15.0, "tokens": 150.0, "seconds": 3.0, "cpu_seconds": 2.0}
     assert time_to_target(vals, 1.0) is None and time_to_target(vals, 6.0)["seconds"] == 0.0
 
 

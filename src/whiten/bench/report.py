@@ -29,12 +29,13 @@ def time_to_target(vals: list[dict[str, Any]], target: float) -> dict[str, float
     for i, record in enumerate(vals):
         if record["val_loss"] <= target:
             if i == 0:
-                return {"step": 0.0, "tokens": 0.0, "seconds": 0.0}
+                return {"step": 0.0, "tokens": 0.0, "seconds": 0.0, "cpu_seconds": 0.0}
             before = vals[i - 1]
             drop = before["val_loss"] - record["val_loss"]
             w = (before["val_loss"] - target) / drop if drop > 0 else 1.0
-            return {key: before[src] + w * (record[src] - before[src])
-                    for key, src in (("step", "step"), ("tokens", "tokens"), ("seconds", "time_s"))}  # fmt: skip
+            keys = [("step", "step"), ("tokens", "tokens"), ("seconds", "time_s"), ("cpu_seconds", "cpu_s")]
+            return {key: before[src] + w * (record[src] - before[src]) if src in record and src in before else None
+                    for key, src in keys}  # fmt: skip
     return None
 
 
@@ -78,9 +79,8 @@ def summarize(out: Path, config: dict[str, Any], results: list[dict[str, Any]], 
     for r in results:
         vals = [x for x in read_jsonl(out / "runs" / f"{r['label']}-s{r['seed']}" / "log.jsonl") if "val_loss" in x]
         run = dict(r)
-        run["to_target"] = [{"target": t, **(time_to_target(vals, t) or {"step": None, "tokens": None,
-                                                                         "seconds": None})}
-                            for t in targets["losses"]]  # fmt: skip
+        missed = {"step": None, "tokens": None, "seconds": None, "cpu_seconds": None}
+        run["to_target"] = [{"target": t, **(time_to_target(vals, t) or missed)} for t in targets["losses"]]
         runs.append(run)
     labels = list(dict.fromkeys(r["label"] for r in runs))
     aggregate: dict[str, Any] = {}
@@ -95,6 +95,7 @@ def summarize(out: Path, config: dict[str, Any], results: list[dict[str, Any]], 
             "final_val_loss": _stats([r["final_val_loss"] for r in mine]),
             "final_train_loss": _stats([r["final_train_loss"] for r in mine]),
             "train_time_s": _stats([r["train_time_s"] for r in mine]),
+            "cpu_time_s": _stats([r.get("cpu_time_s") for r in mine]),
             "tokens_per_s": _stats([r["tokens_per_s"] for r in mine]),
             "fwd_bwd_ms_per_step": _stats([1e3 * r["fwd_bwd_time_s"] / max(1, r["steps"]) for r in mine]),
             "optimizer_ms_per_step": _stats([1e3 * r["optimizer_time_s"] / max(1, r["steps"]) for r in mine]),
@@ -112,17 +113,22 @@ def summarize(out: Path, config: dict[str, Any], results: list[dict[str, Any]], 
                 # a mean is only meaningful when every seed got there
                 "seconds": _stats([h["seconds"] for h in reached]) if len(reached) == len(hits) else None,
                 "steps": _stats([h["step"] for h in reached]) if len(reached) == len(hits) else None,
+                "cpu_seconds": _stats([h.get("cpu_seconds") for h in reached]) if len(reached) == len(hits) else None,
             })  # fmt: skip
         aggregate[label] = entry
     if "adamw" in aggregate and targets["losses"]:
         last = len(targets["losses"]) - 1
         adamw_time = aggregate["adamw"]["train_time_s"]["mean"]
+        adamw_cpu = aggregate["adamw"]["cpu_time_s"]["mean"]
         for entry in aggregate.values():
-            hit = entry["to_target"][last]["seconds"]
-            seconds = hit["mean"] if hit else None
+            hit = entry["to_target"][last]
+            seconds = hit["seconds"]["mean"] if hit["seconds"] else None
+            cpu = hit["cpu_seconds"]["mean"] if hit["cpu_seconds"] else None
             entry["time_to_adamw_final_s"] = seconds
             # relative to AdamW's whole run: AdamW reaches its own final loss at its end
             entry["time_to_adamw_final_vs_adamw_time"] = seconds / adamw_time if seconds is not None else None
+            entry["cpu_time_to_adamw_final_s"] = cpu
+            entry["cpu_time_to_adamw_final_vs_adamw"] = cpu / adamw_cpu if cpu is not None and adamw_cpu else None
     return {"config": config, "targets": targets, "runs": runs, "aggregate": aggregate, **(extra or {})}
 
 
@@ -137,8 +143,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
     spread = " ± std" if seeds > 1 else ""
     lines = [
         f"| optimizer | lr | final val loss{spread} | train s | tok/s | fwd+bwd ms/step | opt ms/step "
-        "| opt state MB | peak RSS MB | s to AdamW final | vs AdamW time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| opt state MB | peak RSS MB | s to AdamW final | vs AdamW | CPU s to AdamW final | vs AdamW (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, e in agg.items():
         loss = e["final_val_loss"]
@@ -153,7 +159,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
             f"| {_fmt(e['optimizer_ms_per_step']['mean'], '.1f')} "
             f"| {_fmt(e['optimizer_state_bytes']['mean'] / 2**20 if e['optimizer_state_bytes']['mean'] else None)} "
             f"| {_fmt(e['peak_rss_bytes']['mean'] / 2**20 if e['peak_rss_bytes']['mean'] else None, '.0f')} "
-            f"| {_fmt(to_final, '.1f')} | {_fmt(ratio, '.2f')} |"
+            f"| {_fmt(to_final, '.1f')} | {_fmt(ratio, '.2f')} "
+            f"| {_fmt(e.get('cpu_time_to_adamw_final_s'), '.1f')} "
+            f"| {_fmt(e.get('cpu_time_to_adamw_final_vs_adamw'), '.2f')} |"
         )
     targets = summary["targets"]["losses"]
     if targets:
