@@ -22,7 +22,8 @@ BATCH = 32
 class Net(nn.Module):
     """Square matrices only (7x7, 5x5, 12x12) and a batch larger than any dimension.
 
-    Both Kronecker factors of every gradient are then full rank. (A non-square gradient has a
+    Both Kronecker factors of every gradient are then full rank, and the gradients have no
+    exactly-zero singular value (HTMuon's ``s^p`` has an unbounded derivative at 0). (A non-square gradient has a
     rank-deficient factor, whose null-space eigenbasis is fixed by rounding noise; methods that
     are not rotation invariant in that subspace, like SOAP's Adam in the eigenbasis, then amplify
     1e-16 reduction-order differences to O(1), and no distributed run could match a reference.)
@@ -36,8 +37,11 @@ class Net(nn.Module):
         self.c = nn.Linear(12, 12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the LayerNorm acts on the input: after it, a vector sums to 0, so a matrix fed by the whole
+        # normalised vector would get a gradient with an exactly-zero singular value (see above)
+        x = self.norm(x)
         h = torch.cat([torch.tanh(self.a(x[:, :7])), torch.tanh(self.b(x[:, 7:]))], dim=1)
-        return self.c(self.norm(h))
+        return self.c(h)
 
 
 def make_model() -> Net:
@@ -58,8 +62,12 @@ def _factories() -> dict[str, Callable[[Any], Any]]:
         "Muon": ("whiten.optim.muon", "Muon", dict(lr=0.02, weight_decay=0.1, adamw_lr=0.01)),
         "HTMuon": ("whiten.optim.muon", "HTMuon", dict(lr=0.05, power=0.125, spectral_map="svd", adamw_lr=0.01)),
         "SOAP": ("whiten.optim.soap", "SOAP", dict(lr=0.01, precondition_frequency=2, adamw_lr=0.01)),
+        "REKLS": ("whiten.optim.soap", "REKLS", dict(lr=0.003, adamw_lr=0.01)),
         "KLShampoo": ("whiten.optim.kl_shampoo", "KLShampoo", dict(lr=0.01, precondition_frequency=3)),
-        "ProKLShampoo": ("whiten.optim.pro_kl_shampoo", "ProKLShampoo", dict(lr=0.01, rank=2)),
+        "KLSOAP": ("whiten.optim.kl_shampoo", "KLSOAP", dict(lr=0.01, precondition_frequency=3)),
+        "ProKLShampoo": (
+            "whiten.optim.pro_kl_shampoo", "ProKLShampoo", dict(lr=0.01, rank=2, precondition_frequency=3)
+        ),
     }
     out = {}
     for name, (module, cls_name, kwargs) in specs.items():
@@ -81,17 +89,32 @@ def make_optimizer(name: str, model: nn.Module, mode: str = "replicate") -> Any:
     return optimizer
 
 
-def train(model: nn.Module, optimizer: Any, x: torch.Tensor, y: torch.Tensor, steps: int,
-          reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
-    """``steps`` steps of mean-squared error; ``reduce`` averages the loss over ranks for logging."""
+def train(
+    model: nn.Module,
+    optimizer: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    micro_batches: int = 1,
+) -> list[float]:
+    """``steps`` steps of mean-squared error; ``reduce`` averages the logged loss over ranks.
+
+    ``micro_batches=k`` accumulates the mean gradients of ``k`` equal slices, each scaled by
+    ``1/k``: for ``k = 2`` in float64 these are the same floating-point sums that a 2-rank DDP
+    all-reduce or FSDP reduce-scatter forms, so a single-process run reproduces the distributed
+    gradients bit for bit (eigenbasis methods such as SOAP amplify last-bit differences).
+    """
     losses = []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        total = torch.zeros((), dtype=torch.float64)
+        for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
+            loss = torch.nn.functional.mse_loss(model(xs), ys) / micro_batches
+            loss.backward()
+            total += loss.detach()
         optimizer.step()
-        logged = loss.detach().clone()
-        losses.append(float(reduce(logged) if reduce is not None else logged))
+        losses.append(float(reduce(total) if reduce is not None else total))
     return losses
 
 
@@ -106,10 +129,10 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference(name: str, steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Single-process run on the whole batch."""
+def reference(name: str, steps: int = STEPS, micro_batches: int = 2) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Single-process run on the whole batch (as ``micro_batches`` accumulated slices)."""
     model = make_model()
     optimizer = make_optimizer(name, model)
     x, y = make_data()
-    losses = train(model, optimizer, x, y, steps)
+    losses = train(model, optimizer, x, y, steps, micro_batches=micro_batches)
     return losses, full_params(model)
