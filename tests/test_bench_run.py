@@ -250,3 +250,22 @@ def test_presets_are_valid_configurations():
         cfg = BenchConfig(**preset, preset=name)
         cfg.validate()
         assert cfg.warmup is not None and cfg.warmup < cfg.steps and math.isfinite(cfg.lr_for("adamw"))
+
+
+def test_every_optimizer_gets_the_same_parameter_split_and_embedding_lr():
+    from whiten.bench.models import build_model, model_config
+
+    model = build_model(model_config("llama-tiny", vocab_size=64, ctx=16), seed=0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    splits = {}
+    for name in _available():
+        opt = build_optimizer(get_spec(name), model, lr=0.02, weight_decay=0.1, embed_lr=0.005)
+        groups = {}
+        for group in opt.param_groups:
+            key = "matrix" if group.get("use_matrix", group["lr"] == 0.02) else "adamw"
+            groups[key] = (sorted(names[id(p)] for p in group["params"]), group["lr"], group["weight_decay"])
+        splits[name] = groups
+        assert groups["matrix"][1:] == (0.02, 0.1) and groups["adamw"][1:] == (0.005, 0.0), name
+    reference = splits["adamw"]
+    for name, groups in splits.items():
+        assert groups["matrix"][0] == reference["matrix"][0] and groups["adamw"][0] == reference["adamw"][0], name

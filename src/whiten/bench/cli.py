@@ -108,7 +108,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="per-optimizer learning rate NAME=VALUE[,NAME=VALUE] (repeatable)")
     p.add_argument("--option", dest="option_items", type=_option, action="append",
                    help="extra constructor option OPTIMIZER.KEY=VALUE, e.g. pro-kls-r32.complement_scale=kl_norm")
-    p.add_argument("--embed-lr", type=float, help="lr of the AdamW half of matrix methods (default: adamw's lr)")
+    p.add_argument("--embed-lr", type=float, help="AdamW lr of embeddings/head/gains, every optimizer (default 1e-2)")
     p.add_argument("--batch-size", type=int, help="sequences per step")
     p.add_argument("--ctx", type=int, help="tokens per sequence")
     p.add_argument("--warmup", type=int, help="linear warmup steps")

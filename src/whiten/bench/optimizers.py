@@ -1,9 +1,11 @@
 """The benchmark's optimizer registry: names, lazy imports, default learning rates, construction.
 
-Every matrix method gets :func:`whiten.param_groups` (hidden matrices on the matrix method;
-embeddings, output head, gains and biases on the optimizer's built-in AdamW with the AdamW
-baseline's lr), the same weight decay on matrices and the same ``(0.9, 0.95)`` AdamW betas. The
-``adamw`` baseline is ``torch.optim.AdamW`` with decay on hidden matrices only.
+Every optimizer sees the same split (:func:`whiten.split_parameters`): hidden matrices get the
+named method at its own lr and the weight decay; embeddings, output head, gains and biases get
+AdamW with betas ``(0.9, 0.95)``, lr ``embed_lr`` and no decay. For the matrix methods that AdamW
+is their built-in one (:func:`whiten.param_groups`); the ``adamw`` baseline is
+``torch.optim.AdamW`` with the same two groups. So only the optimizer of the hidden matrices
+differs between runs, and the lr being compared (and swept) is that of the hidden matrices.
 
 Classes are looked up on the ``whiten`` package root when an optimizer is requested, so an
 optimizer that has not been written yet is reported as unavailable instead of breaking the CLI.
@@ -128,11 +130,11 @@ def build_optimizer(
     if not spec.is_matrix_method:
         from whiten import split_parameters
 
-        # decay hidden matrices only, as the matrix methods do
+        # the same split as the matrix methods: only the optimizer of the hidden matrices differs
         matrix, rest = split_parameters(model, embeddings_and_head="adamw")
         groups = [
-            {"params": [p for _, p in matrix], "weight_decay": weight_decay},
-            {"params": [p for _, p in rest], "weight_decay": 0.0},
+            {"params": [p for _, p in matrix], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for _, p in rest], "lr": embed_lr, "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
         return cls(groups, lr=lr, betas=ADAMW_BETAS, eps=1e-8, **options)

@@ -54,7 +54,7 @@ class BenchConfig:
     weight_decay: float = 0.0
     seeds: list[int] = field(default_factory=lambda: [0])
     lrs: dict[str, float] = field(default_factory=dict)  # explicit per-optimizer lr overrides
-    embed_lr: float | None = None  # lr of the AdamW half of matrix methods; None -> adamw's lr
+    embed_lr: float = 1e-2  # AdamW lr of embeddings, head, gains and biases (the same for every optimizer)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra constructor options per optimizer
     tokenizer: str = "byte"
     data: str | None = None
@@ -91,7 +91,7 @@ class BenchConfig:
             get_spec(name)
             if not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
                 raise ValueError(f"--lr {name}={lr} is not valid; the learning rate must be a number > 0")
-        if self.embed_lr is not None and not self.embed_lr > 0:
+        if not (isinstance(self.embed_lr, float | int) and math.isfinite(self.embed_lr) and self.embed_lr > 0):
             raise ValueError(f"--embed-lr {self.embed_lr} is not valid; it must be > 0")
         for name, value in (("steps", self.steps), ("batch-size", self.batch_size), ("ctx", self.ctx),
                             ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
@@ -125,7 +125,7 @@ class BenchConfig:
         return float(self.lrs.get(name, get_spec(name).default_lr))
 
     def embed_lr_value(self) -> float:
-        return float(self.embed_lr) if self.embed_lr is not None else self.lr_for("adamw")
+        return float(self.embed_lr)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
