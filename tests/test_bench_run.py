@@ -269,3 +269,17 @@ def test_every_optimizer_gets_the_same_parameter_split_and_embedding_lr():
     reference = splits["adamw"]
     for name, groups in splits.items():
         assert groups["matrix"][0] == reference["matrix"][0] and groups["adamw"][0] == reference["adamw"][0], name
+
+
+def test_first_ctrl_c_requests_a_stop_and_the_second_aborts():
+    import os
+    import signal
+
+    flag = runner.StopFlag()
+    previous = signal.getsignal(signal.SIGINT)
+    with flag.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
