@@ -13,6 +13,7 @@ from whiten.linalg import (
     choose_rank,
     kl_gap,
     newton_schulz,
+    newton_schulz_left_factor,
     polar_svd,
     principal_angles,
     spike_flat_statistics,
@@ -165,6 +166,16 @@ def test_fact6_newton_schulz_output_stays_in_the_complement():
         assert torch.linalg.matrix_norm(O @ U) < 1e-12 * torch.linalg.matrix_norm(O)
 
 
+def test_gram_newton_schulz_equals_direct_iteration():
+    X = torch.randn(3, 7, 20, dtype=F64, generator=gen(30)) * torch.logspace(0, -2, 20, dtype=F64)
+    for coefficients in ("keller", "polar_express", (2.0, -1.5, 0.5)):
+        K, P = newton_schulz_left_factor(X, 6, coefficients)
+        torch.testing.assert_close(K @ X, newton_schulz(X, 6, coefficients, compute_dtype=F64))
+        torch.testing.assert_close(P, X @ X.mT)
+    with pytest.raises(ValueError, match="wide"):
+        newton_schulz_left_factor(X.mT)
+
+
 # -- the optimizer step against a dense re-implementation ----------------------------------------
 def reference_pro(grads, W0, init, *, lr, beta1, beta, wd, T, init_factor, complement, scale_kind, ns_steps=5):
     """SPEC §5's step with dense n x n matrices (eps = 0): S_R^{-1/2}, S_R^{-1}, C and P_perp formed explicitly."""
@@ -223,16 +234,18 @@ def anisotropic_grads(steps, m, n, seed):
 
 
 @pytest.mark.parametrize(
-    ("complement", "scale_kind", "transpose"),
-    [
-        ("left_whitened_orth", "sqrt_m", False),
-        ("left_whitened_orth", "kl_norm", True),
-        ("orth", "muon_rms", False),
-        ("orth", "kl_norm", False),
+    ("complement", "scale_kind", "transpose", "shape"),
+    [  # n >= 1.5 m runs Newton–Schulz on the Gram matrix, (6, 8) runs it directly
+        ("left_whitened_orth", "sqrt_m", False, (4, 9)),
+        ("left_whitened_orth", "sqrt_m", False, (6, 8)),
+        ("left_whitened_orth", "kl_norm", True, (4, 9)),
+        ("left_whitened_orth", "kl_norm", False, (6, 8)),
+        ("orth", "muon_rms", False, (4, 9)),
+        ("orth", "kl_norm", True, (6, 8)),
     ],
 )
-def test_step_matches_dense_reconstruction(complement, scale_kind, transpose):
-    m, n, r = 4, 9, 3
+def test_step_matches_dense_reconstruction(complement, scale_kind, transpose, shape):
+    (m, n), r = shape, 3
     grads = anisotropic_grads(11, m, n, 18)
     W0 = torch.randn(m, n, dtype=F64, generator=gen(19))
     hyper = dict(lr=0.05, betas=(0.9, 0.95), eps=0.0, weight_decay=0.1, precondition_frequency=3, init_factor=0.1)

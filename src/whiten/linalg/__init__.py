@@ -27,6 +27,7 @@ from whiten.linalg.newton_schulz import (
     POLAR_EXPRESS,
     NSSchedule,
     newton_schulz,
+    newton_schulz_left_factor,
     ns_schedule,
     polar_svd,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "map_batched",
     "matmul_precision",
     "newton_schulz",
+    "newton_schulz_left_factor",
     "ns_power_rounds",
     "ns_schedule",
     "orthogonal_iteration",

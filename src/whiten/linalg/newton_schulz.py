@@ -123,6 +123,47 @@ def newton_schulz(
     return X.mT if transposed else X
 
 
+def newton_schulz_left_factor(
+    X: Tensor,
+    steps: int = 5,
+    coefficients: str | Sequence[float] | Sequence[Sequence[float]] = "keller",
+    *,
+    eps: float = 1e-7,
+) -> tuple[Tensor, Tensor]:
+    """The same iteration as :func:`newton_schulz`, run on the Gram matrix of a wide ``X`` (``m <= n``).
+
+    Every iterate is ``X_k = Z_k X_0`` with ``Z_k`` a polynomial in ``P_0 = X_0 X_0^T`` (``m x m``), so
+    the iteration can be carried out on ``Z`` alone::
+
+        P = X X^T;  X_0 = X / (scale ||X||_F);  Z_0 = I
+        Z_{k+1} = (a I + b P_k + c P_k^2) Z_k,   P_k = Z_k P_0 Z_k^T   (the Gram matrix of X_k)
+
+    Returns ``(K, P)`` with ``newton_schulz(X) == K @ X`` (up to round-off) and ``P = X X^T``. The cost is
+    one ``m x m x n`` product for ``P`` plus ``~4 m^3`` per step, instead of ``~2 m^2 n + m^3`` per step:
+    cheaper whenever ``n > 1.5 m``, and the caller can fold ``K`` into other left factors before the
+    single ``m x m x n`` product that applies it. ``P_k`` is recomputed from ``Z_k`` each step, so the
+    iteration stays self-correcting like the direct one. Batched over leading dimensions.
+    """
+    if X.ndim < 2 or X.size(-2) > X.size(-1):
+        raise ValueError(f"newton_schulz_left_factor needs a wide matrix (..., m, n) with m <= n, got {tuple(X.shape)}")
+    schedule = ns_schedule(coefficients, steps)
+    P = X @ X.mT
+    sq_norm = P.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # ||X||_F^2 = tr(P)
+    inv_scale = 1.0 / (sq_norm.sqrt() * schedule.norm_scale).clamp(min=eps)
+    P0 = P * inv_scale.square()
+    eye = torch.eye(X.size(-2), dtype=X.dtype, device=X.device).expand_as(P)
+    Z = None
+    Pk = P0
+    last = len(schedule.coefficients) - 1
+    for k, (a, b, c) in enumerate(schedule.coefficients):
+        poly = a * eye + b * Pk + c * (Pk @ Pk)
+        Z = poly if Z is None else poly @ Z
+        if k < last:
+            Pk = Z @ P0 @ Z.mT
+    assert Z is not None
+    return Z * inv_scale, P
+
+
 def polar_svd(G: Tensor) -> Tensor:
     """Exact polar factor ``A B^T`` of ``G = A diag(s) B^T`` via a thin SVD (batched).
 

@@ -36,6 +36,7 @@ from whiten.linalg import (
     ema_eigenvalues,
     map_batched,
     newton_schulz,
+    newton_schulz_left_factor,
     ns_schedule,
     orthogonal_iteration,
     spike_flat_statistics,
@@ -51,6 +52,12 @@ COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
 
 def _check_ns_coefficients(name: str, value: Any) -> None:
     ns_schedule(value, 1)
+
+
+def use_gram(shape: Sequence[int]) -> bool:
+    """Run Newton–Schulz on the ``m x m`` Gram matrix when that is cheaper (``n >= 1.5 m``, see
+    :func:`whiten.linalg.newton_schulz_left_factor`); both paths compute the same polynomial."""
+    return shape[-1] >= 1.5 * shape[-2]
 
 
 def tracked_rank(group: dict[str, Any]) -> int:
@@ -187,13 +194,23 @@ class ProKLShampoo(KLFactored):
             super()._matrix_step(group, full_p, full_g)
         if not pending:
             return
-        # Newton–Schulz on the complement coordinates, batched over matrices of the same shape
-        orthogonal = map_batched(
-            lambda X: newton_schulz(X, group["ns_steps"], group["ns_coefficients"], compute_dtype=X.dtype),
-            [ctx["X"] for _, _, ctx in pending],
-        )
-        for (p, G, ctx), O in zip(pending, orthogonal, strict=True):
-            update = self._pro_finish(group, G, self.state[p], ctx, O)
+        # Newton–Schulz on the complement coordinates, batched over matrices of the same shape. A wide X
+        # (n >= 1.5 m) runs the iteration on its m x m Gram matrix and returns the left factor K, NS(X) = K X.
+        direct = [i for i, (_, _, ctx) in enumerate(pending) if not use_gram(ctx["X"].shape)]
+        gram = [i for i, (_, _, ctx) in enumerate(pending) if use_gram(ctx["X"].shape)]
+        steps, coefficients = group["ns_steps"], group["ns_coefficients"]
+        for i, O in zip(direct, map_batched(
+            lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype), [pending[i][2]["X"] for i in direct]
+        ), strict=True):  # fmt: skip
+            pending[i][2]["O"] = O
+        for i, KP in zip(gram, map_batched(
+            lambda X: torch.cat(newton_schulz_left_factor(X, steps, coefficients), dim=-1),
+            [pending[i][2]["X"] for i in gram],
+        ), strict=True):  # fmt: skip
+            m = KP.shape[-2]
+            pending[i][2]["K"], pending[i][2]["P"] = KP[:, :m], KP[:, m:]
+        for p, G, ctx in pending:
+            update = self._pro_finish(group, G, self.state[p], ctx)
             apply_update_(p, update.reshape(p.shape), group["lr"], group["weight_decay"], decay_first=False)
 
     def _pro_init(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> None:
@@ -248,9 +265,7 @@ class ProKLShampoo(KLFactored):
             whitened_norm = torch.linalg.matrix_norm(X * inv_root) if group["complement_scale"] == "kl_norm" else None
         return {"sub": sub, "U_r": U_r, "X": X, "whitened_norm": whitened_norm}
 
-    def _pro_finish(
-        self, group: dict[str, Any], G: Tensor, state: dict[str, Any], ctx: dict[str, Any], O: Tensor
-    ) -> Tensor:
+    def _pro_finish(self, group: dict[str, Any], G: Tensor, state: dict[str, Any], ctx: dict[str, Any]) -> Tensor:
         """Combine the two terms, update the statistics (raw ``G``, OLD values), refresh, adapt the rank."""
         transposed = state["transposed"]
         Gw = G.mT if transposed else G
@@ -264,11 +279,18 @@ class ProKLShampoo(KLFactored):
         elif kind == "muon_rms":
             scale = 0.2 * math.sqrt(max(m, n))
         else:
+            if "O" in ctx:
+                ns_norm = torch.linalg.matrix_norm(ctx["O"])
+            else:  # ||K X||_F^2 = tr(K X X^T K^T)
+                ns_norm = ((ctx["K"] @ ctx["P"]) * ctx["K"]).sum().clamp(min=0.0).sqrt()
             flat = effective_flat_value(Lam, sigma, r, n)
-            scale = flat.rsqrt() * ctx["whitened_norm"] / torch.linalg.matrix_norm(O).clamp(min=1e-30)
-        coords = O.mul_(scale) if isinstance(scale, float) else O * scale
-        coords = torch.addmm(coords, ctx["sub"], ctx["U_r"].mT)
-        update = Q_L @ coords  # m x n in the working orientation
+            scale = flat.rsqrt() * ctx["whitened_norm"] / ns_norm.clamp(min=1e-30)
+        if "O" in ctx:
+            coords = ctx["O"] * scale
+            coords = torch.addmm(coords, ctx["sub"], ctx["U_r"].mT)
+            update = Q_L @ coords  # m x n in the working orientation
+        else:  # Q_L [sub U^T + c K X] = (Q_L sub) U^T + (c Q_L K) X: one m x m x n product
+            update = torch.addmm((Q_L @ ctx["sub"]) @ ctx["U_r"].mT, Q_L @ (ctx["K"] * scale), ctx["X"])
         if transposed:
             update = update.mT
 
