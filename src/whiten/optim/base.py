@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from whiten.optim import _options as opt
 from whiten.optim import distributed
-from whiten.optim._adamw import adamw_step_
+from whiten.optim._adamw import adamw_foreach_
 
 COMMON_CHECKS: dict[str, opt.Check] = {
     "lr": opt.nonneg,
@@ -216,17 +216,16 @@ class WhitenOptimizer(Optimizer):
         return params, grads, finite
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        for p, g in zip(params, grads, strict=True):
-            adamw_step_(
-                p,
-                g,
-                self.state[p],
-                lr=group["lr"],
-                betas=group["adamw_betas"],
-                eps=group["adamw_eps"],
-                weight_decay=group["weight_decay"],
-                stat_dtype=stat_dtype(p),
-            )
+        adamw_foreach_(
+            params,
+            grads,
+            [self.state[p] for p in params],
+            lr=group["lr"],
+            betas=group["adamw_betas"],
+            eps=group["adamw_eps"],
+            weight_decay=group["weight_decay"],
+            stat_dtype=stat_dtype,
+        )
 
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         raise NotImplementedError

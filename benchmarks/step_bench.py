@@ -1,0 +1,766 @@
+#!/usr/bin/env python
+"""Optimizer step benchmark: ``whiten`` optimizers against their peers on GPT-2-small shapes.
+
+For each configuration (one GPT-2-small matrix shape, or the whole GPT-2-small parameter list)
+and each method, this builds the optimizer on fresh parameters, warms it up (first step,
+initialisation and one full refresh period), then times single steps and reports
+
+* the amortised step time: the median over windows of ``T`` consecutive steps (``T`` is the
+  method's refresh period, so every window holds exactly one refresh) of the window's mean;
+* the optimizer-state bytes (every tensor in ``optimizer.state``, de-duplicated);
+* the analytic matmul FLOPs of one step (``step_flops.py``) and the achieved FLOP rate against
+  the machine's fp32 (and bf16) matmul rate, measured here with large square matmuls;
+* the ratio to a reference (the peer the target is stated against) and to the fastest peer.
+
+Peers (the optional ``[peers]`` extra, never a runtime dependency): ``torch.optim.Muon``,
+HeavyBall (``heavyball``) and ``pytorch_optimizer``. A missing peer or a ``whiten`` optimizer
+that does not exist yet is reported as unavailable; the rest still runs. HeavyBall compiles its
+kernels with ``torch.compile`` by default; it runs eagerly here (as ours) unless
+``--compile-peers``. Non-matrix parameters (embeddings, positions, LayerNorm) go to AdamW for
+every method: our built-in AdamW, the peer's own where it has one (pytorch_optimizer), otherwise
+a ``torch.optim.AdamW`` stepped alongside.
+
+Usage::
+
+    python benchmarks/step_bench.py --out results/step-bench            # full run (~10 min, 2 cores)
+    python benchmarks/step_bench.py --quick --out results/step-quick
+    python benchmarks/step_bench.py --device cuda --out results/step-cuda
+    python benchmarks/step_bench.py --list                               # configs and methods
+
+Timings on a shared machine are noisy: threads are pinned (``--threads``), methods of the small
+configurations are interleaved round-robin so that load bursts hit all of them, and medians are
+reported with their inter-quartile range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_flops as flops
+
+# --------------------------------------------------------------------------------------------
+# configurations
+# --------------------------------------------------------------------------------------------
+
+D_MODEL, N_BLOCKS, VOCAB, N_CTX = 768, 12, 50257, 1024
+GPT2_MATRIX_SHAPES = ((768, 768), (768, 2304), (768, 3072), (3072, 768))
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    matrix: bool  # hidden matrix (matrix method) or not (AdamW)
+
+
+def gpt2_small(blocks: int = N_BLOCKS) -> list[ParamSpec]:
+    """GPT-2-small's parameter list (124.4M numbers; the head is tied to ``wte``)."""
+    d = D_MODEL
+    specs = [ParamSpec("wte", (VOCAB, d), False), ParamSpec("wpe", (N_CTX, d), False)]
+    for b in range(blocks):
+        p = f"h{b}."
+        specs += [
+            ParamSpec(p + "ln_1.weight", (d,), False),
+            ParamSpec(p + "ln_1.bias", (d,), False),
+            ParamSpec(p + "attn.c_attn.weight", (d, 3 * d), True),
+            ParamSpec(p + "attn.c_attn.bias", (3 * d,), False),
+            ParamSpec(p + "attn.c_proj.weight", (d, d), True),
+            ParamSpec(p + "attn.c_proj.bias", (d,), False),
+            ParamSpec(p + "ln_2.weight", (d,), False),
+            ParamSpec(p + "ln_2.bias", (d,), False),
+            ParamSpec(p + "mlp.c_fc.weight", (d, 4 * d), True),
+            ParamSpec(p + "mlp.c_fc.bias", (4 * d,), False),
+            ParamSpec(p + "mlp.c_proj.weight", (4 * d, d), True),
+            ParamSpec(p + "mlp.c_proj.bias", (d,), False),
+        ]
+    specs += [ParamSpec("ln_f.weight", (d,), False), ParamSpec("ln_f.bias", (d,), False)]
+    return specs
+
+
+def configs() -> dict[str, list[ParamSpec]]:
+    out = {f"{m}x{n}": [ParamSpec(f"w{m}x{n}", (m, n), True)] for m, n in GPT2_MATRIX_SHAPES}
+    out["gpt2-small"] = gpt2_small()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+
+LR = 1e-3
+
+
+class Stepper:
+    """One or two optimizers stepped together (a peer without AdamW gets ``torch.optim.AdamW``)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = [o for o in optimizers if o is not None]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_bytes(self) -> int:
+        seen: set[tuple[int, int]] = set()
+        total = 0
+
+        def walk(value: Any) -> None:
+            nonlocal total
+            if isinstance(value, Tensor):
+                key = (value.data_ptr(), value.numel() * value.element_size())
+                if key not in seen:
+                    seen.add(key)
+                    total += key[1]
+            elif isinstance(value, dict):
+                for v in value.values():
+                    walk(v)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    walk(v)
+
+        for o in self.optimizers:
+            walk(list(o.state.values()))
+        return total
+
+
+Builder = Callable[[list[Tensor], list[Tensor]], Stepper]
+
+
+@dataclass
+class Method:
+    label: str  # unique row label
+    impl: str  # "whiten" or the peer's package
+    family: str  # methods compared with each other
+    settings: str
+    build: Builder
+    flops: Callable[[int, int], float]
+    period: int = 1
+    reference: str | None = None  # label of the row the target ratio is stated against
+    bf16: bool = False  # the matmul-heavy part runs in bf16
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_peer(self) -> bool:
+        return self.impl != "whiten"
+
+
+def _find_class(module: str, name: str) -> type:
+    mod = importlib.import_module(module)
+    cls = getattr(mod, name, None)
+    if cls is None:
+        raise ImportError(f"{module}.{name} does not exist (yet)")
+    return cls
+
+
+def _whiten_class(name: str) -> type:
+    import whiten
+
+    cls = getattr(whiten, name, None)
+    if cls is None:
+        import whiten.optim
+
+        cls = getattr(whiten.optim, name, None)
+    if cls is None:
+        raise ImportError(f"whiten.{name} does not exist (yet)")
+    return cls
+
+
+def _construct(cls: type, params: Any, notes: list[str], **kwargs: Any) -> Any:
+    """Call ``cls`` with the keyword arguments it accepts; note the ones it does not."""
+    sig = inspect.signature(cls.__init__)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    accepted = {k: v for k, v in kwargs.items() if takes_any or k in sig.parameters}
+    dropped = sorted(set(kwargs) - set(accepted))
+    if dropped:
+        note = f"{cls.__name__} has no option(s) {', '.join(dropped)}"
+        if note not in notes:
+            notes.append(note)
+    return cls(params, **accepted)
+
+
+def _torch_adamw(others: list[Tensor]) -> torch.optim.Optimizer | None:
+    return torch.optim.AdamW(others, lr=LR, betas=(0.9, 0.95), weight_decay=0.0) if others else None
+
+
+def _whiten_groups(matrices: list[Tensor], others: list[Tensor], **matrix_options: Any) -> list[dict[str, Any]]:
+    groups = [{"params": matrices, "use_matrix": True, **matrix_options}]
+    if others:
+        groups.append({"params": others, "use_matrix": False})
+    return groups
+
+
+def method_table(ranks: Sequence[int], period: int) -> list[Method]:
+    methods: list[Method] = []
+    T = period
+
+    # --- AdamW floor -------------------------------------------------------------------------
+    methods.append(
+        Method(
+            "torch.optim.AdamW", "torch", "adamw", "betas (0.9, 0.95), foreach default",
+            lambda mats, others: Stepper(torch.optim.AdamW(mats + others, lr=LR, betas=(0.9, 0.95))),
+            flops.adamw,
+        )
+    )
+
+    def whiten_adamw(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+        cls = _whiten_class("Muon")
+        return Stepper(cls([{"params": mats + others, "use_matrix": False}], lr=LR, adamw_lr=LR))
+
+    methods.append(
+        Method("whiten AdamW fallback", "whiten", "adamw", "every parameter in a use_matrix=False group",
+               whiten_adamw, flops.adamw, reference="torch.optim.AdamW")
+    )
+
+    # --- Muon ----------------------------------------------------------------------------------
+    muon_common = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5)
+
+    def torch_muon(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+        if not hasattr(torch.optim, "Muon"):
+            raise ImportError(f"torch {torch.__version__} has no torch.optim.Muon")
+        return Stepper(torch.optim.Muon(mats, **muon_common), _torch_adamw(others))
+
+    methods.append(
+        Method("torch.optim.Muon", "torch", "muon", "NS5 Keller, bf16 NS (fixed)", torch_muon, flops.muon, bf16=True)
+    )
+
+    def hb_muon(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+        cls = _find_class("heavyball", "Muon")
+        opt = cls(mats, lr=0.02, betas=(0.95, 0.99), weight_decay=0.1, nesterov=True)
+        return Stepper(opt, _torch_adamw(others))
+
+    methods.append(
+        Method("heavyball.Muon", "heavyball", "muon",
+               "NS5 with HeavyBall's own per-step coefficients, bf16 NS with stochastic rounding (fixed)",
+               hb_muon, flops.muon, bf16=True)
+    )
+
+    def po_muon(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+        cls = _find_class("pytorch_optimizer", "Muon")
+        groups = [{"params": mats, "use_muon": True}]
+        if others:
+            groups.append({"params": others, "use_muon": False})
+        opt = cls(groups, lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True, ns_steps=5,
+                  ns_coeffs="original", adamw_lr=LR, foreach=True)
+        return Stepper(opt)
+
+    methods.append(
+        Method("pytorch_optimizer.Muon", "pytorch_optimizer", "muon",
+               "NS5 Keller, bf16 NS (fixed), foreach + same-shape stacking, own AdamW", po_muon, flops.muon, bf16=True)
+    )
+
+    for dtype in ("bfloat16", "float32"):
+        short = "bf16" if dtype == "bfloat16" else "fp32"
+
+        def ours_muon(mats: list[Tensor], others: list[Tensor], dtype: str = dtype) -> Stepper:
+            cls = _whiten_class("Muon")
+            return Stepper(cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, **muon_common))
+
+        methods.append(
+            Method(f"whiten.Muon[{short}]", "whiten", "muon", f"NS5 Keller, ns_dtype={dtype}", ours_muon, flops.muon,
+                   reference="torch.optim.Muon", bf16=dtype == "bfloat16")
+        )
+
+    # --- HTMuon --------------------------------------------------------------------------------
+    ht_flops = {"svd": flops.htmuon_svd, "ns": flops.htmuon_ns, "stream": flops.htmuon_stream}
+    for kind in ("svd", "ns", "stream"):
+
+        def ours_ht(mats: list[Tensor], others: list[Tensor], kind: str = kind) -> Stepper:
+            cls = _whiten_class("HTMuon")
+            return Stepper(cls(_whiten_groups(mats, others), lr=0.03, power=0.125, spectral_map=kind, adamw_lr=LR))
+
+        methods.append(
+            Method(f"whiten.HTMuon[{kind}]", "whiten", "htmuon", f"p=0.125, spectral_map={kind}", ours_ht,
+                   ht_flops[kind], reference="whiten.Muon[fp32]")
+        )
+
+    # --- SOAP ----------------------------------------------------------------------------------
+    soap_notes: list[str] = []
+
+    def ours_soap(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+        cls = _whiten_class("SOAP")
+        opt = _construct(cls, _whiten_groups(mats, others), soap_notes, lr=LR, betas=(0.9, 0.95), shampoo_beta=0.95,
+                         weight_decay=0.01, precondition_frequency=T, max_precond_dim=4096, adamw_lr=LR)
+        return Stepper(opt)
+
+    methods.append(
+        Method("whiten.SOAP", "whiten", "soap", f"QR refresh every {T}, fp32, plain factors", ours_soap,
+               lambda m, n: flops.soap(m, n, T), period=T, notes=soap_notes)
+    )
+
+    hb_notes: list[str] = []
+
+    def hb_kron(name: str) -> Builder:
+        def build(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+            cls = _find_class("heavyball", name)
+            opt = _construct(cls, mats, hb_notes, lr=LR, betas=(0.9, 0.95), shampoo_beta=0.95, weight_decay=0.01,
+                             precondition_frequency=T, use_precond_schedule=False, max_precond_dim=4096)
+            return Stepper(opt, _torch_adamw(others))
+
+        return build
+
+    methods.append(
+        Method("heavyball.SOAP", "heavyball", "soap", f"precondition_frequency={T}, no schedule, max_precond_dim 4096",
+               hb_kron("SOAP"), lambda m, n: flops.soap(m, n, T), period=T, notes=hb_notes)
+    )
+
+    def po_soap(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+        cls = _find_class("pytorch_optimizer", "SOAP")
+        opt = cls(mats, lr=LR, betas=(0.9, 0.95), shampoo_beta=0.95, weight_decay=0.01, precondition_frequency=T)
+        return Stepper(opt, _torch_adamw(others))
+
+    methods.append(
+        Method("pytorch_optimizer.SOAP", "pytorch_optimizer", "soap", f"precondition_frequency={T}", po_soap,
+               lambda m, n: flops.soap(m, n, T), period=T)
+    )
+
+    # --- KL-Shampoo ------------------------------------------------------------------------------
+    kl_notes: list[str] = []
+
+    def ours_kl(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+        cls = _whiten_class("KLShampoo")
+        opt = _construct(cls, _whiten_groups(mats, others), kl_notes, lr=LR, precondition_frequency=T, adamw_lr=LR)
+        return Stepper(opt)
+
+    methods.append(
+        Method("whiten.KLShampoo", "whiten", "kl_shampoo", f"QR refresh every {T}, fp32", ours_kl,
+               lambda m, n: flops.kl_shampoo(m, n, T), period=T, notes=kl_notes)
+    )
+    methods.append(
+        Method("heavyball.KLShampoo", "heavyball", "kl_shampoo",
+               f"precondition_frequency={T}, no schedule, max_precond_dim 4096", hb_kron("KLShampoo"),
+               lambda m, n: flops.kl_shampoo(m, n, T), period=T, notes=hb_notes)
+    )
+
+    # --- Pro-KLShampoo ---------------------------------------------------------------------------
+    pro_notes: list[str] = []
+    for r in ranks:
+
+        def ours_pro(mats: list[Tensor], others: list[Tensor], r: int = r) -> Stepper:
+            cls = _whiten_class("ProKLShampoo")
+            opt = _construct(cls, _whiten_groups(mats, others), pro_notes, lr=LR, rank=r, precondition_frequency=T,
+                             adamw_lr=LR)
+            return Stepper(opt)
+
+        methods.append(
+            Method(f"whiten.ProKLShampoo[r={r}]", "whiten", "pro_kl_shampoo", f"rank {r}, refresh every {T}",
+                   ours_pro, lambda m, n, r=r: flops.pro_kl_shampoo(m, n, r, T), period=T,
+                   reference="whiten.KLShampoo", notes=pro_notes)
+        )
+    return methods
+
+
+# Families whose peers are compared with (the "fastest peer" column).
+def peer_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"torch": torch.__version__}
+    for dist in ("heavyball", "pytorch_optimizer"):
+        try:
+            out[dist] = importlib.metadata.version(dist.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+clock: Callable[[], float] = time.perf_counter
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, reps: int) -> float:
+    """Best-of-``reps`` FLOP rate of one ``size^3`` matmul (FLOP/s), timed with the benchmark's clock."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    c = a @ b
+    best = math.inf
+    for _ in range(reps):
+        synchronize(device)
+        t0 = clock()
+        torch.mm(a, b, out=c)
+        synchronize(device)
+        best = min(best, clock() - t0)
+    return 2.0 * size**3 / best
+
+
+class Case:
+    """One (configuration, method) pair: parameters, gradients, optimizer, timings."""
+
+    def __init__(self, specs: list[ParamSpec], method: Method, device: torch.device, seed: int) -> None:
+        self.method = method
+        self.specs = specs
+        gen = torch.Generator().manual_seed(seed)
+        self.params = [(torch.randn(s.shape, generator=gen) * 0.02).to(device) for s in specs]
+        # two gradient sets, alternated, copied into p.grad outside the timed region
+        self.grad_sets = [[(torch.randn(s.shape, generator=gen) * 1e-2).to(device) for s in specs] for _ in range(2)]
+        for p in self.params:
+            p.grad = torch.empty_like(p)
+        mats = [p for p, s in zip(self.params, specs, strict=True) if s.matrix]
+        others = [p for p, s in zip(self.params, specs, strict=True) if not s.matrix]
+        self.stepper = method.build(mats, others)
+        self.k = 0
+        self.times: list[float] = []
+        self.device = device
+
+    def step(self, record: bool) -> None:
+        for p, g in zip(self.params, self.grad_sets[self.k % 2], strict=True):
+            if p.grad is None:  # HeavyBall sets p.grad to None after its step
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)  # peers may modify p.grad in place
+        self.k += 1
+        synchronize(self.device)
+        t0 = clock()
+        self.stepper.step()
+        synchronize(self.device)
+        if record:
+            self.times.append(clock() - t0)
+
+    def release(self) -> None:
+        self.params = self.grad_sets = []  # type: ignore[assignment]
+        self.stepper = None  # type: ignore[assignment]
+
+
+def summarise(times: list[float], period: int) -> dict[str, float]:
+    windows = [sum(times[i : i + period]) / period for i in range(0, len(times) - period + 1, period)]
+    q = statistics.quantiles(windows, n=4) if len(windows) >= 2 else [windows[0]] * 3
+    return {
+        "median_s": statistics.median(windows),
+        "q1_s": q[0],
+        "q3_s": q[2],
+        "mean_s": statistics.fmean(times),
+        "min_window_s": min(windows),
+        "windows": len(windows),
+        "steps": len(times),
+    }
+
+
+def matmul_flops(specs: list[ParamSpec], method: Method) -> float:
+    return sum(method.flops(*s.shape) for s in specs if s.matrix)
+
+
+def run_config(
+    name: str,
+    specs: list[ParamSpec],
+    methods: list[Method],
+    args: argparse.Namespace,
+    device: torch.device,
+    rates: dict[str, float],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    numel = sum(math.prod(s.shape) for s in specs)
+    interleave = numel * len(methods) <= args.interleave_numel
+    steps = args.whole_steps if name == "gpt2-small" else args.steps
+    rounds = args.rounds if interleave else 1
+    rows: list[dict[str, Any]] = []
+    cases: list[tuple[Method, Case | None, dict[str, Any]]] = []
+
+    def new_row(method: Method) -> dict[str, Any]:
+        return {
+            "config": name, "method": method.label, "impl": method.impl, "family": method.family,
+            "settings": method.settings, "period": method.period, "reference": method.reference,
+            "bf16": method.bf16, "notes": method.notes, "status": "ok",
+        }
+
+    def prepare(method: Method) -> tuple[Case | None, dict[str, Any]]:
+        row = new_row(method)
+        try:
+            case = Case(specs, method, device, args.seed)
+        except (ImportError, AttributeError, TypeError, ValueError, RuntimeError) as exc:
+            row["status"] = f"unavailable: {type(exc).__name__}: {exc}"
+            log(f"  {method.label:32s} {row['status']}")
+            return None, row
+        try:
+            t0 = time.perf_counter()
+            for _ in range(method.period + 1):  # first step (initialisation) + one full refresh period
+                case.step(record=False)
+            row["warmup_s"] = time.perf_counter() - t0
+        except Exception as exc:  # a peer failing on this machine must not stop the run
+            row["status"] = f"error: {type(exc).__name__}: {exc}"
+            log(f"  {method.label:32s} {row['status']}")
+            case.release()
+            return None, row
+        return case, row
+
+    def finish(method: Method, case: Case, row: dict[str, Any]) -> None:
+        row.update(summarise(case.times, method.period))
+        row["state_bytes"] = case.stepper.state_bytes()
+        row["matmul_flops"] = matmul_flops(specs, method)
+        med = row["median_s"]
+        row["flop_rate"] = row["matmul_flops"] / med if med > 0 else 0.0
+        row["frac_fp32_peak"] = row["flop_rate"] / rates["float32"]
+        row["frac_bf16_peak"] = row["flop_rate"] / rates["bfloat16"] if rates.get("bfloat16") else None
+        log(f"  {method.label:32s} {med * 1e3:10.2f} ms  state {row['state_bytes'] / 2**20:9.1f} MiB  "
+            f"{row['flop_rate'] / 1e9:7.1f} GFLOP/s")
+        case.release()
+
+    def timed_steps(method: Method) -> int:
+        per_round = max(1, math.ceil(steps / rounds))
+        return method.period * math.ceil(per_round / method.period)
+
+    if interleave:
+        for method in methods:
+            case, row = prepare(method)
+            cases.append((method, case, row))
+        for _ in range(rounds):
+            for method, case, row in cases:
+                if case is None or row["status"] != "ok":
+                    continue
+                try:
+                    for _ in range(timed_steps(method)):
+                        case.step(record=True)
+                except Exception as exc:
+                    row["status"] = f"error: {type(exc).__name__}: {exc}"
+        for method, case, row in cases:
+            if case is not None and row["status"] == "ok":
+                finish(method, case, row)
+            elif case is not None:
+                log(f"  {method.label:32s} {row['status']}")
+            rows.append(row)
+    else:
+        for method in methods:
+            case, row = prepare(method)
+            if case is not None:
+                try:
+                    for _ in range(timed_steps(method)):
+                        case.step(record=True)
+                    finish(method, case, row)
+                except Exception as exc:
+                    row["status"] = f"error: {type(exc).__name__}: {exc}"
+                    log(f"  {method.label:32s} {row['status']}")
+                    case.release()
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    ok = {r["method"]: r for r in rows if r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        ref = ok.get(r["reference"]) if r["reference"] else None
+        r["ratio_to_reference"] = r["median_s"] / ref["median_s"] if ref else None
+        peers = [p for p in ok.values() if p["family"] == r["family"] and p["impl"] != "whiten"]
+        if r["impl"] == "whiten" and peers:
+            fastest = min(peers, key=lambda p: p["median_s"])
+            r["fastest_peer"] = fastest["method"]
+            r["ratio_to_fastest_peer"] = r["median_s"] / fastest["median_s"]
+        else:
+            r["fastest_peer"] = r["ratio_to_fastest_peer"] = None
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_ratio(value: float | None, against: str | None) -> str:
+    return f"{value:.2f}x {against}" if value is not None and against else ""
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        "# Optimizer step benchmark",
+        "",
+        f"- device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, threads {meta['threads']}, "
+        f"clock {meta['clock']}",
+        f"- peers: {', '.join(f'{k} {v}' for k, v in meta['peers'].items())}",
+        f"- measured matmul rate ({meta['matmul_size']}^3): fp32 {meta['matmul_rate']['float32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {meta['matmul_rate'].get('bfloat16', 0) / 1e9:.1f} GFLOP/s",
+        f"- step time = median over windows of T steps (T = refresh period) of the window mean, after warm-up "
+        f"(first step + T); refreshes amortised. {meta['command']}",
+        "- FLOP rate counts matmul FLOPs only (benchmarks/step_flops.py); LAPACK (QR/eigh/SVD) time lowers it.",
+        "",
+    ]
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for row in result["results"]:
+        by_config.setdefault(row["config"], []).append(row)
+    for config, rows in by_config.items():
+        lines += [
+            f"## {config}",
+            "",
+            "| method | settings | step ms (IQR) | state MiB | GFLOP/step | GFLOP/s | % fp32 peak | vs reference "
+            "| vs fastest peer |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | {r['settings']} | {r['status'][:90]} | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['method']} | {r['settings']} | {r['median_s'] * 1e3:.1f} ({r['q1_s'] * 1e3:.1f}–"
+                f"{r['q3_s'] * 1e3:.1f}) | {r['state_bytes'] / 2**20:.1f} | {r['matmul_flops'] / 1e9:.2f} | "
+                f"{r['flop_rate'] / 1e9:.1f} | {100 * r['frac_fp32_peak']:.0f}% | "
+                f"{_fmt_ratio(r['ratio_to_reference'], r['reference'])} | "
+                f"{_fmt_ratio(r['ratio_to_fastest_peer'], r['fastest_peer'])} |"
+            )
+        lines.append("")
+    notes = sorted({n for row in result["results"] for n in row["notes"]})
+    if notes:
+        lines += ["Settings that could not be passed:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+QUICK_CONFIGS = ("768x768", "768x3072")
+FULL_CONFIGS = ("768x768", "768x2304", "768x3072", "3072x768", "gpt2-small")
+# Kron methods need an eigh of every factor at initialisation (~25 s for 3072x3072 on 2 CPU cores);
+# on CPU they skip the mirror shape and the whole model unless asked (--kron-configs).
+KRON_FAMILIES = ("soap", "kl_shampoo", "pro_kl_shampoo")
+CPU_KRON_CONFIGS = ("768x768", "768x2304", "768x3072")
+WHOLE_FAMILIES = ("adamw", "muon")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default="results/step-bench", help="output folder (step_bench.json, step_bench.md)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default=None,
+                    help="'process' (CPU time of this process; default on CPU: robust on a shared machine, "
+                    "meaningful with --threads 1) or 'wall' (default on CUDA)")
+    ap.add_argument("--quick", action="store_true", help="two shapes, fewer steps, no whole model")
+    ap.add_argument("--configs", nargs="*", help=f"subset of {', '.join(FULL_CONFIGS)}")
+    ap.add_argument("--kron-configs", nargs="*", help="configs for SOAP / KL-Shampoo / Pro-KLShampoo "
+                    "(default: all on CUDA; the three distinct shapes on CPU)")
+    ap.add_argument("--whole-families", nargs="*", default=None,
+                    help=f"method families run on gpt2-small (default {' '.join(WHOLE_FAMILIES)} on CPU, all on CUDA)")
+    ap.add_argument("--methods", default=None, help="regular expression on method labels")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (rounded up to the period)")
+    ap.add_argument("--whole-steps", type=int, default=None, help="timed steps on gpt2-small")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds for the small configs")
+    ap.add_argument("--period", type=int, default=10, help="preconditioner refresh period T of the Kron methods")
+    ap.add_argument("--ranks", type=int, nargs="*", default=[32, 64, 128, 256], help="Pro-KLShampoo ranks")
+    ap.add_argument("--interleave-numel", type=float, default=1.5e8, help=argparse.SUPPRESS)
+    ap.add_argument("--compile-peers", action="store_true", help="let HeavyBall torch.compile its kernels")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--list", action="store_true", help="print configs and methods and exit")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps = args.steps or 6
+        args.whole_steps = args.whole_steps or 2
+        args.rounds = args.rounds or 2
+        args.configs = args.configs or list(QUICK_CONFIGS)
+        args.ranks = args.ranks if args.ranks != [32, 64, 128, 256] else [128]
+    args.steps = args.steps or 20
+    args.whole_steps = args.whole_steps or 3
+    args.rounds = args.rounds or 4
+    args.configs = args.configs or list(FULL_CONFIGS)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    all_configs = configs()
+    methods = method_table(args.ranks, args.period)
+    if args.methods:
+        methods = [m for m in methods if re.search(args.methods, m.label)]
+    if args.list:
+        print("configs:", ", ".join(all_configs))
+        for m in methods:
+            print(f"  {m.label:32s} [{m.family}] {m.settings}")
+        return 0
+    unknown = [c for c in args.configs if c not in all_configs]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {list(all_configs)}")
+    global clock
+    if args.clock is None:
+        args.clock = "process" if device.type == "cpu" else "wall"
+    if device.type == "cuda" and args.clock != "wall":
+        raise SystemExit("--clock process cannot time CUDA kernels; use --clock wall")
+    clock = CLOCKS[args.clock]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    if not args.compile_peers:
+        try:
+            import heavyball.utils
+
+            heavyball.utils.compile_mode = None  # eager, as ours
+        except ImportError:
+            pass
+    kron_configs = args.kron_configs
+    if kron_configs is None:
+        kron_configs = list(all_configs) if device.type == "cuda" else list(CPU_KRON_CONFIGS)
+    whole_families = args.whole_families
+    if whole_families is None:
+        whole_families = sorted({m.family for m in methods}) if device.type == "cuda" else list(WHOLE_FAMILIES)
+
+    os.makedirs(args.out, exist_ok=True)
+    log_lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_lines.append(line)
+
+    size = 4096 if device.type == "cuda" else 2048
+    rates = {dt: max(matmul_rate(device, getattr(torch, dt), size, 5) for _ in range(2))
+             for dt in ("float32", "bfloat16")}
+    log(f"matmul rate {size}^3: fp32 {rates['float32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:.1f} GFLOP/s")
+    meta = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "peers": peer_versions(),
+        "matmul_size": size,
+        "matmul_rate": rates,
+        "command": "python " + " ".join([os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "steps": args.steps, "whole_steps": args.whole_steps, "rounds": args.rounds, "period": args.period,
+    }
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for config in args.configs:
+        chosen = [
+            m for m in methods
+            if (m.family not in KRON_FAMILIES or config in kron_configs)
+            and (config != "gpt2-small" or m.family in whole_families)
+        ]
+        log(f"[{config}] {len(chosen)} methods")
+        results += run_config(config, all_configs[config], chosen, args, device, rates, log)
+        meta["elapsed_s"] = time.perf_counter() - t_start
+        out = {"meta": meta, "results": results}
+        with open(os.path.join(args.out, "step_bench.json"), "w") as fh:
+            json.dump(out, fh, indent=1)
+        with open(os.path.join(args.out, "step_bench.md"), "w") as fh:
+            fh.write(markdown(out))
+    log(f"done in {time.perf_counter() - t_start:.0f} s -> {args.out}/step_bench.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

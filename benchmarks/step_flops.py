@@ -1,0 +1,95 @@
+"""Analytic matmul FLOP counts of one optimizer step, per ``m x n`` matrix parameter.
+
+Only matrix products are counted (``2 m n k`` for an ``(m x k) @ (k x n)`` product); LAPACK work
+(QR, eigh, SVD) and elementwise passes are not, so a method dominated by those shows a low
+achieved FLOP rate by construction. The counts follow the algorithms in ``SPEC.md`` (§1-§5),
+not any particular implementation; peers at matched settings are charged the same count.
+Refreshes that run every ``T`` steps are amortised (divided by ``T``).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _mm(m: int, k: int, n: int) -> float:
+    return 2.0 * m * k * n
+
+
+def newton_schulz(m: int, n: int, steps: int = 5) -> float:
+    """Quintic NS on the wide orientation ``s x l``: ``A = X X^T``, ``A A``, ``(bA + cA^2) X``."""
+    s, l = min(m, n), max(m, n)
+    return steps * (_mm(s, l, s) + _mm(s, s, s) + _mm(s, s, l))
+
+
+def muon(m: int, n: int, steps: int = 5) -> float:
+    return newton_schulz(m, n, steps)
+
+
+def htmuon_svd(m: int, n: int) -> float:
+    """Exact SVD (LAPACK, not counted) then ``(A s^p) @ B^T``."""
+    k = min(m, n)
+    return _mm(m, k, n)
+
+
+def htmuon_ns(m: int, n: int, power: float = 0.125, ns_steps: int = 5, sqrt_steps: int = 5) -> float:
+    """Gram, ``k`` coupled NS square roots (3 products per inner step), NS5, then ``root @ NS``."""
+    s, l = min(m, n), max(m, n)
+    rounds = max(1, round(math.log(power, 0.5) + 1))
+    return _mm(s, l, s) + rounds * sqrt_steps * 3 * _mm(s, s, s) + newton_schulz(m, n, ns_steps) + _mm(s, s, l)
+
+
+def htmuon_stream(m: int, n: int) -> float:
+    """``U^T (U V)``, ``G V = U V``, ``O = A s^p V^T`` with ``V`` of width ``min(m, n)``; QR not counted."""
+    k = min(m, n)
+    return _mm(m, n, k) + _mm(n, m, k) + _mm(m, n, k) + _mm(m, k, n)
+
+
+def soap(m: int, n: int, period: int = 10) -> float:
+    """SOAP (plain factors, QR refresh): Grams, rotate in and out; refresh rotates the moment and iterates."""
+    per_step = (
+        _mm(m, n, m) + _mm(n, m, n)  # L, R statistics
+        + _mm(m, m, n) + _mm(m, n, n)  # G' = Q_L^T G Q_R
+        + _mm(m, m, n) + _mm(m, n, n)  # U = Q_L X Q_R^T
+    )
+    refresh = (
+        2 * (_mm(m, m, n) + _mm(m, n, n))  # exp_avg out of and back into the basis
+        + _mm(m, m, m) + _mm(n, n, n)  # K Q for the Rayleigh reordering
+        + _mm(m, m, m) + _mm(n, n, n)  # power step K Q before QR
+    )
+    return per_step + refresh / period
+
+
+def kl_shampoo(m: int, n: int, period: int = 10) -> float:
+    """KL-Shampoo (§4): precondition (4 products), KL statistics (5 products); refresh ``K Q`` before QR."""
+    precondition = 2 * (_mm(m, m, n) + _mm(m, n, n))
+    statistics = (
+        _mm(m, n, n) + _mm(m, n, m)  # G Q_R, then (G Q_R) diag (G Q_R)^T
+        + _mm(m, m, n) + _mm(n, m, n)  # Q_L^T G, then (Q_L^T G)^T diag (Q_L^T G)
+        + _mm(m, n, n)  # E = (Q_L^T G) Q_R
+    )
+    refresh = _mm(m, m, m) + _mm(n, n, n)
+    return precondition + statistics + refresh / period
+
+
+def pro_kl_shampoo(m: int, n: int, rank: int, period: int = 10, ns_steps: int = 5) -> float:
+    """Pro-KLShampoo (§5) with the restricted side ``l = max(m, n)`` and the full side ``s = min(m, n)``."""
+    s, l = min(m, n), max(m, n)
+    r = min(rank, l)
+    per_step = (
+        _mm(s, s, l)  # A = Q_L^T M
+        + _mm(s, l, r)  # B = A U
+        + _mm(s, r, l) + _mm(s, s, l)  # sub = Q_L [B / ...] U^T
+        + _mm(s, r, l) + _mm(s, s, l)  # Yc = Q_L diag (A - B U^T)
+        + newton_schulz(s, l, ns_steps)
+        + _mm(s, l, r)  # G U
+        + _mm(s, l, s) + _mm(s, r, s)  # G G^T and GU Lam^-1 GU^T
+        + _mm(s, s, l) + _mm(s, l, r)  # Dq = Q_L^T G, Dq U (H U is a row scaling of it)
+        + _mm(l, s, r)  # Ysk sketch H^T HU
+    )
+    refresh = _mm(s, s, s)  # L Q_L before QR; QR of the n x r sketch is not counted
+    return per_step + refresh / period
+
+
+def adamw(m: int, n: int) -> float:
+    return 0.0
