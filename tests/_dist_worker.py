@@ -40,6 +40,24 @@ def ownership(model: torch.nn.Module, optimizer) -> dict[str, tuple[int, bool]]:
     return out
 
 
+def nonfinite_on_one_shard(x: torch.Tensor, y: torch.Tensor, rank: int) -> dict:
+    """A NaN in rank 1's shard of c.weight only: every rank must skip c.weight (and agree to)."""
+    model = wrap("fsdp")
+    optimizer = make_optimizer("Muon", model, "split")
+    train(model, optimizer, x, y, 1)
+    before = full_params(model)
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    if rank == 1:
+        model.c.weight.grad.to_local()[0, 0] = float("nan")
+    optimizer.step()
+    after = full_params(model)
+    return {
+        "unchanged": [k for k in before if torch.equal(before[k], after[k])],
+        "skips": optimizer.nonfinite_skips(),
+    }
+
+
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
@@ -77,6 +95,8 @@ def main() -> None:
             load_checkpoint(path, model, optimizer)
             second = train(model, optimizer, x, y, STEPS - HALF, mean)
             results[f"{name}/{kind}/ckpt"] = {"losses": first + second, "params": full_params(model)}
+    if "Muon" in names:
+        results["nonfinite"] = nonfinite_on_one_shard(x, y, rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -130,13 +130,14 @@ def test_checkpoint_from_two_ranks_loads_on_one_process(runs, references, name: 
     twin_optimizer = make_optimizer(name, twin)
     train(twin, twin_optimizer, x, y, HALF, micro_batches=2)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=1e-12, atol=0)
+        assert _rel(p.detach(), q.detach()) <= 1e-9  # the 2-rank run vs this process: rounding only
         loaded, expected = optimizer.state[p], twin_optimizer.state[q]
         assert loaded.keys() == expected.keys()
         for key, value in expected.items():
             assert type(loaded[key]) is type(value), f"{key}: {type(loaded[key])} vs {type(value)}"
             if isinstance(value, torch.Tensor):
-                assert loaded[key].dtype == value.dtype and torch.allclose(loaded[key], value, rtol=1e-10, atol=1e-14)
+                assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape
+                assert _rel(loaded[key].double(), value.double()) <= 1e-9
             else:  # plain ints (step counters) go through DCP as pickled bytes
                 assert loaded[key] == value
     losses = train(model, optimizer, x, y, STEPS - HALF, micro_batches=2)
@@ -156,6 +157,15 @@ def test_split_broadcast_volume_matches_the_model(runs) -> None:
     others = sum(numel.values()) - mine
     assert result["comm_bytes_per_step"] == 8 * (mine + others)
     assert runs[0]["Muon/ddp/replicate"]["comm_bytes_per_step"] == 0
+
+
+@pytest.mark.distributed
+def test_nonfinite_gradient_on_one_shard_is_skipped_on_every_rank(runs) -> None:
+    """FSDP2 split: only rank 1's shard of c.weight is NaN; the ranks agree to skip the whole matrix."""
+    for rank in range(2):
+        assert runs[rank]["nonfinite"]["unchanged"] == ["c.weight"]
+    # counted once, by the owner of c.weight
+    assert [runs[r]["nonfinite"]["skips"] for r in range(2)] in ([1, 0], [0, 1])
 
 
 # -- single-process units ----------------------------------------------------------------------------------
