@@ -14,23 +14,35 @@ import torch
 from torch import Tensor
 
 
-def apply_update_(param: Tensor, update: Tensor, lr: float, weight_decay: float, *, decay_first: bool = True) -> None:
-    """``W <- W (1 - lr wd) - lr U`` (or ``(W - lr U)(1 - lr wd)`` with ``decay_first=False``).
+def apply_update_(
+    param: Tensor,
+    update: Tensor,
+    lr: float,
+    weight_decay: float,
+    *,
+    decay_first: bool = True,
+    update_scale: float = 1.0,
+) -> None:
+    """``W <- W (1 - lr wd) - lr s U``, ``s = update_scale`` (``decay_first=False``: ``(W - lr s U)(1 - lr wd)``).
 
     ``update`` may be in a wider dtype than ``param`` (fp32 statistics for a bf16 weight): the
-    arithmetic then happens in the wide dtype and the result is rounded once.
+    arithmetic then happens in the wide dtype and the result is rounded once. A narrower
+    ``update`` (a bf16 Newton–Schulz output for an fp32 weight) is added in ``param``'s dtype
+    without a separate cast. ``update_scale`` folds a scalar factor (Muon's shape factor) into
+    the ``add_`` instead of a pass over ``update``.
     """
-    if param.dtype == update.dtype:
+    step = -lr * update_scale
+    if torch.promote_types(param.dtype, update.dtype) == param.dtype:
         if decay_first and weight_decay != 0.0:
             param.mul_(1.0 - lr * weight_decay)
-        param.add_(update, alpha=-lr)
+        param.add_(update, alpha=step)
         if not decay_first and weight_decay != 0.0:
             param.mul_(1.0 - lr * weight_decay)
         return
     wide = param.to(update.dtype)
     if decay_first and weight_decay != 0.0:
         wide.mul_(1.0 - lr * weight_decay)
-    wide.add_(update, alpha=-lr)
+    wide.add_(update, alpha=step)
     if not decay_first and weight_decay != 0.0:
         wide.mul_(1.0 - lr * weight_decay)
     param.copy_(wide)

@@ -112,6 +112,7 @@ class _SpectralMomentum(WhitenOptimizer):
         if ns_idx:
             ns_dtype = _NS_DTYPES[group["ns_dtype"]]
             # fp64 parameters iterate in fp64 whatever ns_dtype says (statistics "fp32 or better")
+            ns_inputs = [directions[i] for i in ns_idx]
             ns_out = map_batched(
                 lambda X: newton_schulz(
                     X,
@@ -120,7 +121,9 @@ class _SpectralMomentum(WhitenOptimizer):
                     compute_dtype=torch.float64 if X.dtype == torch.float64 else ns_dtype,
                     eps=group["eps"],
                 ),
-                [directions[i] for i in ns_idx],
+                ns_inputs,
+                # where stacking pays (not on CPU), cast to the NS dtype during the stacking copy
+                dtype=None if any(U.dtype == torch.float64 for U in ns_inputs) else ns_dtype,
             )
             for i, O in zip(ns_idx, ns_out, strict=True):
                 outputs[i] = O
@@ -132,14 +135,22 @@ class _SpectralMomentum(WhitenOptimizer):
 
         for p, U, O in zip(params, directions, outputs, strict=True):
             assert O is not None
-            O = O.to(U.dtype)
+            if group["normuon"] or p.dtype != U.dtype:
+                # fp32 arithmetic; a bf16 weight is then updated in fp32 and rounded once
+                O = O.to(U.dtype)
+            # else a bf16 NS output is added straight into the fp32/fp64 weight (no cast pass)
             if group["normuon"]:
                 state = self.state[p]
                 if "normuon_v" not in state:
                     state["normuon_v"] = torch.zeros(U.shape[0], dtype=U.dtype, device=U.device)
                 O = normuon_normalize_(O, state["normuon_v"], group["normuon_beta2"])
-            O = O * shape_factor(U.shape, group["adjust_lr_fn"])
-            apply_update_(p, O.view(p.shape), group["lr"], group["weight_decay"])
+            apply_update_(
+                p,
+                O.reshape(p.shape),
+                group["lr"],
+                group["weight_decay"],
+                update_scale=shape_factor(U.shape, group["adjust_lr_fn"]),
+            )
 
     def _power_map(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> list[Tensor]:
         power = group["power"]

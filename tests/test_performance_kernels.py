@@ -1,0 +1,131 @@
+"""The performance paths compute what the plain paths compute.
+
+* ``adamw_foreach_`` (PyTorch's fused AdamW for same-dtype parameters, the eager kernel for the
+  rest) against ``adamw_step_`` and against ``torch.optim.AdamW``;
+* ``apply_update_`` with ``update_scale`` and with a narrower (bf16) update;
+* ``map_batched`` with stacking on and off, and with the stacking cast;
+* Muon with ``ns_dtype="bfloat16"`` adds the bf16 output straight into an fp32 weight, as
+  ``torch.optim.Muon`` does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import whiten
+from whiten.linalg import map_batched, newton_schulz
+from whiten.linalg.batching import stacking_helps
+from whiten.optim._adamw import adamw_foreach_, adamw_step_, apply_update_
+from whiten.optim.base import stat_dtype
+
+
+def _params(dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
+    return [
+        torch.randn(5, 7, generator=gen).to(dtype),
+        torch.randn(3, generator=gen).to(dtype),
+        torch.randn(6, 4, generator=gen).to(dtype).mT,  # non-contiguous: eager path
+        torch.randn(2, 3, 2, 2, generator=gen).to(dtype),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_adamw_foreach_matches_eager_kernel(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    fused = _params(dtype, gen)
+    eager = [p.clone() for p in fused]
+    fused_states: list[dict] = [{} for _ in fused]
+    eager_states: list[dict] = [{} for _ in eager]
+    hyper = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    for _ in range(6):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in fused]
+        adamw_foreach_(fused, grads, fused_states, stat_dtype=stat_dtype, **hyper)
+        for p, g, s in zip(eager, grads, eager_states, strict=True):
+            adamw_step_(p, g, s, stat_dtype=stat_dtype(p), **hyper)
+    tol = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 0.0}[dtype]
+    for a, b, sa, sb in zip(fused, eager, fused_states, eager_states, strict=True):
+        assert sa["step"] == sb["step"] == 6
+        assert sa["exp_avg"].dtype == sb["exp_avg"].dtype == stat_dtype(a)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=tol, atol=tol)
+
+
+def test_adamw_fallback_matches_torch_adamw_with_late_parameters() -> None:
+    """Parameters joining later have their own step count (one fused call per step bucket)."""
+    gen = torch.Generator().manual_seed(1)
+    ours = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    ref = [p.clone() for p in ours]
+    opt = whiten.Muon([{"params": ours, "use_matrix": False}], lr=0.01, adamw_lr=0.01, adamw_weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
+    for k in range(5):
+        for p, q in zip(ours, ref, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            # the second parameter has no gradient on the first two steps
+            p.grad = g.clone() if (k >= 2 or p.ndim == 2) else None
+            q.grad = g.clone() if (k >= 2 or q.ndim == 2) else None
+        opt.step()
+        ref_opt.step()
+    assert opt.state[ours[0]]["step"] == 5 and opt.state[ours[1]]["step"] == 3
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_apply_update_scale_and_narrow_update() -> None:
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(4, 6, generator=gen)
+    u = torch.randn(4, 6, generator=gen).bfloat16()
+    expected = w * (1 - 0.1 * 0.5) - 0.1 * 3.0 * u.float()
+    apply_update_(w, u, 0.1, 0.5, update_scale=3.0)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-6)
+    # a bf16 weight with an fp32 update: fp32 arithmetic, one rounding
+    wb = torch.randn(4, 6, generator=gen).bfloat16()
+    uf = torch.randn(4, 6, generator=gen)
+    expected_b = ((wb.float() - 0.1 * 2.0 * uf) * (1 - 0.1 * 0.5)).bfloat16()
+    apply_update_(wb, uf, 0.1, 0.5, decay_first=False, update_scale=2.0)
+    assert torch.equal(wb, expected_b)
+
+
+@pytest.mark.parametrize("stack", [True, False, None])
+def test_map_batched_stack_policies_agree(stack: bool | None) -> None:
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(6, 9, generator=gen) for _ in range(3)] + [torch.randn(9, 6, generator=gen)]
+    out = map_batched(lambda X: newton_schulz(X, 5, compute_dtype=torch.float64), mats, stack=stack)
+    for mat, o in zip(mats, out, strict=True):
+        torch.testing.assert_close(o, newton_schulz(mat, 5, compute_dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
+def test_map_batched_stacking_casts_once() -> None:
+    gen = torch.Generator().manual_seed(4)
+    mats = [torch.randn(5, 8, generator=gen) for _ in range(3)]
+    seen: list[torch.dtype] = []
+
+    def kernel(X: torch.Tensor) -> torch.Tensor:
+        seen.append(X.dtype)
+        return X * 2
+
+    out = map_batched(kernel, mats, stack=True, dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16]  # one call, on the stacked batch in the requested dtype
+    for mat, o in zip(mats, out, strict=True):
+        assert torch.equal(o, mat.bfloat16() * 2)
+    assert not stacking_helps(torch.device("cpu"))
+
+
+def test_bf16_muon_matches_torch_muon_on_fp32_weights() -> None:
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    gen = torch.Generator().manual_seed(5)
+    ours = [torch.randn(12, 20, generator=gen), torch.randn(20, 12, generator=gen)]
+    ref = [p.clone() for p in ours]
+    opt = whiten.Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype="bfloat16")
+    ref_opt = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1)
+    for _ in range(3):
+        for p, q in zip(ours, ref, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref, strict=True):
+        assert p.dtype == torch.float32
+        # the bf16 iterations agree to bf16 resolution of the update (lr * ~1)
+        torch.testing.assert_close(p, q, rtol=0, atol=0.02 * 2**-7 * 4)
