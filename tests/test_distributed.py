@@ -169,6 +169,34 @@ def test_nonfinite_gradient_on_one_shard_is_skipped_on_every_rank(runs) -> None:
 
 
 # -- single-process units ----------------------------------------------------------------------------------
+def test_checkpoint_restores_state_created_after_the_first_step(tmp_path) -> None:
+    """HTMuon with interval=3 creates its stream basis only at step 3; torch's zero-gradient init
+    step (step 1) would not create it, so a template from that step would drop it on load.
+    load_checkpoint builds the template from the checkpoint metadata instead."""
+    from whiten.optim import HTMuon
+
+    def make(model):
+        return HTMuon(model.parameters(), lr=0.05, spectral_map="stream", interval=3)
+
+    x, y = make_data()
+    straight = make_model()
+    train(straight, make(straight), x, y, 2 * HALF)
+    model = make_model()
+    optimizer = make(model)
+    train(model, optimizer, x, y, HALF)
+    wd.save_checkpoint(tmp_path / "ckpt", model, optimizer)
+    resumed = make_model()
+    resumed_optimizer = make(resumed)
+    wd.load_checkpoint(tmp_path / "ckpt", resumed, resumed_optimizer)
+    assert any("stream_basis" in state for state in resumed_optimizer.state.values())
+    assert resumed_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    train(resumed, resumed_optimizer, x, y, HALF)
+    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
+        # equal values, but the loaded basis is contiguous where the live one was a transposed view,
+        # so later matmuls may round differently
+        assert _rel(p.detach(), q.detach()) <= 1e-12
+
+
 def test_assign_owners_is_greedy_largest_first() -> None:
     assert wd.assign_owners([10.0, 6.0, 5.0, 4.0], 2) == [0, 1, 1, 0]
     costs = [100.0, 1.0, 1.0, 1.0, 1.0]
