@@ -37,18 +37,33 @@ def schatten_power_svd(U: Tensor, power: float) -> Tensor:
     return (A * s.clamp(min=0).pow(power).unsqueeze(-2)) @ Bh
 
 
-def coupled_newton_schulz_sqrt(A: Tensor, steps: int = 5) -> tuple[Tensor, Tensor]:
+def coupled_newton_schulz_sqrt(A: Tensor, steps: int = 5, *, inverse: bool = True) -> tuple[Tensor, Tensor | None]:
     """Square root and inverse square root of SPD ``A`` by the coupled Newton–Schulz iteration.
 
     ``Y_0 = A / ||A||_F, Z_0 = I;  T = (3I - Z Y) / 2;  Y <- Y T;  Z <- T Z``. ``Y`` converges to
     ``(A/||A||_F)^(1/2)`` and ``Z`` to its inverse; both are rescaled back by ``||A||_F^(±1/2)``.
+    With ``inverse=False`` only the root is returned (``(root, None)``) and the last ``T Z``
+    product is skipped. The products with ``Z_0 = I`` are never formed (they are exact copies),
+    so ``steps`` iterations cost ``3 steps - 2`` matrix products (``3 steps - 3`` without the
+    inverse) and give bit-identical results.
     """
     norm = torch.linalg.matrix_norm(A, keepdim=True).clamp(min=1e-30)
-    eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device).expand_as(A)
-    Y, Z = A / norm, eye.clone()
-    for _ in range(steps):
-        T = 0.5 * (3.0 * eye - Z @ Y)
-        Y, Z = Y @ T, T @ Z
+    Y = A / norm
+    Z: Tensor | None = None  # None stands for the identity
+    for k in range(steps):
+        ZY = Y if Z is None else Z @ Y
+        T = ZY * -0.5  # == 0.5 * (3 I - Z Y) exactly: scaling by 0.5 is exact
+        T.diagonal(dim1=-2, dim2=-1).add_(1.5)
+        Y_next = Y @ T
+        if Z is None:
+            Z = T
+        elif inverse or k < steps - 1:
+            Z = T @ Z
+        Y = Y_next
+    if not inverse:
+        return Y * norm.sqrt(), None
+    if Z is None:  # steps == 0
+        Z = torch.eye(A.size(-1), dtype=A.dtype, device=A.device).expand_as(A).clone()
     return Y * norm.sqrt(), Z / norm.sqrt()
 
 
@@ -82,7 +97,7 @@ def schatten_power_ns(
     eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
     root = gram + ridge * eye
     for _ in range(ns_power_rounds(power)):
-        root, _ = coupled_newton_schulz_sqrt(root, sqrt_steps)
+        root, _ = coupled_newton_schulz_sqrt(root, sqrt_steps, inverse=False)
     ortho = newton_schulz(work, ns_steps, ns_coefficients, compute_dtype=work.dtype)
     return root @ ortho if wide else ortho @ root
 
