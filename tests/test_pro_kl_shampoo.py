@@ -325,13 +325,20 @@ def test_state_memory_is_m_squared_plus_n_r():
 
 # -- subspace tracking on synthetic spike-and-flat gradients -------------------------------------
 def spike_and_flat_stream(m, n, spikes, seed, steps):
-    """Matrix-normal gradients ``S_L^{1/2} Z S_R^{1/2}``, ``S_R = V diag(spikes) V^T + (I - V V^T)``."""
+    """Rank-rho signal plus i.i.d. noise: ``G = S_L^{1/2} (Z_1 + Z_2 V diag(sqrt(s - 1)) V^T)``.
+
+    ``Z_1, Z_2`` are independent standard normal, so ``E[g g^T] = S_L (x) S_R`` with the spike-and-flat
+    ``S_R = V diag(s) V^T + (I - V V^T)``: the right factor KL-Shampoo should find.
+    """
     g = gen(seed)
     V = orthonormal(n, len(spikes), seed + 1)
-    spikes = torch.tensor(spikes, dtype=F64)
-    SR_half = V @ torch.diag(spikes.sqrt() - 1) @ V.T + torch.eye(n, dtype=F64)
+    signal = V @ torch.diag((torch.tensor(spikes, dtype=F64) - 1).sqrt()) @ V.T  # rank rho
     SL_half = mpow(spd(m, seed + 2, 0.5, 2.0), 0.5)
-    grads = [(SL_half @ torch.randn(m, n, dtype=F64, generator=g) @ SR_half).float() for _ in range(steps)]
+    grads = []
+    for _ in range(steps):
+        noise = torch.randn(m, n, dtype=F64, generator=g)
+        coefficients = torch.randn(m, n, dtype=F64, generator=g)
+        grads.append((SL_half @ (noise + coefficients @ signal)).float())
     return grads, V
 
 
