@@ -38,7 +38,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,9 +290,13 @@ def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
     if any(sharded):
         # a NaN on one shard must skip the parameter on every rank; a NaN/Inf norm stays non-finite in a sum
         bad = (~torch.isfinite(norms)).to(torch.float64) * torch.tensor(sharded, dtype=torch.float64, device=device)
-        pgs = {id(g.device_mesh): g.device_mesh.get_group() for g in grads if is_sharded(g)}
-        for pg in pgs.values():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=pg)
+        meshes: list[Any] = []
+        for g in grads:  # equal meshes (one per fully_shard call) need one reduction
+            if is_sharded(g) and all(g.device_mesh != m for m in meshes):
+                meshes.append(g.device_mesh)
+        for mesh in meshes:
+            for dim in range(mesh.ndim):
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
         return [bool(ok) and not b for ok, b in zip(torch.isfinite(norms).tolist(), bad.tolist(), strict=True)]
     return torch.isfinite(norms).tolist()
 
@@ -300,17 +304,15 @@ def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
 # -- the step ------------------------------------------------------------------------------------------
 def matrix_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
     """Run ``optimizer._matrix_step`` on ``params`` in the group's ``distributed_mode``."""
-    step_fn: Callable[..., None] = optimizer._matrix_step
     owners = owners_of(optimizer, group)
+    sharded = [i for i, p in enumerate(params) if is_sharded(p)]
     if owners is None:
-        sharded = [i for i, p in enumerate(params) if is_sharded(p)]
-        if not sharded:
-            step_fn(group, params, grads)
-            return
-        _replicated_sharded_step(optimizer, group, params, grads)
+        if sharded:
+            _replicated_sharded_step(optimizer, group, params, grads)
+        else:  # single process, or DDP: every rank holds the same gradient and runs the same step
+            optimizer._matrix_step(group, params, grads)
         return
     pg = process_group_of(optimizer, group["params"])
-    sharded = [i for i, p in enumerate(params) if is_sharded(p)]
     plain = [i for i, p in enumerate(params) if not is_sharded(p)]
     if plain:
         _split_replicated_step(optimizer, group, [params[i] for i in plain], [grads[i] for i in plain], owners, pg)
