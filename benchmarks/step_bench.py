@@ -170,17 +170,19 @@ def _find_class(module: str, name: str) -> type:
     return cls
 
 
+_WHITEN_MODULES = ("whiten", "whiten.optim", "whiten.optim.muon", "whiten.optim.soap", "whiten.optim.kl_shampoo",
+                   "whiten.optim.pro_kl_shampoo")
+
+
 def _whiten_class(name: str) -> type:
-    import whiten
-
-    cls = getattr(whiten, name, None)
-    if cls is None:
-        import whiten.optim
-
-        cls = getattr(whiten.optim, name, None)
-    if cls is None:
-        raise ImportError(f"whiten.{name} does not exist (yet)")
-    return cls
+    for module in _WHITEN_MODULES:
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None:
+            return cls
+    raise ImportError(f"whiten.{name} does not exist (yet)")
 
 
 def _construct(cls: type, params: Any, notes: list[str], **kwargs: Any) -> Any:

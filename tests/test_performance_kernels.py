@@ -129,3 +129,45 @@ def test_bf16_muon_matches_torch_muon_on_fp32_weights() -> None:
         assert p.dtype == torch.float32
         # the bf16 iterations agree to bf16 resolution of the update (lr * ~1)
         torch.testing.assert_close(p, q, rtol=0, atol=0.02 * 2**-7 * 4)
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (3, 8, 24)])
+def test_gram_newton_schulz_is_the_same_polynomial(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(6)
+    G = torch.randn(shape, dtype=torch.float64, generator=gen)
+    for coefficients in ("keller", "polar_express"):
+        direct = newton_schulz(G, 5, coefficients, compute_dtype=torch.float64, method="direct")
+        gram = newton_schulz(G, 5, coefficients, compute_dtype=torch.float64, method="gram")
+        torch.testing.assert_close(gram, direct, rtol=1e-10, atol=1e-10)
+    # zero input stays zero (the eps floor of the normaliser)
+    assert torch.equal(newton_schulz(torch.zeros(4, 9), method="gram"), torch.zeros(4, 9))
+
+
+def test_auto_method_choice_and_bad_method() -> None:
+    from whiten.linalg import prefers_gram
+
+    assert prefers_gram((768, 3072), torch.float32) and prefers_gram((3072, 768), torch.float64)
+    assert not prefers_gram((768, 768), torch.float32) and not prefers_gram((768, 1000), torch.float32)
+    assert not prefers_gram((768, 3072), torch.bfloat16)
+    with pytest.raises(ValueError, match="method"):
+        newton_schulz(torch.randn(3, 5), method="fast")
+    with pytest.raises(ValueError, match="ns_method"):
+        whiten.Muon([torch.nn.Parameter(torch.randn(3, 5))], ns_method="fast")
+
+
+def test_muon_ns_methods_agree_in_fp32() -> None:
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(16, 40, generator=gen), torch.randn(40, 16, generator=gen), torch.randn(16, 16, generator=gen)]
+    results = {}
+    for method in ("direct", "gram", "auto"):
+        params = [p.clone() for p in init]
+        opt = whiten.Muon(params, lr=0.02, ns_method=method)
+        g = torch.Generator().manual_seed(8)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results[method] = params
+    for method in ("gram", "auto"):
+        for a, b in zip(results[method], results["direct"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -24,12 +24,14 @@ from whiten.linalg.kronecker import clamp_eigenvalues, kl_eigenvalue_targets, kl
 from whiten.linalg.newton_schulz import (
     KELLER_QUINTIC,
     NS_COEFFICIENT_SETS,
+    NS_METHODS,
     POLAR_EXPRESS,
     NSSchedule,
     newton_schulz,
     newton_schulz_left_factor,
     ns_schedule,
     polar_svd,
+    prefers_gram,
 )
 from whiten.linalg.precision import (
     MANTISSA_BITS,
@@ -53,6 +55,7 @@ __all__ = [
     "KELLER_QUINTIC",
     "MANTISSA_BITS",
     "NS_COEFFICIENT_SETS",
+    "NS_METHODS",
     "POLAR_EXPRESS",
     "PRECISIONS",
     "NSSchedule",
@@ -78,6 +81,7 @@ __all__ = [
     "ns_schedule",
     "orthogonal_iteration",
     "polar_svd",
+    "prefers_gram",
     "principal_angles",
     "rayleigh_quotients",
     "rotate",

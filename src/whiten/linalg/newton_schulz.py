@@ -92,6 +92,23 @@ def ns_schedule(coefficients: str | Sequence[float] | Sequence[Sequence[float]],
     )
 
 
+NS_METHODS = ("direct", "gram", "auto")
+
+
+def prefers_gram(shape: Sequence[int], compute_dtype: torch.dtype) -> bool:
+    """``method="auto"``: iterate on the Gram matrix when the matrix is rectangular enough and fp32/fp64.
+
+    For ``s x l`` (``s <= l``) the direct iteration costs ``steps (4 s^2 l + 2 s^3)`` matmul FLOPs
+    and the Gram one ``4 s^2 l + 8 steps s^3``: at 5 steps it is cheaper from ``l >= 1.5 s``
+    (measured 1.8-1.9x faster for 768 x 2304 and 768 x 3072 on CPU, fp32). In fp32 it is also
+    closer to the exact polynomial (relative error vs fp64 ~2e-6 against ~1e-4 for the direct
+    iteration on 768 x 3072 Gaussian inputs; ~8e-5 for inputs with condition number 1e8). In
+    bf16 it is ~3x less accurate than the direct iteration, so ``auto`` keeps bf16 direct.
+    """
+    short, long = sorted((shape[-2], shape[-1]))
+    return compute_dtype in (torch.float32, torch.float64) and long >= 1.5 * short
+
+
 def newton_schulz(
     G: Tensor,
     steps: int = 5,
@@ -99,21 +116,31 @@ def newton_schulz(
     *,
     compute_dtype: torch.dtype = torch.float32,
     eps: float = 1e-7,
+    method: str = "direct",
 ) -> Tensor:
     """Approximate ``polar(G)`` for ``G`` of shape ``(..., m, n)`` (batched over leading dims).
 
     Returns a tensor of ``G``'s shape in ``compute_dtype``. ``eps`` floors the normaliser
     ``max(scale * ||G||_F, eps)`` (as ``torch.optim.Muon`` does), so a zero input gives zero.
     ``compute_dtype=torch.bfloat16`` reproduces the low-precision iteration of KellerJordan/Muon
-    and ``torch.optim.Muon``; fp32 (default) is the accurate path.
+    and ``torch.optim.Muon``; fp32 (default) is the accurate path. ``method``: ``"direct"``
+    (iterate on ``X``), ``"gram"`` (the same polynomial run on the small Gram matrix,
+    :func:`newton_schulz_left_factor`, then one product with ``X``) or ``"auto"``
+    (:func:`prefers_gram` decides).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix (..., m, n), got shape {tuple(G.shape)}")
+    if method not in NS_METHODS:
+        raise ValueError(f"newton_schulz method={method!r} is not valid; use one of {NS_METHODS}")
     schedule = ns_schedule(coefficients, steps)
     X = G.to(compute_dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
+    if method == "gram" or (method == "auto" and prefers_gram(X.shape, compute_dtype)):
+        K, _ = newton_schulz_left_factor(X, steps, coefficients, eps=eps)
+        X = K @ X
+        return X.mT if transposed else X
     norm = torch.linalg.matrix_norm(X, keepdim=True) if X.ndim > 2 else X.norm()
     X = X / (norm * schedule.norm_scale).clamp(min=eps)
     for a, b, c in schedule.coefficients:

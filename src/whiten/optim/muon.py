@@ -24,6 +24,7 @@ from torch import Tensor
 
 from whiten.linalg import (
     KELLER_QUINTIC,
+    NS_METHODS,
     initial_stream_basis,
     map_batched,
     newton_schulz,
@@ -71,6 +72,7 @@ class _SpectralMomentum(WhitenOptimizer):
         "ns_coefficients": _check_ns_coefficients,
         "ns_steps": opt.positive_int,
         "ns_dtype": opt.choice(*_NS_DTYPES),
+        "ns_method": opt.choice(*NS_METHODS),
         "eps": opt.nonneg,
         "adjust_lr_fn": opt.choice(None, "original", "match_rms_adamw"),
         "power": opt.either(opt.nonneg, what="a number >= 0"),
@@ -120,6 +122,7 @@ class _SpectralMomentum(WhitenOptimizer):
                     group["ns_coefficients"],
                     compute_dtype=torch.float64 if X.dtype == torch.float64 else ns_dtype,
                     eps=group["eps"],
+                    method=group.get("ns_method", "direct"),  # checkpoints from before the option
                 ),
                 ns_inputs,
                 # where stacking pays (not on CPU), cast to the NS dtype during the stacking copy
@@ -203,6 +206,11 @@ class Muon(_SpectralMomentum):
             (``0.2 sqrt(max(m, n))``, Moonlight).
         ns_dtype: ``"float32"`` (default, accurate) or ``"bfloat16"`` (as KellerJordan/Muon and
             ``torch.optim.Muon``), or ``"float64"``.
+        ns_method: ``"auto"`` (default), ``"direct"`` or ``"gram"``: where the same NS polynomial is
+            evaluated (:func:`whiten.linalg.newton_schulz`). ``"auto"`` runs it on the small Gram
+            matrix for fp32/fp64 matrices with one side >= 1.5x the other (1.8x faster on GPT-2's
+            768 x 3072 on CPU, and closer to the exact polynomial in fp32) and directly otherwise
+            (bf16 included, where the Gram path loses accuracy).
         adamw_lr: lr of the AdamW half (default 3e-4; ``None`` means ``lr``).
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
     """
@@ -220,6 +228,7 @@ class Muon(_SpectralMomentum):
         adjust_lr_fn: str | None = None,
         *,
         ns_dtype: str = "float32",
+        ns_method: str = "auto",
         adamw_lr: float | None = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
@@ -229,7 +238,8 @@ class Muon(_SpectralMomentum):
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
-            eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, power=0.0, spectral_map="ns",
+            eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, ns_method=ns_method, power=0.0,
+            spectral_map="ns",
             interval=1, normuon=False, normuon_beta2=0.95, ns_ridge=1e-6, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
             adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize, nonfinite=nonfinite,
         )
@@ -275,6 +285,7 @@ class HTMuon(_SpectralMomentum):
         ns_steps: int = 5,
         ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = KELLER_QUINTIC,
         ns_dtype: str = "float32",
+        ns_method: str = "auto",
         ns_ridge: float = 1e-6,
         eps: float = 1e-7,
         adjust_lr_fn: str | None = None,
@@ -288,7 +299,8 @@ class HTMuon(_SpectralMomentum):
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, power=power,
             spectral_map=spectral_map, interval=interval, normuon=normuon, normuon_beta2=normuon_beta2,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_ridge=ns_ridge, eps=eps,
+            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_method=ns_method,
+            ns_ridge=ns_ridge, eps=eps,
             adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay, maximize=maximize, nonfinite=nonfinite,
         )
