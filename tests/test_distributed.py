@@ -237,6 +237,22 @@ def test_muon_flops_are_newton_schulz_matmuls() -> None:
     assert wd.matrix_flops(optimizer, (m, n), group) == 5 * (4 * n * n * m + 2 * n**3)
 
 
+def test_kronecker_flops_follow_the_methods() -> None:
+    from whiten.optim import KLSOAP, KLShampoo, ProKLShampoo
+
+    def flops(cls, shape, **kwargs):
+        optimizer = cls(torch.nn.Linear(4, 4).parameters(), lr=1e-3, **kwargs)
+        return wd.matrix_flops(optimizer, shape, optimizer.param_groups[0])
+
+    shape = (768, 3072)
+    # KL-SOAP: KL-Shampoo's factors and refreshes
+    assert flops(KLSOAP, shape) == flops(KLShampoo, shape)
+    # SPEC §5: Pro-KL's O(m^2 n + m n r) + NS work is below KL-Shampoo's O(m^2 n + m n^2)
+    assert flops(ProKLShampoo, shape, rank=128) < 0.7 * flops(KLShampoo, shape)
+    # refreshing the bases less often costs less
+    assert flops(KLShampoo, shape, precondition_frequency=100) < flops(KLShampoo, shape, precondition_frequency=1)
+
+
 def test_distributed_mode_option_is_validated() -> None:
     with pytest.raises(ValueError, match="distributed_mode"):
         Muon([{"params": torch.nn.Linear(3, 3).parameters(), "distributed_mode": "shard"}])

@@ -74,9 +74,10 @@ def _ns_flops(m: int, n: int, steps: int) -> float:
 
 def _family(optimizer: Any) -> str:
     names = [cls.__name__ for cls in type(optimizer).__mro__]
-    for family in ("ProKLShampoo", "KLShampoo", "SOAP", "HTMuon", "Muon"):
+    for family in ("ProKLShampoo", "KLShampoo", "KLSOAP", "KLFactored", "SOAP", "HTMuon", "Muon"):
         if family in names:
-            return family
+            # KL-SOAP keeps KL-Shampoo's factors and refreshes (Adam in the eigenbasis costs the same rotations)
+            return "KLShampoo" if family in ("KLSOAP", "KLFactored") else family
     return names[0]
 
 
