@@ -5,9 +5,12 @@ from whiten.optim.groups import param_groups, split_parameters
 from whiten.optim.kl_shampoo import KLSOAP, KLShampoo
 from whiten.optim.muon import HTMuon, Muon
 from whiten.optim.pro_kl_shampoo import ProKLShampoo
+from whiten.optim.soap import REKLS, SOAP
 
 __all__ = [
     "KLSOAP",
+    "REKLS",
+    "SOAP",
     "HTMuon",
     "KLShampoo",
     "Muon",
