@@ -17,7 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _dist_common import HALF, STEPS, full_params, make_data, make_model, make_optimizer, train
-from whiten.optim.distributed import comm_stats, init_distributed, load_checkpoint, owners_of, save_checkpoint
+from whiten.optim.distributed import (
+    comm_stats,
+    init_distributed,
+    load_checkpoint,
+    owners_of,
+    rank_slice,
+    save_checkpoint,
+)
 
 
 def wrap(kind: str) -> torch.nn.Module:
@@ -63,8 +70,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rank, world, _ = init_distributed()
     x, y = make_data()
-    per = x.shape[0] // world
-    x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+    x, y = rank_slice(x), rank_slice(y)
 
     def mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)

@@ -276,6 +276,27 @@ def test_split_mode_without_process_group_is_the_plain_step(name: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
+def test_relaunch_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["whiten", "bench", "--nproc", "2", "--steps", "3", "--nproc=4", "--out", "x"]
+    assert wd.without_flag(argv, "--nproc") == ["whiten", "bench", "--steps", "3", "--out", "x"]
+    calls = []
+    monkeypatch.setattr(wd, "launch", lambda n, a: calls.append((n, a)) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert wd.relaunch(1, argv) is None and calls == []
+    assert wd.relaunch(2, argv) == 0
+    assert calls == [(2, ["whiten", "bench", "--steps", "3", "--out", "x"])]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # inside a launched process: run, do not launch again
+    assert wd.relaunch(2, argv) is None and len(calls) == 1
+    with pytest.raises(ValueError, match="--nproc"):
+        wd.relaunch(0, argv)
+
+
+def test_single_process_helpers() -> None:
+    batch = torch.arange(6)
+    assert torch.equal(wd.rank_slice(batch), batch)
+    assert wd.is_main_process()
+
+
 def test_launch_checks_nproc() -> None:
     with pytest.raises(ValueError, match="nproc"):
         wd.launch(0, ["whiten"])

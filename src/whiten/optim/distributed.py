@@ -628,3 +628,53 @@ def launch(nproc: int, argv: Sequence[str], *, module: bool = True, env: Mapping
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     return subprocess.run(cmd, env=full_env, check=False).returncode
+
+
+# -- helpers for a training script (e.g. `whiten bench --nproc N`) ---------------------------------
+def launched() -> bool:
+    """Whether this process was started by torchrun / :func:`launch` (``WORLD_SIZE`` is set)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def without_flag(argv: Sequence[str], flag: str) -> list[str]:
+    """``argv`` with ``flag VALUE`` and ``flag=VALUE`` removed (the command a launcher re-runs)."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == flag:
+            skip = True
+        elif not item.startswith(flag + "="):
+            out.append(item)
+    return out
+
+
+def relaunch(nproc: int, argv: Sequence[str], flag: str = "--nproc") -> int | None:
+    """Run ``python -m <argv without flag>`` on ``nproc`` processes, unless that is already done.
+
+    Returns the launcher's exit code, or ``None`` when the caller should just run (``nproc == 1``,
+    or this process is one of the launched ones).
+    """
+    if nproc < 1:
+        raise ValueError(f"{flag} must be >= 1, got {nproc}")
+    if nproc == 1 or launched():
+        return None
+    return launch(nproc, without_flag(argv, flag))
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no process group: the process that writes files and prints."""
+    return not _initialized() or dist.get_rank() == 0
+
+
+def rank_slice(batch: Tensor) -> Tensor:
+    """This rank's equal share of a global batch (dim 0), so that the mean loss over ranks equals
+    the global mean; the batch size must be divisible by the world size."""
+    if not _initialized():
+        return batch
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if batch.shape[0] % world:
+        raise ValueError(f"batch size {batch.shape[0]} is not divisible by the {world} processes; change --batch-size")
+    per = batch.shape[0] // world
+    return batch[rank * per : (rank + 1) * per]
