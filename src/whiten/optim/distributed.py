@@ -413,6 +413,13 @@ def _split_sharded_step(
     me, world = dist.get_rank(pg), dist.get_world_size(pg)
     stats = comm_stats(optimizer)
     layout = [_shard_bounds(p, world) for p in params]
+    for p, (dim, bounds) in zip(params, layout, strict=True):
+        expected = [bounds[me][1] if d == dim else size for d, size in enumerate(p.shape)]
+        if list(p.to_local().shape) != expected:
+            raise RuntimeError(
+                f"local shard of shape {tuple(p.to_local().shape)} of a {tuple(p.shape)} parameter is not the "
+                f"torch.chunk layout {tuple(expected)} that distributed_mode='split' assumes; use 'replicate'"
+            )
     device = params[0].to_local().device
 
     def owned_by(i: int, rank: int) -> bool:
