@@ -9,16 +9,12 @@ from whiten.linalg.eigen import (
     sort_basis,
 )
 from whiten.linalg.kl_family import (
-    choose_rank,
     effective_flat_value,
     ema_eigenvalues,
-    kl_gap,
     kl_tensor_statistics,
     rotate,
     rotate_all,
     spike_flat_statistics,
-    tail_am_gm_ratio,
-    tail_log_am_gm,
 )
 from whiten.linalg.kronecker import clamp_eigenvalues, kl_eigenvalue_targets, kl_factor_targets
 from whiten.linalg.newton_schulz import (
@@ -60,7 +56,6 @@ __all__ = [
     "PRECISIONS",
     "NSSchedule",
     "check_precision",
-    "choose_rank",
     "clamp_eigenvalues",
     "coupled_newton_schulz_sqrt",
     "effective_flat_value",
@@ -71,7 +66,6 @@ __all__ = [
     "initial_stream_basis",
     "kl_eigenvalue_targets",
     "kl_factor_targets",
-    "kl_gap",
     "kl_tensor_statistics",
     "map_batched",
     "matmul_precision",
@@ -92,6 +86,4 @@ __all__ = [
     "schatten_power_svd",
     "sort_basis",
     "spike_flat_statistics",
-    "tail_am_gm_ratio",
-    "tail_log_am_gm",
 ]

@@ -10,14 +10,12 @@ Pure tensor functions (no optimizer state) shared by :class:`whiten.KLShampoo`, 
 * :func:`ema_eigenvalues`: the reference's EMA eigenvalue step with its clamp.
 * :func:`spike_flat_statistics`: the restricted-side statistics of Pro-KLShampoo (SPEC §5, facts 2-3),
   where the right factor is ``S_R = U diag(Lam) U^T + sigma (I - U U^T)``.
-* :func:`tail_am_gm_ratio`, :func:`kl_gap`, :func:`choose_rank`: how much KL divergence the
-  spike-and-flat family loses against a full factor with eigenvalues ``eigs`` (SPEC §5 fact 2), and the
-  adaptive-rank rule built on it.
+
+The KL gap of the spike-and-flat family and the rank rule built on it are in :mod:`whiten.linalg.spectrum`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -194,85 +192,3 @@ def spike_flat_statistics(
     # C U = (1/m) G^T Q_L diag(1/lam_L) Q_L^T G U
     sketch = G.mT @ (Q_L @ (DqU / lam_L.unsqueeze(-1))) / m
     return SpikeFlatStatistics(left, lam_left, Lam_target, sigma_target, sketch)
-
-
-# -- rank selection -----------------------------------------------------------------------------
-def _tail_logs(eigs: Tensor, floor: float) -> tuple[Tensor, Tensor]:
-    """Eigenvalues sorted descending and clamped below at ``floor * max``, in float64."""
-    if eigs.ndim != 1 or eigs.numel() == 0:
-        raise ValueError(f"eigs must be a non-empty 1-D tensor of eigenvalues, got shape {tuple(eigs.shape)}")
-    e = eigs.detach().to(torch.float64)
-    if not bool(torch.isfinite(e).all()):
-        raise ValueError("eigs contains NaN or Inf; pass finite eigenvalue estimates")
-    e = e.sort(descending=True).values
-    top = float(e[0])
-    if top <= 0:
-        raise ValueError(f"eigs must have a positive largest value, got {top}")
-    return e, e.clamp(min=floor * top)
-
-
-def _check_rank(r: int, n: int) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < n:
-        raise ValueError(f"r must be an integer in [0, {n - 1}] (at least one tail eigenvalue), got {r!r}")
-
-
-def tail_log_am_gm(eigs: Tensor, *, floor: float = 1e-12) -> Tensor:
-    """``log(AM/GM)`` of the ``n - r`` smallest eigenvalues for every ``r = 0 .. n-1`` (float64, length n).
-
-    Computed from suffix sums of the sorted eigenvalues and their logs, so all ranks cost ``O(n log n)``.
-    Eigenvalues below ``floor * max(eigs)`` are clamped there (round-off can make tiny ones <= 0).
-    """
-    _, e = _tail_logs(eigs, floor)
-    n = e.numel()
-    count = torch.arange(n, 0, -1, dtype=torch.float64)  # n - r
-    mean = e.flip(0).cumsum(0).flip(0) / count
-    mean_log = e.log().flip(0).cumsum(0).flip(0) / count
-    return (mean.log() - mean_log).clamp(min=0.0)
-
-
-def tail_am_gm_ratio(eigs: Tensor, r: int, *, floor: float = 1e-12) -> float:
-    """Arithmetic over geometric mean of the ``n - r`` smallest of ``eigs`` (``>= 1``; 1 iff the tail is flat)."""
-    _check_rank(r, eigs.numel())
-    return math.exp(float(tail_log_am_gm(eigs, floor=floor)[r]))
-
-
-def kl_gap(eigs: Tensor, r: int, m: int, *, floor: float = 1e-12) -> float:
-    """Excess KL of the best spike-and-flat factor of rank ``r`` over the full factor (SPEC §5 fact 2).
-
-    For a right factor with eigenvalues ``eigs`` (``n`` of them) paired with an ``m``-row left factor,
-    ``KL(N(0, S_L (x) C) || N(0, S_L (x) S_r)) = m (n - r) / 2 * log(AM/GM of the n - r smallest eigs)``
-    (nats) when ``S_r`` keeps the top-r eigenpairs and replaces the rest by their mean.
-    """
-    _check_rank(r, eigs.numel())
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be a positive integer (rows of the other side), got {m!r}")
-    n = eigs.numel()
-    return 0.5 * m * (n - r) * float(tail_log_am_gm(eigs, floor=floor)[r])
-
-
-def choose_rank(
-    eigs: Tensor, m: int, tolerance: float, max_rank: int, *, min_rank: int = 1, floor: float = 1e-12
-) -> int:
-    """Adaptive rank: the smallest ``r`` in ``[min_rank, max_rank]`` with ``kl_gap(eigs, r, m) <= tolerance * m``.
-
-    ``tolerance`` is the KL gap allowed per row of the other side (nats): for isolated spikes of size
-    ``s_k`` times the flat level, ``kl_gap / m ~= 1/2 sum_{missed k} (s_k - 1 - log s_k)`` independently of
-    ``n``, so the default 0.5 keeps every spike of ratio above ~2.7 and no flat-tail direction. Returns
-    ``max_rank`` (capped at ``n - 1``) when no rank in range meets the tolerance.
-    """
-    n = eigs.numel()
-    if not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
-    if not isinstance(min_rank, int) or min_rank < 0 or min_rank > max_rank:
-        raise ValueError(f"min_rank must be an integer in [0, max_rank={max_rank}], got {min_rank!r}")
-    if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and math.isfinite(tolerance)):
-        raise ValueError(f"tolerance must be a finite number >= 0 (nats per row), got {tolerance!r}")
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be a positive integer (rows of the other side), got {m!r}")
-    hi = min(max_rank, n - 1)
-    lo = min(min_rank, hi)
-    log_ratio = tail_log_am_gm(eigs, floor=floor)
-    count = torch.arange(n, 0, -1, dtype=torch.float64)
-    gap_per_row = 0.5 * count * log_ratio
-    ok = (gap_per_row[lo : hi + 1] <= tolerance).nonzero()
-    return lo + int(ok[0]) if ok.numel() else hi

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from whiten.linalg import (
-    choose_rank,
     effective_flat_value,
     eigh_descending,
     ema_eigenvalues,
@@ -39,8 +38,10 @@ from whiten.linalg import (
     newton_schulz_left_factor,
     ns_schedule,
     orthogonal_iteration,
+    prefers_gram,
     spike_flat_statistics,
 )
+from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
 from whiten.optim.base import stat_dtype
@@ -54,10 +55,20 @@ def _check_ns_coefficients(name: str, value: Any) -> None:
     ns_schedule(value, 1)
 
 
-def use_gram(shape: Sequence[int]) -> bool:
-    """Run Newton–Schulz on the ``m x m`` Gram matrix when that is cheaper (``n >= 1.5 m``, see
-    :func:`whiten.linalg.newton_schulz_left_factor`); both paths compute the same polynomial."""
-    return shape[-1] >= 1.5 * shape[-2]
+def use_gram(X: Tensor) -> bool:
+    """Run Newton–Schulz on the ``m x m`` Gram matrix of a wide ``X`` when that is cheaper
+    (:func:`whiten.linalg.prefers_gram`: ``n >= 1.5 m``, fp32/fp64); both paths compute the same polynomial."""
+    return X.shape[-2] <= X.shape[-1] and prefers_gram(X.shape, X.dtype)
+
+
+def adaptive_rank(eigs: Tensor, m: int, tolerance: float, max_rank: int) -> int:
+    """The adaptive-rank rule: the smallest ``r`` in ``[1, max_rank]`` whose KL gap per row of the other
+    side, ``kl_gap(eigs, r, m) / m = (n - r)/2 log(AM/GM of the tail)``, is ``<= tolerance`` (nats).
+
+    ``eigs`` is the estimated spectrum of the restricted factor. This is
+    :func:`whiten.linalg.spectrum.choose_rank` with ``other_dim=1``, bounded to ``[1, max_rank]``.
+    """
+    return max(1, min(max_rank, choose_rank(eigs, tolerance, other_dim=1)))
 
 
 def tracked_rank(group: dict[str, Any]) -> int:
@@ -92,7 +103,7 @@ class ProKLShampoo(KLFactored):
             (match ``||sigma^{-1/2} S_L^{-1/2} M P_perp||_F``, the spike-and-flat KL-Shampoo complement)
             or ``"muon_rms"`` (``0.2 sqrt(max(m, n))``).
         ns_steps, ns_coefficients: Newton–Schulz iteration (:func:`whiten.linalg.newton_schulz`).
-        adaptive_rank: choose ``r`` per layer from the tracked spectrum (:func:`whiten.linalg.choose_rank`)
+        adaptive_rank: choose ``r`` per layer from the tracked spectrum (:func:`adaptive_rank`)
             every ``rank_update_interval`` steps, between 1 and ``max_rank`` (default ``2 rank``), with a
             KL-gap ``rank_tolerance`` in nats per row; ``rank`` is the starting value.
     """
@@ -195,9 +206,9 @@ class ProKLShampoo(KLFactored):
         if not pending:
             return
         # Newton–Schulz on the complement coordinates, batched over matrices of the same shape. A wide X
-        # (n >= 1.5 m) runs the iteration on its m x m Gram matrix and returns the left factor K, NS(X) = K X.
-        direct = [i for i, (_, _, ctx) in enumerate(pending) if not use_gram(ctx["X"].shape)]
-        gram = [i for i, (_, _, ctx) in enumerate(pending) if use_gram(ctx["X"].shape)]
+        # (n >= 1.5 m, fp32/fp64) runs the iteration on its m x m Gram matrix and returns K with NS(X) = K X.
+        direct = [i for i, (_, _, ctx) in enumerate(pending) if not use_gram(ctx["X"])]
+        gram = [i for i, (_, _, ctx) in enumerate(pending) if use_gram(ctx["X"])]
         steps, coefficients = group["ns_steps"], group["ns_coefficients"]
         for i, O in zip(direct, map_batched(
             lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype), [pending[i][2]["X"] for i in direct]
@@ -315,5 +326,5 @@ class ProKLShampoo(KLFactored):
         if group["adaptive_rank"] and step % group["rank_update_interval"] == 0:
             Lam_now = state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
             tail = state["sigma"].masked_fill(state["sigma"].isinf(), 0.0).expand(n - R)
-            state["rank"] = choose_rank(torch.cat([Lam_now, tail]), m, group["rank_tolerance"], R)
+            state["rank"] = adaptive_rank(torch.cat([Lam_now, tail]), m, group["rank_tolerance"], R)
         return update
