@@ -440,3 +440,17 @@ def test_state_dict_round_trip_is_bit_exact(kwargs):
 def test_bad_arguments_are_refused_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProKLShampoo([torch.nn.Parameter(torch.randn(4, 6))], **kwargs)
+
+
+def test_rank_above_short_side_and_tensor_parameters():
+    # R > m: the first gradient has only m right singular vectors; U is completed to R orthonormal columns
+    W = torch.nn.Parameter(torch.randn(4, 20))
+    experts = torch.nn.Parameter(torch.randn(3, 4, 5))  # 3-D: full KL-Shampoo factors, one per dimension
+    opt = ProKLShampoo([W, experts], rank=8, precondition_frequency=2)
+    for _ in range(5):
+        W.grad, experts.grad = torch.randn(4, 20), torch.randn(3, 4, 5)
+        opt.step()
+    U = opt.state[W]["U"]
+    assert U.shape == (20, 8)
+    torch.testing.assert_close(U.T @ U, torch.eye(8), atol=1e-5, rtol=0)
+    assert torch.isfinite(W).all() and {"F0", "F1", "F2", "Q_F2", "lam_F1"} <= set(opt.state[experts])
