@@ -84,6 +84,14 @@ def orientation(group: dict[str, Any], shape: Sequence[int]) -> bool:
     return side == "left" or (side == "auto" and shape[0] > shape[1])
 
 
+def sort_tracked(state: dict[str, Any]) -> None:
+    """Order the tracked directions (columns of ``U`` and ``Y_sketch``, entries of ``Lam``) by descending ``Lam``."""
+    order = torch.argsort(state["Lam"], descending=True)
+    state["Lam"] = state["Lam"][order]
+    state["U"] = state["U"][:, order]
+    state["Y_sketch"] = state["Y_sketch"][:, order]
+
+
 class ProKLShampoo(KLFactored):
     r"""Pro-KLShampoo: spike-and-flat right factor, orthogonalized complement (reconstruction, SPEC §5).
 
@@ -317,13 +325,12 @@ class ProKLShampoo(KLFactored):
         if step % group["precondition_frequency"] == 0:
             state["Q_L"] = orthogonal_iteration(state["L"].to(G.dtype), Q_L)
             # order the tracked directions by eigenvalue, then one orthogonal-iteration step on C via the sketch
-            order = torch.argsort(state["Lam"], descending=True)
-            Lam_sorted = state["Lam"][order]
-            U_new, _ = torch.linalg.qr(state["Y_sketch"][:, order])
+            sort_tracked(state)
+            U_new, _ = torch.linalg.qr(state["Y_sketch"])
             state["U"] = U_new
-            state["Lam"] = Lam_sorted
-            state["Y_sketch"] = U_new * Lam_sorted
+            state["Y_sketch"] = U_new * state["Lam"]
         if group["adaptive_rank"] and step % group["rank_update_interval"] == 0:
+            sort_tracked(state)  # the active directions are the first r: make them the top r
             Lam_now = state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
             tail = state["sigma"].masked_fill(state["sigma"].isinf(), 0.0).expand(n - R)
             state["rank"] = adaptive_rank(torch.cat([Lam_now, tail]), m, group["rank_tolerance"], R)
