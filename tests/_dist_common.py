@@ -136,3 +136,19 @@ def reference(name: str, steps: int = STEPS, micro_batches: int = 2) -> tuple[li
     x, y = make_data()
     losses = train(model, optimizer, x, y, steps, micro_batches=micro_batches)
     return losses, full_params(model)
+
+
+def layout_problem() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two matrices with odd column counts (uneven column shards) and fixed gradients."""
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(shape, dtype=torch.float64, generator=gen) for shape in ((7, 5), (6, 9))]
+    grads = [torch.randn(w.shape, dtype=torch.float64, generator=gen) for w in weights]
+    return weights, grads
+
+
+def make_layout_optimizer(params: list[torch.Tensor], mode: str = "replicate") -> Any:
+    from whiten.optim import Muon
+
+    optimizer = Muon(params, lr=0.02, weight_decay=0.1)
+    optimizer.set_distributed_mode(mode)
+    return optimizer

@@ -16,7 +16,17 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _dist_common import HALF, STEPS, full_params, make_data, make_model, make_optimizer, train
+from _dist_common import (
+    HALF,
+    STEPS,
+    full_params,
+    layout_problem,
+    make_data,
+    make_layout_optimizer,
+    make_model,
+    make_optimizer,
+    train,
+)
 from whiten.optim.distributed import (
     comm_stats,
     init_distributed,
@@ -65,6 +75,32 @@ def nonfinite_on_one_shard(x: torch.Tensor, y: torch.Tensor, rank: int) -> dict:
     }
 
 
+def other_layouts() -> dict:
+    """DTensor parameters outside FSDP2's layout: column shards (split and replicate) and replicated
+    DTensors (replicate, through full_tensor); 3 Muon steps on fixed gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    weights, grads = layout_problem()
+    out: dict = {}
+    cases = [("shard1-split", (Shard(1),), "split"), ("shard1-replicate", (Shard(1),), "replicate"),
+             ("replicated-replicate", (Replicate(),), "replicate"), ("replicated-split", (Replicate(),), "split")]
+    for label, placements, mode in cases:
+        params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, placements)) for w in weights]
+        optimizer = make_layout_optimizer(params, mode)
+        try:
+            for step in range(3):
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = distribute_tensor(g * (step + 1), mesh, placements)
+                optimizer.step()
+        except ValueError as err:
+            out[label] = f"ValueError: {err}"
+            continue
+        out[label] = [p.detach().full_tensor() for p in params]
+    return out
+
+
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
@@ -103,6 +139,7 @@ def main() -> None:
             results[f"{name}/{kind}/ckpt"] = {"losses": first + second, "params": full_params(model)}
     if "Muon" in names:
         results["nonfinite"] = nonfinite_on_one_shard(x, y, rank)
+        results["layouts"] = other_layouts()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -168,6 +168,26 @@ def test_nonfinite_gradient_on_one_shard_is_skipped_on_every_rank(runs) -> None:
     assert [runs[r]["nonfinite"]["skips"] for r in range(2)] in ([1, 0], [0, 1])
 
 
+@pytest.mark.distributed
+def test_other_dtensor_layouts(runs) -> None:
+    """Column shards work in both modes; replicated DTensors in replicate mode; split refuses them."""
+    from _dist_common import layout_problem, make_layout_optimizer
+
+    weights, grads = layout_problem()
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    optimizer = make_layout_optimizer(params)
+    for step in range(3):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g * (step + 1)
+        optimizer.step()
+    for rank in range(2):
+        layouts = runs[rank]["layouts"]
+        for label in ("shard1-split", "shard1-replicate", "replicated-replicate"):
+            for got, expected in zip(layouts[label], params, strict=True):
+                assert _rel(got, expected.detach()) <= 1e-14, label
+        assert "ValueError" in layouts["replicated-split"] and "replicate" in layouts["replicated-split"]
+
+
 # -- single-process units ----------------------------------------------------------------------------------
 def test_checkpoint_restores_state_created_after_the_first_step(tmp_path) -> None:
     """HTMuon with interval=3 creates its stream basis only at step 3; torch's zero-gradient init
