@@ -76,6 +76,15 @@ def factor_dtype(group: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else STATE_DTYPES[group["state_dtype"]]
 
 
+def ema_factor_(factor: Tensor, target: Tensor, beta: float) -> None:
+    """``factor <- beta factor + (1 - beta) target`` in the target's (fp32) precision, rounded once to the
+    storage dtype of ``factor`` (a bf16 factor would otherwise accumulate its EMA in bf16)."""
+    if factor.dtype == target.dtype:
+        factor.lerp_(target, 1.0 - beta)
+    else:
+        factor.copy_(factor.to(target.dtype).lerp_(target, 1.0 - beta))
+
+
 class KLFactored(WhitenOptimizer):
     """Shared implementation of :class:`KLShampoo` (``preconditioner="kl"``) and :class:`KLSOAP` (``"adam"``).
 
@@ -174,8 +183,7 @@ class KLFactored(WhitenOptimizer):
         for k, name in enumerate(names):
             if bases[k] is None:
                 continue
-            factor = state[name]
-            factor.lerp_(factor_targets[k].to(factor.dtype), 1.0 - beta)  # type: ignore[union-attr]
+            ema_factor_(state[name], factor_targets[k], beta)  # type: ignore[arg-type]
             state[f"lam_{name}"] = ema_eigenvalues(state[f"lam_{name}"], lam_targets[k], beta, G.shape[k])  # type: ignore[arg-type]
 
         # (3) eigenbasis refresh every T steps: one warm-started QR step, eigenvalues kept

@@ -45,7 +45,7 @@ from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
 from whiten.optim.base import stat_dtype
-from whiten.optim.kl_shampoo import KLFactored, _defaults, factor_dtype, shampoo_beta, work_view
+from whiten.optim.kl_shampoo import KLFactored, _defaults, ema_factor_, factor_dtype, shampoo_beta, work_view
 
 COMPLEMENTS = ("left_whitened_orth", "orth")
 COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
@@ -315,7 +315,7 @@ class ProKLShampoo(KLFactored):
 
         beta = shampoo_beta(group)
         stats = spike_flat_statistics(Gw, Q_L, lam_L, state["U"], Lam, sigma, r)
-        state["L"].lerp_(stats.left.to(state["L"].dtype), 1.0 - beta)
+        ema_factor_(state["L"], stats.left, beta)
         state["lam_L"] = ema_eigenvalues(lam_L, stats.lam_left, beta, m)
         state["Lam"] = ema_eigenvalues(Lam, stats.Lam, beta, n)
         state["sigma"] = ema_eigenvalues(sigma, stats.sigma, beta, n)
