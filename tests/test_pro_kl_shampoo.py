@@ -281,6 +281,7 @@ def test_rank_at_least_n_is_kl_shampoo():
         "pro_auto": lambda p: ProKLShampoo(p, rank=10, **hyper),
         "pro_big": lambda p: ProKLShampoo(p, rank=64, complement="orth", **hyper),
         "pro_left": lambda p: ProKLShampoo(p, rank=6, project_side="left", **hyper),
+        "pro_right": lambda p: ProKLShampoo(p, rank=12, project_side="right", **hyper),
         "pro_adaptive": lambda p: ProKLShampoo(p, rank=4, adaptive_rank=True, max_rank=10, **hyper),
     }.items():
         W = torch.nn.Parameter(W0.clone())
@@ -290,7 +291,7 @@ def test_rank_at_least_n_is_kl_shampoo():
             opt.step()
         runs[name] = (W.detach(), opt.state[W])
     W_kl, state_kl = runs["kl"]
-    for name in ("pro_auto", "pro_big", "pro_left", "pro_adaptive"):
+    for name in ("pro_auto", "pro_big", "pro_left", "pro_right", "pro_adaptive"):
         W, state = runs[name]
         torch.testing.assert_close(W, W_kl, rtol=1e-12, atol=1e-14, msg=name)
         assert set(state) == set(state_kl), name
