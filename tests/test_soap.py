@@ -680,3 +680,33 @@ def test_nonfinite_gradient_raises_without_touching_state():
     _same_state(before_p, _snapshot(opt, p))
     _same_state(before_q, _snapshot(opt, q))
     assert torch.equal(q.detach(), weights)
+
+
+def test_matmul_precisions_wrap_the_right_phases(monkeypatch):
+    import contextlib
+
+    import whiten.optim.soap as soap_module
+
+    requested = []
+
+    @contextlib.contextmanager
+    def record(precision):
+        requested.append(precision)
+        yield
+
+    monkeypatch.setattr(soap_module, "matmul_precision", record)
+    p = torch.randn(4, 3, requires_grad=True)
+    opt = SOAP([p], lr=0.1, fp32_matmul_prec="high", qr_fp32_matmul_prec="medium", precondition_frequency=2)
+    for _ in range(2):
+        p.grad = torch.randn(4, 3)
+        opt.step()
+    # step 1: factors, refresh, projection in, projection out; step 2 has no refresh
+    assert requested == ["high", "medium", "high", "high", "high", "high", "high"]
+
+
+def test_global_matmul_precision_is_restored():
+    before = torch.get_float32_matmul_precision()
+    p = torch.randn(4, 3, requires_grad=True)
+    p.grad = torch.randn(4, 3)
+    SOAP([p], lr=0.1, fp32_matmul_prec="medium", qr_fp32_matmul_prec="high").step()
+    assert torch.get_float32_matmul_precision() == before
