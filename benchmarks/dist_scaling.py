@@ -7,7 +7,7 @@ rank (the busiest rank's estimated flops under the greedy cost-balanced assignme
 ``distributed_mode="split"`` uses), for
 
     ddp/replicate   every rank steps every matrix; the optimizer sends nothing
-    ddp/split       owners step their matrices, then broadcast the new values: each rank receives
+    ddp/split       owners step their matrices, then send the new values to all: each rank receives
                     all matrices it does not own, P - P_own
     fsdp/replicate  every rank gathers every (param, grad) pair: 2 P (N-1)/N
     fsdp/split      shards to the owner, new shards back: receives 2 P_own (N-1)/N + (P - P_own)/N

@@ -149,7 +149,7 @@ def test_checkpoint_from_two_ranks_loads_on_one_process(runs, references, name: 
 
 
 @pytest.mark.distributed
-def test_split_broadcast_volume_matches_the_model(runs) -> None:
+def test_split_volume_matches_the_model(runs) -> None:
     """DDP split: rank 0 sends what it owns once and receives the rest (fp64, 8 bytes)."""
     result = runs[0]["Muon/ddp/split"]
     numel = {"a.weight": 49, "b.weight": 25, "c.weight": 144}

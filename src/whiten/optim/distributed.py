@@ -19,7 +19,7 @@ Two modes, chosen per parameter group by the option ``distributed_mode``:
     mesh (FSDP2), chosen by :func:`assign_owners` from the estimated flops of the method for that
     shape (greedy, largest first, onto the least-loaded rank). Only the owner runs the matrix
     step and holds the state of that matrix; the result is sent back:
-    DDP: the owner broadcasts the new parameter value (one broadcast per owner rank and dtype).
+    DDP: the owner sends the new parameter value to every rank (one ``all_to_all`` per dtype).
     FSDP2: every rank sends its shard of the parameter and of the gradient to the owner (one
     ``all_to_all``), the owner assembles the whole matrix, steps, and sends each rank its shard
     of the new value (a second ``all_to_all``), as Dion and Distributed Shampoo do.
@@ -354,28 +354,29 @@ def _replicated_sharded_step(optimizer: Any, group: dict[str, Any], params: list
 def _split_replicated_step(
     optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], owners: dict[int, int], pg: Any
 ) -> None:
-    """DDP, split mode: the owner steps its matrices, then broadcasts their new values."""
+    """DDP, split mode: the owner steps its matrices, then sends their new values to every rank.
+
+    One ``all_to_all`` per dtype (each rank sends its own matrices to all others): the bytes of
+    ``N`` broadcasts, i.e. of an all-gather, in one collective instead of ``N``.
+    """
     me, world = dist.get_rank(pg), dist.get_world_size(pg)
     mine = [i for i, p in enumerate(params) if owners[id(p)] == me]
     if mine:
         optimizer._matrix_step(group, [params[i] for i in mine], [grads[i] for i in mine])
     stats = comm_stats(optimizer)
-    for rank in range(world):
-        owned = [p for p in params if owners[id(p)] == rank]
-        for dtype in sorted({p.dtype for p in owned}, key=str):
-            same = [p for p in owned if p.dtype == dtype]
-            numel = sum(p.numel() for p in same)
-            if rank == me:
-                flat = torch.cat([p.detach().reshape(-1) for p in same])
-            else:
-                flat = torch.empty(numel, dtype=dtype, device=same[0].device)
-            dist.broadcast(flat, src=dist.get_global_rank(pg, rank), group=pg)
-            nbytes = numel * flat.element_size()
-            stats.add("broadcast", nbytes * (world - 1) if rank == me else 0, 0 if rank == me else nbytes)
-            if rank != me:
-                offset = 0
-                for p in same:
-                    p.copy_(flat[offset : offset + p.numel()].view(p.shape))
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        same = [p for p in params if p.dtype == dtype]
+        owned = [p.detach() for p in same if owners[id(p)] == me]
+        send = [[] if rank == me else owned for rank in range(world)]
+        recv = [0 if rank == me else sum(p.numel() for p in same if owners[id(p)] == rank) for rank in range(world)]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        stats.add("all_to_all", sum(p.numel() for p in owned) * (world - 1) * itemsize, sum(recv) * itemsize)
+        got = _all_to_all(pg, send, recv, dtype, same[0].device)
+        for rank in range(world):
+            offset = 0
+            for p in same:
+                if rank != me and owners[id(p)] == rank:
+                    p.copy_(got[rank][offset : offset + p.numel()].view(p.shape))
                     offset += p.numel()
 
 
