@@ -385,3 +385,22 @@ def test_bf16_parameter_keeps_fp32_statistics_and_trains():
     assert state["L"].dtype == torch.bfloat16 and state["Q_L"].dtype == torch.float32
     assert state["exp_avg"].dtype == torch.float32 and W.dtype == torch.bfloat16
     assert math.isfinite(W.float().sum().item())
+
+
+@pytest.mark.parametrize("cls, extra", [(KLShampoo, {}), (ProKLShampoo, {"rank": 3})])
+def test_bf16_factor_state_tracks_the_fp32_run(cls, extra):
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(12, 20, generator=g) * torch.linspace(0.2, 2, 20) for _ in range(25)]
+    W0 = torch.randn(12, 20, generator=g)
+    moved = {}
+    for state_dtype in ("float32", "bfloat16"):
+        W = torch.nn.Parameter(W0.clone())
+        opt = cls([W], lr=0.01, precondition_frequency=4, state_dtype=state_dtype, **extra)
+        for G in grads:
+            W.grad = G
+            opt.step()
+        assert opt.state[W]["L"].dtype == getattr(torch, state_dtype)
+        moved[state_dtype] = W.detach() - W0
+    # the factors only steer the (fp32) bases: the runs differ by bf16 round-off, not by a different algorithm
+    rel = (moved["float32"] - moved["bfloat16"]).norm() / moved["float32"].norm()
+    assert 0 < rel < 0.02
