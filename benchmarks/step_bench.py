@@ -276,7 +276,10 @@ def method_table(ranks: Sequence[int], period: int) -> list[Method]:
             return Stepper(cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, **muon_common))
 
         methods.append(
-            Method(f"whiten.Muon[{short}]", "whiten", "muon", f"NS5 Keller, ns_dtype={dtype}", ours_muon, flops.muon,
+            Method(f"whiten.Muon[{short}]", "whiten", "muon",
+                   f"NS5 Keller, ns_dtype={dtype}" + (", ns_method=auto (Gram NS if long side >= 1.5x)"
+                                                      if dtype == "float32" else ""),
+                   ours_muon, flops.muon if dtype == "bfloat16" else flops.muon_auto,
                    reference="torch.optim.Muon", bf16=dtype == "bfloat16")
         )
 
@@ -520,20 +523,21 @@ def run_config(
             f"{row['flop_rate'] / 1e9:7.1f} GFLOP/s")
         case.release()
 
-    def timed_steps(method: Method) -> int:
-        per_round = max(1, math.ceil(steps / rounds))
-        return method.period * math.ceil(per_round / method.period)
+    def timed_steps(method: Method, round_index: int) -> int:
+        if method.period > 1:  # whole refresh windows, all in the first round (they are long)
+            return method.period * max(1, math.ceil(steps / method.period)) if round_index == 0 else 0
+        return max(1, math.ceil(steps / rounds))
 
     if interleave:
         for method in methods:
             case, row = prepare(method)
             cases.append((method, case, row))
-        for _ in range(rounds):
+        for round_index in range(rounds):
             for method, case, row in cases:
                 if case is None or row["status"] != "ok":
                     continue
                 try:
-                    for _ in range(timed_steps(method)):
+                    for _ in range(timed_steps(method, round_index)):
                         case.step(record=True)
                 except Exception as exc:
                     row["status"] = f"error: {type(exc).__name__}: {exc}"
@@ -548,7 +552,7 @@ def run_config(
             case, row = prepare(method)
             if case is not None:
                 try:
-                    for _ in range(timed_steps(method)):
+                    for _ in range(timed_steps(method, 0) if method.period > 1 else steps):
                         case.step(record=True)
                     finish(method, case, row)
                 except Exception as exc:
@@ -638,9 +642,9 @@ def markdown(result: dict[str, Any]) -> str:
 QUICK_CONFIGS = ("768x768", "768x3072")
 FULL_CONFIGS = ("768x768", "768x2304", "768x3072", "3072x768", "gpt2-small")
 # Kron methods need an eigh of every factor at initialisation (~25 s for 3072x3072 on 2 CPU cores);
-# on CPU they skip the mirror shape and the whole model unless asked (--kron-configs).
+# on CPU they run on the smallest and the largest shape only unless asked (--kron-configs).
 KRON_FAMILIES = ("soap", "kl_shampoo", "pro_kl_shampoo")
-CPU_KRON_CONFIGS = ("768x768", "768x2304", "768x3072")
+CPU_KRON_CONFIGS = ("768x768", "768x3072")
 WHOLE_FAMILIES = ("adamw", "muon")
 
 
@@ -659,25 +663,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--whole-families", nargs="*", default=None,
                     help=f"method families run on gpt2-small (default {' '.join(WHOLE_FAMILIES)} on CPU, all on CUDA)")
     ap.add_argument("--methods", default=None, help="regular expression on method labels")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (rounded up to the period)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per method (default 10; refresh methods: rounded up to whole periods)")
     ap.add_argument("--whole-steps", type=int, default=None, help="timed steps on gpt2-small")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds for the small configs")
     ap.add_argument("--period", type=int, default=10, help="preconditioner refresh period T of the Kron methods")
     ap.add_argument("--ranks", type=int, nargs="*", default=[32, 64, 128, 256], help="Pro-KLShampoo ranks")
     ap.add_argument("--interleave-numel", type=float, default=1.5e8, help=argparse.SUPPRESS)
     ap.add_argument("--compile-peers", action="store_true", help="let HeavyBall torch.compile its kernels")
+    ap.add_argument("--compile", action="store_true",
+                    help="experiment: run our Muon's Newton-Schulz through torch.compile (compile time excluded)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--list", action="store_true", help="print configs and methods and exit")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps = args.steps or 6
-        args.whole_steps = args.whole_steps or 2
+        args.steps = args.steps or 4
         args.rounds = args.rounds or 2
         args.configs = args.configs or list(QUICK_CONFIGS)
         args.ranks = args.ranks if args.ranks != [32, 64, 128, 256] else [128]
-    args.steps = args.steps or 20
-    args.whole_steps = args.whole_steps or 3
-    args.rounds = args.rounds or 4
+    args.steps = args.steps or 10
+    args.whole_steps = args.whole_steps or 2
+    args.rounds = args.rounds or 2
     args.configs = args.configs or list(FULL_CONFIGS)
     return args
 
@@ -712,6 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             heavyball.utils.compile_mode = None  # eager, as ours
         except ImportError:
             pass
+    if args.compile:
+        import whiten.optim.muon as muon_module
+
+        muon_module.newton_schulz = torch.compile(muon_module.newton_schulz, dynamic=False)
     kron_configs = args.kron_configs
     if kron_configs is None:
         kron_configs = list(all_configs) if device.type == "cuda" else list(CPU_KRON_CONFIGS)
@@ -737,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
+        "compiled_ns": args.compile,
         "peers": peer_versions(),
         "matmul_size": size,
         "matmul_rate": rates,

@@ -16,14 +16,31 @@ def _mm(m: int, k: int, n: int) -> float:
     return 2.0 * m * k * n
 
 
-def newton_schulz(m: int, n: int, steps: int = 5) -> float:
-    """Quintic NS on the wide orientation ``s x l``: ``A = X X^T``, ``A A``, ``(bA + cA^2) X``."""
+def newton_schulz(m: int, n: int, steps: int = 5, *, gram: bool = False) -> float:
+    """Quintic NS on the wide orientation ``s x l``.
+
+    Direct: ``A = X X^T``, ``A A``, ``(bA + cA^2) X`` per step. Gram (``whiten.linalg.newton_schulz_left_factor``):
+    ``P = X X^T`` once, per step ``P_k^2``, ``poly @ Z`` (not on the first step, ``Z_0 = I``) and
+    ``P_k = Z P_0 Z^T`` (two products, not after the last step), then one ``K @ X``.
+    """
     s, l = min(m, n), max(m, n)
+    if gram:
+        return _mm(s, l, s) + (4 * steps - 3) * _mm(s, s, s) + _mm(s, s, l)
     return steps * (_mm(s, l, s) + _mm(s, s, s) + _mm(s, s, l))
+
+
+def uses_gram(m: int, n: int) -> bool:
+    """``whiten``'s ``ns_method="auto"`` (fp32) and Pro-KLShampoo's rule: long side >= 1.5x the short side."""
+    return max(m, n) >= 1.5 * min(m, n)
 
 
 def muon(m: int, n: int, steps: int = 5) -> float:
     return newton_schulz(m, n, steps)
+
+
+def muon_auto(m: int, n: int, steps: int = 5) -> float:
+    """Our fp32 Muon with ``ns_method="auto"``."""
+    return newton_schulz(m, n, steps, gram=uses_gram(m, n))
 
 
 def htmuon_svd(m: int, n: int) -> float:
@@ -73,22 +90,32 @@ def kl_shampoo(m: int, n: int, period: int = 10) -> float:
 
 
 def pro_kl_shampoo(m: int, n: int, rank: int, period: int = 10, ns_steps: int = 5) -> float:
-    """Pro-KLShampoo (§5) with the restricted side ``l = max(m, n)`` and the full side ``s = min(m, n)``."""
+    """Pro-KLShampoo (§5) as ``whiten`` evaluates it; restricted side ``l = max(m, n)``, full side ``s``.
+
+    Direction: ``A = Q_L^T M``, ``B = A U``, ``X = A - B U^T``, NS of ``X`` (on the Gram matrix when
+    ``l >= 1.5 s``, then ``Q_L [sub U^T + c K X]`` with one ``s x s x l`` product; otherwise direct NS
+    and ``Q_L [sub U^T + c O]``). Statistics (``spike_flat_statistics``): ``G U``, ``G G^T``, the
+    in-span Gram, ``(G G^T) Q_L``, ``Q_L^T (G U)`` and the sketch ``G^T Q_L (...)``. Refresh: ``L Q_L``
+    (the QR of the ``l x r`` sketch is LAPACK, not counted).
+    """
     s, l = min(m, n), max(m, n)
     r = min(rank, l)
-    per_step = (
-        _mm(s, s, l)  # A = Q_L^T M
-        + _mm(s, l, r)  # B = A U
-        + _mm(s, r, l) + _mm(s, s, l)  # sub = Q_L [B / ...] U^T
-        + _mm(s, r, l) + _mm(s, s, l)  # Yc = Q_L diag (A - B U^T)
-        + newton_schulz(s, l, ns_steps)
-        + _mm(s, l, r)  # G U
-        + _mm(s, l, s) + _mm(s, r, s)  # G G^T and GU Lam^-1 GU^T
-        + _mm(s, s, l) + _mm(s, l, r)  # Dq = Q_L^T G, Dq U (H U is a row scaling of it)
-        + _mm(l, s, r)  # Ysk sketch H^T HU
+    gram = uses_gram(s, l)
+    direction = _mm(s, s, l) + _mm(s, l, r) + _mm(s, r, l)  # A, B, X
+    if gram:
+        direction += newton_schulz(s, l, ns_steps, gram=True) - _mm(s, s, l)  # K only; K X is fused below
+        direction += _mm(s, s, r) + _mm(s, r, l) + _mm(s, s, s) + _mm(s, s, l)  # (Q_L sub) U^T, Q_L K, (.) X
+    else:
+        direction += newton_schulz(s, l, ns_steps) + _mm(s, r, l) + _mm(s, s, l)  # O, sub U^T, Q_L coords
+    statistics = (
+        _mm(s, l, r) + _mm(s, l, s)  # G U, G G^T
+        + 2 * _mm(s, r, s)  # in-span Gram and GU GU^T
+        + _mm(s, s, s)  # (G G^T) Q_L
+        + _mm(s, s, r)  # Q_L^T (G U)
+        + _mm(s, s, r) + _mm(l, s, r)  # sketch
     )
-    refresh = _mm(s, s, s)  # L Q_L before QR; QR of the n x r sketch is not counted
-    return per_step + refresh / period
+    refresh = _mm(s, s, s)
+    return direction + statistics + refresh / period
 
 
 def adamw(m: int, n: int) -> float:
