@@ -9,7 +9,9 @@ KL-SOAP: ``L`` is ``m x m``, ``R`` is ``n x n``; Pro-KLShampoo: full ``L`` and t
 * the tail's ``AM/GM`` ratio and the KL gap ``k (d - r)/2 log(AM/GM)`` of restricting that factor
   to rank ``r`` (``d`` its dimension, ``k`` the other dimension), also per matrix entry
   (divided by ``k d``) so one tolerance means the same for every layer shape,
-* the rank that a tolerance on the per-entry gap would choose.
+* the rank that a tolerance would choose: the smallest ``r`` with ``gap(r) / k <= tol`` nats, which is
+  exactly Pro-KLShampoo's adaptive-rank rule (``ProKLShampoo(adaptive_rank=True, rank_tolerance=tol)``,
+  default 0.5; before its ``max_rank`` bound).
 
 The rank rule is :mod:`whiten.linalg.spectrum` (the same functions Pro-KLShampoo's adaptive rank
 uses). Sources: a live optimizer, its ``state_dict``, or a checkpoint file (see
@@ -98,7 +100,8 @@ def spectrum_stats(
         "tail_am_gm": float(torch.exp(tail_log_am_gm_all(eigenvalues)[r])),
         "kl_gap": float(gaps[r]),
         "kl_gap_per_entry": float(gaps[r]) / (other_dim * d),
-        "chosen_rank": None if tol is None else choose_rank(eigenvalues, tol, other_dim, per_entry=True),
+        # the same rule as ProKLShampoo(adaptive_rank=True, rank_tolerance=tol): gap / other_dim <= tol
+        "chosen_rank": None if tol is None else choose_rank(eigenvalues, tol, other_dim=1),
     }
 
 
@@ -124,7 +127,8 @@ def factor_spectra(
 
     ``source``: a live optimizer, its ``state_dict()``, or a checkpoint dict containing one.
     ``rank``: the ``r`` at which energy / AM-GM / KL gap are reported (capped at each factor's dim).
-    ``tol``: per-entry KL tolerance (nats) for the adaptive rank, or None.
+    ``tol``: KL tolerance (nats per column of the other side, Pro-KLShampoo's ``rank_tolerance``) for
+    the adaptive rank, or None.
     ``use``: ``"factor"`` = eigenvalues of the stored factor matrix; ``"lam"`` = the EMA eigenvalues
     that KL-Shampoo actually preconditions with (``lam_L`` / ``lam_R``) where the state has them.
     ``names``: optional parameter index -> name (e.g. from :func:`param_names`).
