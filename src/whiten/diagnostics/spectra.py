@@ -183,7 +183,7 @@ def record_spectra(
     *,
     step: int | None = None,
     rank: int = 16,
-    tol: float | None = None,
+    tol: float | None = 0.5,
     use: str = "factor",
 ) -> dict[str, Any]:
     """One JSON-ready snapshot ``{"step", "rank", "tol", "factors": [FactorSpectrum dicts]}``.

@@ -198,7 +198,11 @@ def run_one(config: SpikeConfig, optimizer: str, precision: str, kl_init: str = 
         for basis in spec.bases:
             if basis not in state:
                 raise ValueError(f"{spec.cls} keeps no state {basis!r}; cannot record that basis")
-            trajectories[basis].append(state[basis].detach().to("cpu", torch.float32, copy=True))
+            Q = state[basis].detach().to("cpu", torch.float32, copy=True)
+            if basis == "U" and isinstance(state.get("Lam"), Tensor):
+                # the tracked subspace's columns come in QR order; "top-k" means the k largest Lam
+                Q = Q[:, torch.argsort(state["Lam"].detach().cpu().reshape(-1), descending=True)]
+            trajectories[basis].append(Q)
         if "L" in state:
             eigs = torch.linalg.eigvalsh(state["L"].detach().double().cpu()).flip(0)
             top_eigs.append(eigs[: config.n_eigenvalues].tolist())

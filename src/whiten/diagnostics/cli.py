@@ -1,0 +1,200 @@
+"""``whiten diagnose {spike, spectra, alpha}``: the three instruments on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from whiten.diagnostics.alpha import XMIN_RULES, LayerAlpha, format_alpha_table, mean_by_type, weight_alpha
+from whiten.diagnostics.io import find_model_state, load_checkpoint
+from whiten.diagnostics.spectra import FACTOR_SOURCES, factor_spectra, format_spectra_table
+from whiten.diagnostics.spike import KL_INIT_CHOICES, OPTIMIZERS, SpikeConfig, run_spike_experiment
+from whiten.linalg import PRECISIONS
+
+
+def _csv(kind: type = str):
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from err
+
+    return parse
+
+
+def _shape(text: str) -> tuple[int, int]:
+    parts = _csv(int)(text.replace("x", ","))
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected a shape like 128x64, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    diagnose = subparsers.add_parser("diagnose", help="diagnostics: spike rotation, factor spectra, weight alpha")
+    inner = diagnose.add_subparsers(dest="instrument", metavar="INSTRUMENT")
+    diagnose.set_defaults(func=lambda args: (diagnose.print_help(), 2)[1])
+
+    spike = inner.add_parser("spike", help="eigenbasis rotation around a gradient spike (seed notebook 003)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    d = SpikeConfig()
+    spike.add_argument("--shape", type=_shape, default=d.shape, help="parameter shape MxN")
+    spike.add_argument("--seed", type=int, default=d.seed)
+    spike.add_argument("--spike-at", type=int, default=d.spike_at, help="0-based iteration of the spike")
+    spike.add_argument("--spike-scale", type=float, default=d.spike_scale)
+    spike.add_argument("--steps", type=int, default=d.steps)
+    spike.add_argument("--optimizers", type=_csv(), default=d.optimizers, help=f"comma list of {sorted(OPTIMIZERS)}")
+    spike.add_argument("--precisions", type=_csv(), default=d.precisions, help=f"comma list of {PRECISIONS}")
+    spike.add_argument("--kl-init", type=_csv(), default=d.kl_inits,
+                       help=f"comma list of {KL_INIT_CHOICES} (SOAP/REKLS); 'safe,peer' shows both")  # fmt: skip
+    spike.add_argument("--top-k", type=int, default=d.top_k)
+    spike.add_argument("--offsets", type=_csv(int), default=d.offsets)
+    spike.add_argument("--rank", type=int, default=d.rank, help="Pro-KLShampoo tracked rank")
+    spike.add_argument("--precondition-frequency", type=int, default=d.precondition_frequency,
+                       help="KL-Shampoo / Pro-KLShampoo basis refresh interval")  # fmt: skip
+    spike.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cuda uses real TF32; cpu emulates it")  # fmt: skip
+    spike.add_argument("--threads", type=int, default=1, help="torch CPU threads (small matrices: 1 is fastest)")
+    spike.add_argument("--out", type=Path, help="write spike.json and PNGs here")
+    spike.add_argument("--no-plots", action="store_true")
+    spike.set_defaults(func=cmd_spike)
+
+    spectra = inner.add_parser("spectra", help="spike-and-flat spectra of Kronecker factors from checkpoints",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    spectra.add_argument("inputs", nargs="+", type=Path,
+                         help="torch.save'd optimizer state_dicts / checkpoints (one per training stage), or a "
+                              "bench diagnostics.jsonl / a JSON list of record_spectra snapshots")  # fmt: skip
+    spectra.add_argument("--rank", type=int, default=16, help="r at which energy, AM/GM and KL gap are reported")
+    spectra.add_argument("--tol", type=float, default=0.5,
+                         help="KL tolerance (nats per column, Pro-KLShampoo's rank_tolerance) for the chosen rank")
+    spectra.add_argument("--use", choices=FACTOR_SOURCES, default="factor",
+                         help="'factor': eigenvalues of stored L/R; 'lam': KL-Shampoo's EMA eigenvalues")
+    spectra.add_argument("--max-panels", type=int, default=12)
+    spectra.add_argument("--trusted", action="store_true", help="allow pickled objects (torch.load weights_only=False)")
+    spectra.add_argument("--out", type=Path, help="write spectra.json and spectra.png here")
+    spectra.add_argument("--no-plots", action="store_true")
+    spectra.set_defaults(func=cmd_spectra)
+
+    alpha = inner.add_parser("alpha", help="power-law alpha of weight-matrix ESDs (HT-SR)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    alpha.add_argument("inputs", nargs="+", help="model state_dicts / checkpoints, or bench diagnostics.jsonl; "
+                       "LABEL=PATH names a run (e.g. muon=runs/muon/ckpt.pt)")  # fmt: skip
+    alpha.add_argument("--xmin", choices=XMIN_RULES, default="ks", help="x_min rule: KS minimiser or median")
+    alpha.add_argument("--min-tail", type=int, default=10)
+    alpha.add_argument("--include", type=_csv(), help="only parameters whose name contains one of these")
+    alpha.add_argument("--trusted", action="store_true", help="allow pickled objects (torch.load weights_only=False)")
+    alpha.add_argument("--out", type=Path, help="write alpha.json and alpha.png here")
+    alpha.add_argument("--no-plots", action="store_true")
+    alpha.set_defaults(func=cmd_alpha)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def cmd_spike(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    config = SpikeConfig(
+        shape=args.shape, seed=args.seed, spike_at=args.spike_at, spike_scale=args.spike_scale, steps=args.steps,
+        optimizers=args.optimizers, precisions=args.precisions, kl_inits=args.kl_init, top_k=args.top_k,
+        offsets=args.offsets, rank=args.rank, precondition_frequency=args.precondition_frequency, device=args.device,
+    )  # fmt: skip
+    result = run_spike_experiment(config, progress=lambda line: print(line, flush=True))
+    data = result.to_json()
+    print(result.format_tables())
+    if args.out:
+        _write_json(data, args.out / "spike.json")
+        if not args.no_plots:
+            from whiten.diagnostics.plots import plot_spike_angles, plot_spike_eigenvalues
+
+            plot_spike_angles(data, args.out / "spike_angles.png")
+            plot_spike_eigenvalues(data, args.out / "spike_eigenvalues.png")
+        print(f"wrote {args.out}/spike.json" + ("" if args.no_plots else " and PNGs"))
+    return 0
+
+
+def _spectra_records(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    if path.suffix in (".json", ".jsonl"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} does not exist")
+        text = path.read_text()
+        items = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else (
+            json.loads(text))  # fmt: skip
+        items = items if isinstance(items, list) else [items]
+        records = [i.get("record_spectra", i) for i in items]
+        records = [r for r in records if isinstance(r, dict) and "factors" in r]
+        if not records:
+            raise ValueError(f"{str(path)!r} holds no record_spectra snapshots (entries with 'factors')")
+        return records
+    checkpoint = load_checkpoint(path, trusted=args.trusted)
+    step = checkpoint.get("step") if isinstance(checkpoint, dict) else None
+    factors = factor_spectra(checkpoint, rank=args.rank, tol=args.tol, use=args.use)
+    return [{"step": step if step is not None else path.stem, "rank": args.rank, "tol": args.tol,
+             "source": str(path), "factors": [f.as_dict() for f in factors]}]  # fmt: skip
+
+
+def cmd_spectra(args: argparse.Namespace) -> int:
+    if args.rank < 0:
+        raise ValueError(f"--rank must be >= 0, got {args.rank}")
+    records = [r for path in args.inputs for r in _spectra_records(path, args)]
+    for rec in records:
+        print(f"\n== stage: step {rec.get('step')} ({rec.get('source', 'record')})")
+        print(format_spectra_table(rec["factors"]))
+    if args.out:
+        _write_json(records, args.out / "spectra.json")
+        if not args.no_plots:
+            from whiten.diagnostics.plots import plot_spectra
+
+            plot_spectra(records, args.out / "spectra.png", max_panels=args.max_panels)
+        print(f"\nwrote {args.out}/spectra.json" + ("" if args.no_plots else " and spectra.png"))
+    return 0
+
+
+def _alpha_from_jsonl(path: Path) -> list[LayerAlpha]:
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lists = [e["weight_alpha"] for e in entries if isinstance(e.get("weight_alpha"), list)]
+    if not lists:
+        raise ValueError(f"{str(path)!r} holds no weight_alpha records")
+    return [LayerAlpha(**{**d, "shape": tuple(d["shape"])}) for d in lists[-1]]
+
+
+def cmd_alpha(args: argparse.Namespace) -> int:
+    runs: dict[str, list[LayerAlpha]] = {}
+    for item in args.inputs:
+        label, _, raw = item.rpartition("=") if "=" in item else ("", "", item)
+        path = Path(raw)
+        label = label or path.parent.name or path.stem
+        if path.suffix == ".jsonl":
+            if not path.is_file():
+                raise FileNotFoundError(f"{raw!r} does not exist")
+            layers = _alpha_from_jsonl(path)
+        else:
+            state = find_model_state(load_checkpoint(path, trusted=args.trusted), origin=raw)
+            layers = weight_alpha(state, args.xmin, min_tail=args.min_tail, include=args.include)
+        if label in runs:
+            label = f"{label}#{len(runs)}"
+        runs[label] = layers
+    out: dict[str, Any] = {}
+    for label, layers in runs.items():
+        print(f"\n== {label}  (x_min rule: {layers[0].xmin_rule})")
+        print(format_alpha_table(layers))
+        means = mean_by_type(layers)
+        print("\nmean per module type:")
+        for key, m in means.items():
+            print(f"  {key:<24} n={m['count']:<3} alpha={m['alpha']:.3f}  stable_rank={m['stable_rank']:.2f}  "
+                  f"||W||2={m['spectral_norm']:.3f}")  # fmt: skip
+        out[label] = {"layers": [r.as_dict() for r in layers], "mean_by_type": means}
+    if args.out:
+        _write_json(out, args.out / "alpha.json")
+        if not args.no_plots:
+            from whiten.diagnostics.plots import plot_alpha
+
+            plot_alpha(runs, args.out / "alpha.png")
+        print(f"\nwrote {args.out}/alpha.json" + ("" if args.no_plots else " and alpha.png"))
+    return 0
