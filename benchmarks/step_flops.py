@@ -50,10 +50,12 @@ def htmuon_svd(m: int, n: int) -> float:
 
 
 def htmuon_ns(m: int, n: int, power: float = 0.125, ns_steps: int = 5, sqrt_steps: int = 5) -> float:
-    """Gram, ``k`` coupled NS square roots (3 products per inner step), NS5, then ``root @ NS``."""
+    """Gram, ``k`` coupled NS square roots, NS5 (Gram path when rectangular), then ``root @ NS``."""
     s, l = min(m, n), max(m, n)
     rounds = max(1, round(math.log(power, 0.5) + 1))
-    return _mm(s, l, s) + rounds * sqrt_steps * 3 * _mm(s, s, s) + newton_schulz(m, n, ns_steps) + _mm(s, s, l)
+    # whiten skips the products with Z_0 = I and the unused last inverse update: 3 k - 3 products per root
+    sqrt = rounds * (3 * sqrt_steps - 3) * _mm(s, s, s)
+    return _mm(s, l, s) + sqrt + newton_schulz(m, n, ns_steps, gram=uses_gram(m, n)) + _mm(s, s, l)
 
 
 def htmuon_stream(m: int, n: int) -> float:

@@ -98,7 +98,8 @@ def schatten_power_ns(
     root = gram + ridge * eye
     for _ in range(ns_power_rounds(power)):
         root, _ = coupled_newton_schulz_sqrt(root, sqrt_steps, inverse=False)
-    ortho = newton_schulz(work, ns_steps, ns_coefficients, compute_dtype=work.dtype)
+    # the same NS polynomial; on the small Gram matrix when the matrix is rectangular enough (fp32/fp64)
+    ortho = newton_schulz(work, ns_steps, ns_coefficients, compute_dtype=work.dtype, method="auto")
     return root @ ortho if wide else ortho @ root
 
 
