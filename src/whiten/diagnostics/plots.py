@@ -38,7 +38,7 @@ def plot_spike_angles(result: Mapping[str, Any], path: str | Path, *, k: int | N
     panels: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         for basis in run["bases"]:
-            panels.setdefault(f"{run['optimizer']} - {basis}", []).append(run)
+            panels.setdefault(f"{run['label']} - {basis}", []).append(run)
     rows, cols = _grid(len(panels), 3)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False, sharex=True)
     for ax, (title, members) in zip(axes.flat, panels.items(), strict=False):
