@@ -52,7 +52,7 @@ def train(optimizer_name: str, steps: int, out: Path, save_at: tuple[int, ...] =
         if step in save_at:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "param_names": names},
                        out / f"{optimizer_name.lower()}_step{step}.pt")  # fmt: skip
-    print(f"{optimizer_name}: final train loss {float(loss):.4f}")
+    print(f"{optimizer_name}: final train loss {float(loss.detach()):.4f}")
     torch.save({"model": model.state_dict(), "step": steps}, out / f"{optimizer_name.lower()}_final.pt")
     return model
 
