@@ -523,16 +523,18 @@ def run_config(
             f"{row['flop_rate'] / 1e9:7.1f} GFLOP/s")
         case.release()
 
+    windows = max(args.kron_windows, math.ceil(steps / args.period))
+
     def timed_steps(method: Method, round_index: int) -> int:
-        if method.period > 1:  # whole refresh windows, all in the first round (they are long)
-            return method.period * max(1, math.ceil(steps / method.period)) if round_index == 0 else 0
-        return max(1, math.ceil(steps / rounds))
+        if method.period > 1:  # whole refresh windows, one per round
+            return method.period if round_index < windows else 0
+        return max(1, math.ceil(steps / rounds)) if round_index < rounds else 0
 
     if interleave:
         for method in methods:
             case, row = prepare(method)
             cases.append((method, case, row))
-        for round_index in range(rounds):
+        for round_index in range(max(rounds, windows)):
             for method, case, row in cases:
                 if case is None or row["status"] != "ok":
                     continue
@@ -552,7 +554,7 @@ def run_config(
             case, row = prepare(method)
             if case is not None:
                 try:
-                    for _ in range(timed_steps(method, 0) if method.period > 1 else steps):
+                    for _ in range(method.period * windows if method.period > 1 else steps):
                         case.step(record=True)
                     finish(method, case, row)
                 except Exception as exc:
@@ -668,6 +670,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--whole-steps", type=int, default=None, help="timed steps on gpt2-small")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds for the small configs")
     ap.add_argument("--period", type=int, default=10, help="preconditioner refresh period T of the Kron methods")
+    ap.add_argument("--kron-windows", type=int, default=2,
+                    help="timed refresh windows (of --period steps) per refresh method (default 2)")
     ap.add_argument("--ranks", type=int, nargs="*", default=[32, 64, 128, 256], help="Pro-KLShampoo ranks")
     ap.add_argument("--interleave-numel", type=float, default=1.5e8, help=argparse.SUPPRESS)
     ap.add_argument("--compile-peers", action="store_true", help="let HeavyBall torch.compile its kernels")
