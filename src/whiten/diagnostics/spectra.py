@@ -122,6 +122,7 @@ def factor_spectra(
     tol: float | None = None,
     use: str = "factor",
     names: Mapping[int, str] | None = None,
+    allow_empty: bool = False,
 ) -> list[FactorSpectrum]:
     """Spectra of every Kronecker factor held by ``source`` (see module doc).
 
@@ -132,6 +133,7 @@ def factor_spectra(
     ``use``: ``"factor"`` = eigenvalues of the stored factor matrix; ``"lam"`` = the EMA eigenvalues
     that KL-Shampoo actually preconditions with (``lam_L`` / ``lam_R``) where the state has them.
     ``names``: optional parameter index -> name (e.g. from :func:`param_names`).
+    ``allow_empty``: return ``[]`` instead of raising when no factor is found (Muon, AdamW, unstepped).
     """
     if use not in FACTOR_SOURCES:
         raise ValueError(f"use={use!r} is not valid; use one of {FACTOR_SOURCES}")
@@ -162,7 +164,7 @@ def factor_spectra(
                     **stats,  # type: ignore[arg-type]
                 )
             )
-    if not results:
+    if not results and not allow_empty:
         raise ValueError(
             "no Kronecker factor found in the optimizer state (expected per-parameter keys 'L'/'R' or "
             "'U'/'Lam'/'sigma', as SOAP, KL-Shampoo and Pro-KLShampoo keep); was the optimizer stepped?"
@@ -190,10 +192,11 @@ def record_spectra(
 
     Meant for a training loop's ``--record-every`` hook; collect the snapshots in a list and
     pass it to :func:`plot_spectra` (or save it as JSON and run ``whiten diagnose spectra``).
-    Parameters not yet stepped are skipped.
+    Parameters not yet stepped are skipped; an optimizer without Kronecker factors (Muon, AdamW)
+    gives an empty ``"factors"`` list, so the hook can run for every optimizer of a benchmark.
     """
     names = None if model is None else param_names(optimizer, model)
-    factors = factor_spectra(optimizer, rank=rank, tol=tol, use=use, names=names)
+    factors = factor_spectra(optimizer, rank=rank, tol=tol, use=use, names=names, allow_empty=True)
     return {"step": step, "rank": rank, "tol": tol, "factors": [f.as_dict() for f in factors]}
 
 
