@@ -297,6 +297,12 @@ def test_cli_spectra_alpha_spike(tmp_path, capsys) -> None:
     assert main(["diagnose", "spectra", str(ckpt), "--rank", "2", "--out", str(tmp_path / "s"), "--no-plots"]) == 0
     records = json.loads((tmp_path / "s" / "spectra.json").read_text())
     assert records[0]["step"] == 4 and records[0]["factors"]
+    # the bench's diagnostics.jsonl: {"step", "record_spectra": snapshot, "weight_alpha": [...]} per line
+    lines = [{"step": s, "record_spectra": record_spectra(opt, model), "weight_alpha": []} for s in (2, 4)]
+    (tmp_path / "diagnostics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    assert main(["diagnose", "spectra", str(tmp_path / "diagnostics.jsonl"), "--out", str(tmp_path / "j"),
+                 "--no-plots"]) == 0  # fmt: skip
+    assert [r["step"] for r in json.loads((tmp_path / "j" / "spectra.json").read_text())] == [2, 4]
     big = nn.Sequential(nn.Linear(40, 60), nn.Linear(60, 30))
     torch.save(big.state_dict(), tmp_path / "w.pt")
     assert main(["diagnose", "alpha", f"a={tmp_path / 'w.pt'}", "--xmin", "median", "--out", str(tmp_path / "a"),

@@ -127,8 +127,12 @@ def _spectra_records(path: Path, args: argparse.Namespace) -> list[dict[str, Any
         items = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else (
             json.loads(text))  # fmt: skip
         items = items if isinstance(items, list) else [items]
-        records = [i.get("record_spectra", i) for i in items]
-        records = [r for r in records if isinstance(r, dict) and "factors" in r]
+        records = []
+        for item in items:
+            rec = item.get("record_spectra", item) if isinstance(item, dict) else None
+            if isinstance(rec, dict) and rec.get("factors"):
+                # the bench hook stores the step next to the snapshot, not inside it
+                records.append({**rec, "step": rec.get("step") if rec.get("step") is not None else item.get("step")})
         if not records:
             raise ValueError(f"{str(path)!r} holds no record_spectra snapshots (entries with 'factors')")
         return records
