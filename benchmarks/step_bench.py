@@ -593,6 +593,15 @@ def _fmt_ratio(value: float | None, against: str | None) -> str:
     return f"{value:.2f}x {against}" if value is not None and against else ""
 
 
+def _fmt_peak(row: dict[str, Any]) -> str:
+    """Achieved rate as a share of the measured matmul rate of the dtype the method's matmuls run in."""
+    if not row["matmul_flops"]:
+        return "–"
+    if row["bf16"] and row.get("frac_bf16_peak") is not None:
+        return f"{100 * row['frac_bf16_peak']:.0f}% bf16"
+    return f"{100 * row['frac_fp32_peak']:.0f}% fp32"
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
@@ -605,7 +614,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"bf16 {meta['matmul_rate'].get('bfloat16', 0) / 1e9:.1f} GFLOP/s",
         f"- step time = median over windows of T steps (T = refresh period) of the window mean, after warm-up "
         f"(first step + T); refreshes amortised. {meta['command']}",
-        "- FLOP rate counts matmul FLOPs only (benchmarks/step_flops.py); LAPACK (QR/eigh/SVD) time lowers it.",
+        "- FLOP rate counts matmul FLOPs only (benchmarks/step_flops.py); LAPACK (QR/eigh/SVD) time lowers it. "
+        "% of peak: against the measured bf16 rate for bf16-NS rows, fp32 otherwise.",
         "",
     ]
     by_config: dict[str, list[dict[str, Any]]] = {}
@@ -615,7 +625,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"## {config}",
             "",
-            "| method | settings | step ms (IQR) | state MiB | GFLOP/step | GFLOP/s | % fp32 peak | vs reference "
+            "| method | settings | step ms (IQR) | state MiB | GFLOP/step | GFLOP/s | % of peak | vs reference "
             "| vs fastest peer |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -626,7 +636,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['method']} | {r['settings']} | {r['median_s'] * 1e3:.1f} ({r['q1_s'] * 1e3:.1f}–"
                 f"{r['q3_s'] * 1e3:.1f}) | {r['state_bytes'] / 2**20:.1f} | {r['matmul_flops'] / 1e9:.2f} | "
-                f"{r['flop_rate'] / 1e9:.1f} | {100 * r['frac_fp32_peak']:.0f}% | "
+                f"{r['flop_rate'] / 1e9:.1f} | {_fmt_peak(r)} | "
                 f"{_fmt_ratio(r['ratio_to_reference'], r['reference'])} | "
                 f"{_fmt_ratio(r['ratio_to_fastest_peer'], r['fastest_peer'])} |"
             )
