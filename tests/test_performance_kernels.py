@@ -171,3 +171,20 @@ def test_muon_ns_methods_agree_in_fp32() -> None:
     for method in ("gram", "auto"):
         for a, b in zip(results[method], results["direct"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_sorted_orthogonal_iteration_equals_sort_then_iterate(steps: int) -> None:
+    from whiten.linalg import orthogonal_iteration, sort_basis, sorted_orthogonal_iteration
+
+    gen = torch.Generator().manual_seed(9)
+    X = torch.randn(2, 12, 30, dtype=torch.float64, generator=gen)
+    A = X @ X.mT
+    Q, _ = torch.linalg.qr(torch.randn(2, 12, 12, dtype=torch.float64, generator=gen))
+    sorted_Q, order_ref = sort_basis(A, Q)
+    expected = orthogonal_iteration(A, sorted_Q, steps)
+    got, order = sorted_orthogonal_iteration(A, Q, steps)
+    assert torch.equal(order, order_ref)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="steps"):
+        sorted_orthogonal_iteration(A, Q, 0)

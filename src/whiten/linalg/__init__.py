@@ -7,6 +7,7 @@ from whiten.linalg.eigen import (
     principal_angles,
     rayleigh_quotients,
     sort_basis,
+    sorted_orthogonal_iteration,
 )
 from whiten.linalg.kl_family import (
     effective_flat_value,
@@ -85,5 +86,6 @@ __all__ = [
     "schatten_power_stream",
     "schatten_power_svd",
     "sort_basis",
+    "sorted_orthogonal_iteration",
     "spike_flat_statistics",
 ]

@@ -66,6 +66,24 @@ def orthogonal_iteration(A: Tensor, Q: Tensor, steps: int = 1) -> Tensor:
     return Q
 
 
+def sorted_orthogonal_iteration(A: Tensor, Q: Tensor, steps: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`sort_basis` then :func:`orthogonal_iteration`, sharing the product ``A Q``.
+
+    Permuting the columns of ``Q`` permutes those of ``A Q``, so the Rayleigh quotients and the
+    first power step need one ``A Q`` instead of two (``2 n^3`` FLOPs saved per call on an
+    ``n x n`` factor: ~7% of a SOAP step on GPT-2's 768 x 3072 at refresh period 10). Returns the
+    new basis and the permutation applied to the old one (to permute companion state alike).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    AQ = A @ Q
+    order = torch.argsort((AQ * Q).sum(-2), dim=-1, descending=True)
+    Q_next, _ = torch.linalg.qr(torch.take_along_dim(AQ, order.unsqueeze(-2), dim=-1))
+    if steps > 1:
+        Q_next = orthogonal_iteration(A, Q_next, steps - 1)
+    return Q_next, order
+
+
 def principal_angles(A: Tensor, B: Tensor) -> Tensor:
     """Principal angles (radians, ascending) between the column spans of ``A`` and ``B``.
 
