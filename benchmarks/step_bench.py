@@ -283,6 +283,18 @@ def method_table(ranks: Sequence[int], period: int) -> list[Method]:
                    reference="torch.optim.Muon", bf16=dtype == "bfloat16")
         )
 
+    def ours_muon_gram(mats: list[Tensor], others: list[Tensor]) -> Stepper:
+        cls = _whiten_class("Muon")
+        return Stepper(cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype="bfloat16", ns_method="gram",
+                           **muon_common))
+
+    methods.append(
+        Method("whiten.Muon[bf16,gram]", "whiten", "muon",
+               "opt-in ns_method=gram in bf16 (same polynomial, ~3x the bf16 rounding error of direct)",
+               ours_muon_gram, lambda m, n: flops.newton_schulz(m, n, 5, gram=True),
+               reference="torch.optim.Muon", bf16=True)
+    )
+
     # --- HTMuon --------------------------------------------------------------------------------
     ht_flops = {"svd": flops.htmuon_svd, "ns": flops.htmuon_ns, "stream": flops.htmuon_stream}
     for kind in ("svd", "ns", "stream"):
