@@ -61,13 +61,24 @@ _SPECS = [
     OptimizerSpec("klsoap", "KLSOAP", 1e-2, "KL-SOAP: Adam in KL-Shampoo's eigenbasis (lr not swept)"),
 ]
 _PRO_KLS_RANKS = (8, 16, 32, 64)
-_PRO_KLS_DEFAULT_LR = 3e-3  # swept at rank 16; used for every rank
+# best lr per rank on the default preset: with complement_scale="sqrt_m" the lr that suits the
+# tracked subspace grows with the rank (at rank >= n a matrix is plain KL-Shampoo, best at 3e-2)
+_PRO_KLS_RANK_LRS = ((16, 3e-3), (32, 1e-2), (64, 3e-2))
+
+
+def _pro_kls_default_lr(rank: int) -> float:
+    """Swept lr of the nearest swept rank at or above ``rank`` (the largest one beyond)."""
+    for swept_rank, lr in _PRO_KLS_RANK_LRS:
+        if rank <= swept_rank:
+            return lr
+    return _PRO_KLS_RANK_LRS[-1][1]
 _PRO_KLS_PATTERN = re.compile(r"pro-kls-r(\d+)$")
 
 
 def _pro_kls_spec(name: str, rank: int) -> OptimizerSpec:
     return OptimizerSpec(
-        name, "ProKLShampoo", _PRO_KLS_DEFAULT_LR, f"Pro-KLShampoo, tracked subspace rank {rank}", {"rank": rank}
+        name, "ProKLShampoo", _pro_kls_default_lr(rank), f"Pro-KLShampoo, tracked subspace rank {rank}",
+        {"rank": rank},
     )
 
 
