@@ -19,6 +19,7 @@ half of a matrix method follows the same shape.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -311,7 +312,12 @@ def _record(recorders: dict[str, Callable[..., Any]], optimizer: Any, model: nn.
     entry: dict[str, Any] = {"step": step}
     for name, fn in recorders.items():
         try:
-            entry[name] = fn(optimizer, model) if name == "record_spectra" else fn(model)
+            if name == "record_spectra":
+                # pass the step where the recorder takes it (whiten.diagnostics does, keyword-only)
+                accepts_step = "step" in inspect.signature(fn).parameters
+                entry[name] = fn(optimizer, model, step=step) if accepts_step else fn(optimizer, model)
+            else:
+                entry[name] = fn(model)
         except Exception as err:  # a diagnostics failure must not kill a training run
             entry[name] = {"error": f"{type(err).__name__}: {err}"}
     return entry
