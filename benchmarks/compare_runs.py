@@ -41,9 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         metas.append(data["meta"])
         for row in data["results"]:
             merged[(row["config"], row["method"])] = row
+    # row order: the method table's order (the script lists methods in the same order in every run)
+    from step_bench import method_table
+
+    rank = {m.label: i for i, m in enumerate(method_table([32, 64, 128, 256], 10))}
     by_config: dict[str, list[dict[str, Any]]] = {}
     for (config, _), row in merged.items():
         by_config.setdefault(config, []).append(row)
+    for rows in by_config.values():
+        rows.sort(key=lambda r: rank.get(r["method"], len(rank)))
     out = []
     for meta in metas:
         rate = meta["matmul_rate"]
