@@ -19,6 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_bench import _fmt_peak, _fmt_ratio, add_ratios
 
 
+def _drop_before_columns(line: str) -> str:
+    cells = line.split(" | ")
+    return " | ".join([cells[0], cells[2], *cells[4:]])
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
 
@@ -58,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     out.append("")
     for config, rows in by_config.items():
         add_ratios(rows)
-        out += [
-            f"### {config}",
-            "",
+        header = [
             "| method | before ms | after ms (IQR) | speed-up | state MiB | GFLOP/s | % of peak | vs reference "
             "| vs fastest peer |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
+        if not before:
+            header = ["| method | ms (IQR) | state MiB | GFLOP/s | % of peak | vs reference | vs fastest peer |",
+                      "|---|---|---|---|---|---|---|"]
+        out += [f"### {config}", "", *header]
         for r in rows:
             if r["status"] != "ok":
                 out.append(f"| {r['method']} | | {r['status'][:60]} | | | | | | |")
@@ -72,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             old = before.get((config, r["method"]))
             old_ms = f"{old['median_s'] * 1e3:.1f}" if old and old["status"] == "ok" else ""
             speedup = f"{old['median_s'] / r['median_s']:.2f}x" if old_ms else ""
-            out.append(
+            line = (
                 f"| {r['method']} | {old_ms} | {r['median_s'] * 1e3:.1f} ({_ms(r['q1_s'])}–{_ms(r['q3_s'])})"
                 f" | {speedup} | {r['state_bytes'] / 2**20:.1f} | {r['flop_rate'] / 1e9:.1f} | {_fmt_peak(r)} | "
                 f"{_fmt_ratio(r['ratio_to_reference'], r['reference'])} | "
                 f"{_fmt_ratio(r['ratio_to_fastest_peer'], r['fastest_peer'])} |"
             )
+            out.append(line if before else _drop_before_columns(line))
         out.append("")
     print("\n".join(out))
     return 0
