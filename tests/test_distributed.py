@@ -345,3 +345,38 @@ def test_free_port_is_bindable_on_loopback() -> None:
     assert 0 < port < 65536
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+# -- whiten bench --nproc -----------------------------------------------------------------------------------
+def test_bench_nproc_relaunches_itself(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import whiten.bench.cli as bench_cli
+    from whiten.cli import main
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(bench_cli, "relaunch", lambda n, argv: calls.append((n, argv)) or 0)
+    argv = ["bench", "--nproc", "2", "--steps", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert calls == [(2, ["whiten", *argv])]  # relaunch drops --nproc before starting the processes
+    assert main([*argv, "--resume"]) == 2  # one-line error: not supported
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_nproc_2_matches_one_process(tmp_path) -> None:
+    """`whiten bench --nproc 2` (DDP, each process half of every batch) = the 1-process bench."""
+    if not _gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    import json
+    import subprocess
+
+    from whiten.cli import main
+
+    args = ["bench", "--steps", "3", "--optimizers", "muon", "--eval-batches", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "n1")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "whiten", *args, "--nproc", "2", "--out", str(tmp_path / "n2")], check=True,
+                   env=env)  # fmt: skip
+    finals = [json.loads((tmp_path / n / "runs" / "muon-s0" / "result.json").read_text())["final_val_loss"]
+              for n in ("n1", "n2")]  # fmt: skip
+    assert finals[0] == pytest.approx(finals[1], rel=1e-5)

@@ -15,6 +15,7 @@ import platform
 import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from whiten.bench.models import MODEL_CONFIGS, count_parameters, model_config
 from whiten.bench.optimizers import availability, get_spec, known_names
 from whiten.bench.report import PLOT_FILES, load_summary, markdown_table, plot, summarize
 from whiten.bench.runner import BenchConfig, RunSpec, run_all
+from whiten.optim.distributed import init_distributed, is_main_process, launched, relaunch
 
 _MAIN_OPTIMIZERS = ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16"]
 _PAPER_OPTIMIZERS = ["adamw", "muon", "soap", "kl-shampoo", "pro-kls-r32", "pro-kls-r64", "pro-kls-r128"]
@@ -136,6 +138,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common(bench)
     bench.add_argument("--out", help="results folder (default: results/bench-<preset>)")
     bench.add_argument("--list", action="store_true", help="print the accepted optimizer names and exit")
+    bench.add_argument("--nproc", type=int, default=1,
+                       help="data-parallel processes on this machine (torchrun; gloo on CPU, nccl on CUDA): "
+                            "DDP, each process an equal slice of every batch, rank 0 writes the results")  # fmt: skip
     bench.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     bench.set_defaults(func=cmd_bench)
 
@@ -289,9 +294,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for name, preset in PRESETS.items():
             print(f"{name:12s} " + ", ".join(f"{k}={v}" for k, v in preset.items()))
         return 0
+    if args.nproc != 1 or launched():
+        code = _start_processes(args)
+        if code is not None:
+            return code
     cfg, skipped, out = _prepare(args, "bench")
     _check_available(cfg)
     data, mcfg, info = _load(cfg)
+    if not is_main_process():  # other ranks compute alike but keep their files apart
+        out, args.no_progress = Path(tempfile.mkdtemp(prefix="whiten-bench-rank-")), True
     if not args.resume:
         _fresh_out(out)
     (out / "config.json").write_text(json.dumps({"bench": cfg.to_dict(), **info, "skipped": skipped}, indent=2))
@@ -300,6 +311,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # seeds outer so a partial run has every optimizer at seed 0 first; labels group them again
     results, complete = run_all(cfg, specs, mcfg, data, out, resume=args.resume, progress=not args.no_progress,
                                 stop_after=args.stop_after, on_result=_print_run)  # fmt: skip
+    if not is_main_process():
+        shutil.rmtree(out, ignore_errors=True)
+        return 0
     if not complete:
         print(f"stopped; continue with: whiten bench --out {out} --resume", file=sys.stderr)
         return 130
@@ -313,6 +327,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(table)
     print(f"\nresults: {out}/summary.json, results.md, {', '.join(PLOT_FILES)}")
     return 0
+
+
+def _start_processes(args: argparse.Namespace) -> int | None:
+    """``--nproc N``: run this command on N processes (returns their exit code); in one of them, join the group."""
+    if args.resume:
+        raise ValueError("--nproc does not support --resume; run without --nproc to resume")
+    code = relaunch(args.nproc, ["whiten", *args.argv])
+    if code is None:
+        init_distributed()
+    return code
 
 
 def _print_run(result: dict[str, Any]) -> None:

@@ -33,10 +33,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from whiten.bench.data import TokenData, train_batch, val_batches
 from whiten.bench.models import ModelConfig, build_model, count_parameters
 from whiten.bench.optimizers import build_optimizer, get_spec, optimizer_state_bytes
+from whiten.optim.distributed import launched, rank_slice
 
 
 @dataclass
@@ -347,6 +349,8 @@ def run_one(
         embed_lr=cfg.embed_lr_value(), extra_options=cfg.options.get(spec.optimizer),
     )  # fmt: skip
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    # whiten bench --nproc N: gradients all-reduced over the processes, each with a slice of the batch
+    train_model = DistributedDataParallel(model) if launched() else model
     val = val_batches(data.val, batch_size=cfg.batch_size, ctx=cfg.ctx, max_batches=cfg.eval_batches)
     tokens_per_step = cfg.batch_size * cfg.ctx
     clock = {"train_s": 0.0, "fb_s": 0.0, "opt_s": 0.0, "cpu_s": 0.0}
@@ -390,8 +394,8 @@ def run_one(
                 _sync(device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 x, y = train_batch(data.train, seed=spec.seed, step=step, batch_size=cfg.batch_size, ctx=cfg.ctx)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                _, loss = model(x, y)
+                x, y = rank_slice(x.to(device, non_blocking=True)), rank_slice(y.to(device, non_blocking=True))
+                _, loss = train_model(x, y)
                 assert loss is not None
                 loss.backward()
                 _sync(device)
