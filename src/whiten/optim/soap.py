@@ -61,9 +61,8 @@ from whiten.linalg import (
     eigh_descending,
     kl_factor_targets,
     matmul_precision,
-    orthogonal_iteration,
     rayleigh_quotients,
-    sort_basis,
+    sorted_orthogonal_iteration,
 )
 from whiten.optim import _options as opt
 from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
@@ -295,16 +294,14 @@ class SOAP(WhitenOptimizer):
                     if full:
                         Q_L = eigh_descending(L)[1]
                     else:
-                        Q_L, order = sort_basis(L, Q_L)
+                        Q_L, order = sorted_orthogonal_iteration(L, Q_L, steps)  # one L Q_L for both
                         exp_avg_sq = exp_avg_sq.take_along_dim(order.unsqueeze(-1), dim=-2)
-                        Q_L = orthogonal_iteration(L, Q_L, steps)
                 if R is not None:
                     if full:
                         Q_R = eigh_descending(R)[1]
                     else:
-                        Q_R, order = sort_basis(R, Q_R)
+                        Q_R, order = sorted_orthogonal_iteration(R, Q_R, steps)
                         exp_avg_sq = exp_avg_sq.take_along_dim(order.unsqueeze(-2), dim=-1)
-                        Q_R = orthogonal_iteration(R, Q_R, steps)
                 if moment is not None:
                     exp_avg = to_eigenbasis(moment, Q_L, Q_R)
 
