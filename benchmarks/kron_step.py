@@ -2,10 +2,11 @@
 """Per-step time and optimizer-state bytes of the Kronecker-factored optimizers on GPT-2-small shapes.
 
 Methods: SOAP (if ``whiten.SOAP`` is importable), KL-Shampoo and Pro-KLShampoo at ranks 32, 64, 128, 256,
-all with an eigenbasis refresh every ``T = 10`` steps. For each matrix shape (fp32, one parameter) and
-method the optimizer takes its initialisation step and one warm-up step, then ``--steps`` more steps
-are timed one by one with a refresh every ``--refresh-every`` steps (default 3, so that few steps give
-both kinds). ``typical`` is the median step without a refresh, ``refresh`` the median step with one, and
+all with an eigenbasis refresh every ``T = 10`` steps (Pro-KLShampoo with ``--ns-method``, default its own
+default ``"spectral"``; ``--ns-method auto`` measures the iterative Newton–Schulz paths). For each matrix shape
+(fp32, one parameter) and method the optimizer takes its initialisation step and one warm-up step, then
+``--steps`` more steps are timed one by one with a refresh every ``--refresh-every`` steps (default 3, so that
+few steps give both kinds). ``typical`` is the median step without a refresh, ``refresh`` the median step with one, and
 the amortised step time is ``typical + (refresh - typical) / T``. ``state_bytes`` counts every tensor in
 the optimizer state (momentum included).
 
@@ -55,11 +56,15 @@ def soap_factory() -> Callable[[list[torch.Tensor]], torch.optim.Optimizer] | No
     return lambda params: SOAP(params, lr=1e-4, precondition_frequency=FREQUENCY)
 
 
-def methods(ranks: list[int]) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None]:
+def methods(
+    ranks: list[int], ns_method: str = "spectral"
+) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None]:
     out: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None] = {"SOAP": soap_factory()}
     out["KLShampoo"] = lambda params: KLShampoo(params, precondition_frequency=FREQUENCY)
     for r in ranks:
-        out[f"ProKLShampoo r={r}"] = lambda params, r=r: ProKLShampoo(params, rank=r, precondition_frequency=FREQUENCY)
+        out[f"ProKLShampoo r={r}"] = lambda params, r=r: ProKLShampoo(
+            params, rank=r, precondition_frequency=FREQUENCY, ns_method=ns_method
+        )
     return out
 
 
@@ -110,7 +115,8 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"# Kronecker optimizer step benchmark ({meta['device']}, fp32, {meta['threads']} thread(s))",
         "",
         f"Amortised step = typical + (refresh - typical) / {FREQUENCY}; ratios vs KL-Shampoo on the same shape from "
-        f"{clock} time. Load average at start: {meta['loadavg']} (shared machine: wall times are noisy).",
+        f"{clock} time. Pro-KLShampoo ns_method={meta.get('ns_method', 'spectral')!r}. Load average at start: "
+        f"{meta['loadavg']} (shared machine: wall times are noisy).",
         "",
         f"| shape | method | step ms ({clock}) | typical ms | refresh ms | step ms ({meta['other']}) | state MiB "
         "| time / KL | bytes / KL |",
@@ -159,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="clock for the ratios")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--ns-method", default="spectral", help="Pro-KLShampoo ns_method (spectral, auto, gram, direct)"
+    )
     args = parser.parse_args(argv)
     if args.refresh_every < 2 or args.steps < args.refresh_every + 1:
         raise SystemExit("need --refresh-every >= 2 and --steps >= refresh-every + 1 (both step kinds must occur)")
@@ -176,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg": " ".join(f"{v:.1f}" for v in os.getloadavg()),
         "torch": torch.__version__,
         "precondition_frequency": FREQUENCY,
+        "ns_method": args.ns_method,
     }
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     for shape in shapes:
         rows = []
-        for name, make in methods(ranks).items():
+        for name, make in methods(ranks, args.ns_method).items():
             row: dict[str, Any] = {"shape": f"{shape[0]}x{shape[1]}", "method": name}
             if make is None:
                 row["unavailable"] = True

@@ -16,6 +16,7 @@ from whiten.linalg import (
     principal_angles,
     spike_flat_statistics,
 )
+from whiten.linalg.kl_family import newton_schulz_spectral_factor
 from whiten.linalg.spectrum import kl_gap, tail_am_gm_ratio
 from whiten.optim.pro_kl_shampoo import adaptive_rank
 
@@ -360,6 +361,40 @@ def test_tracked_subspace_and_ratios_converge_to_the_truth():
     torch.testing.assert_close(ratios, torch.tensor(spikes, dtype=F64), rtol=0.2, atol=0)
 
 
+def test_kl_gap_formula_matches_the_measured_kl_of_the_tracked_factors():
+    """Full-rank anisotropic right covariance: the fitted spike-and-flat Kronecker factor's KL to the true
+    gradient covariance is the gap formula m (n - r)/2 log(AM/GM of the tail) plus estimation noise."""
+    m, n, r = 6, 20, 3
+    V = orthonormal(n, n, 41)
+    eigs = torch.cat([torch.tensor([20.0, 10.0, 6.0], dtype=F64), torch.linspace(2.5, 0.3, n - 3, dtype=F64)])
+    S_L = spd(m, 42, 0.5, 2.0)
+    truth = torch.kron(S_L, V @ torch.diag(eigs) @ V.T)
+    A_half, C_half = mpow(S_L, 0.5), V @ torch.diag(eigs.sqrt()) @ V.T
+    g = gen(40)
+    grads = [A_half @ torch.randn(m, n, dtype=F64, generator=g) @ C_half for _ in range(400)]
+    measured = {}
+    for name, cls, extra in (("pro", ProKLShampoo, {"rank": r}), ("kl", KLShampoo, {})):
+        W = torch.nn.Parameter(torch.zeros(m, n, dtype=F64))
+        opt = cls([W], lr=0.0, weight_decay=0.0, precondition_frequency=5, shampoo_beta=0.98, **extra)
+        for G in grads:
+            W.grad = G
+            opt.step()
+        s = opt.state[W]
+        fitted_left = s["Q_L"] @ torch.diag(s["lam_L"]) @ s["Q_L"].T
+        if name == "pro":
+            U = s["U"]
+            fitted_right = U @ torch.diag(s["Lam"]) @ U.T + s["sigma"] * (torch.eye(n, dtype=F64) - U @ U.T)
+        else:
+            fitted_right = s["Q_R"] @ torch.diag(s["lam_R"]) @ s["Q_R"].T
+        measured[name] = gaussian_kl(truth, torch.kron(fitted_left, fitted_right))
+    gap = kl_gap(eigs, r, m)
+    assert gap == pytest.approx(0.5 * m * (n - r) * math.log(eigs[r:].mean() / eigs[r:].log().mean().exp()))
+    # the family's minimum is the gap, so any fitted member is above it; the fit is close to that minimum
+    assert gap <= measured["pro"] < 1.08 * gap, (measured, gap)
+    # the unrestricted fit of the same stream only pays the estimation noise
+    assert measured["kl"] < 0.15 * gap, (measured, gap)
+
+
 def test_adaptive_rank_finds_the_spike_rank():
     grads, _ = spike_and_flat_stream(16, 48, (30.0, 12.0, 5.0), 23, 300)
     state = run_tracker(grads, rank=1, adaptive_rank=True, max_rank=8, rank_update_interval=10)
@@ -455,3 +490,48 @@ def test_rank_above_short_side_and_tensor_parameters():
     assert U.shape == (20, 8)
     torch.testing.assert_close(U.T @ U, torch.eye(8), atol=1e-5, rtol=0)
     assert torch.isfinite(W).all() and {"F0", "F1", "F2", "Q_F2", "lam_F1"} <= set(opt.state[experts])
+
+
+# -- the spectral evaluation of the complement's Newton–Schulz polynomial --------------------------
+def test_spectral_newton_schulz_equals_the_matrix_iteration():
+    U = orthonormal(20, 6, 31)
+    A = torch.randn(3, 7, 20, dtype=F64, generator=gen(32)) * torch.logspace(0, -2, 20, dtype=F64)
+    X = A - (A @ U) @ U.mT  # rank-deficient complement coordinates, as in the optimizer (batched)
+    for coefficients in ("keller", "polar_express", (2.0, -1.5, 0.5)):
+        for steps in (1, 5, 9):
+            K, P = newton_schulz_spectral_factor(X, steps, coefficients)
+            expected = newton_schulz(X, steps, coefficients, compute_dtype=F64)
+            torch.testing.assert_close(K @ X, expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(P, X @ X.mT)
+    square = torch.randn(9, 9, dtype=F64, generator=gen(33))
+    K, _ = newton_schulz_spectral_factor(square, 5, "keller")
+    expected = newton_schulz(square, 5, "keller", compute_dtype=F64)
+    torch.testing.assert_close(K @ square, expected, rtol=1e-10, atol=1e-12)
+    # fp32: as close to the exact polynomial as the iterations are
+    wide = torch.randn(48, 160, generator=gen(34)) * torch.logspace(0, -2, 160)
+    exact = newton_schulz(wide.double(), 5, "keller", compute_dtype=F64)
+    K32, _ = newton_schulz_spectral_factor(wide, 5, "keller")
+    assert ((K32 @ wide).double() - exact).norm() < 1e-4 * exact.norm()
+    # a zero input gives a zero output, a tall one is refused
+    K0, _ = newton_schulz_spectral_factor(torch.zeros(4, 6, dtype=F64))
+    assert torch.isfinite(K0).all() and torch.count_nonzero(K0 @ torch.zeros(4, 6, dtype=F64)) == 0
+    with pytest.raises(ValueError, match="wide"):
+        newton_schulz_spectral_factor(torch.randn(6, 4))
+
+
+@pytest.mark.parametrize("shape", [(4, 9), (6, 8), (7, 7)])
+def test_every_ns_method_gives_the_same_trajectory(shape):
+    grads = anisotropic_grads(9, *shape, 35)
+    W0 = torch.randn(*shape, dtype=F64, generator=gen(36))
+    finals = {}
+    for method in ("spectral", "auto", "gram", "direct"):
+        W = torch.nn.Parameter(W0.clone())
+        opt = ProKLShampoo([W], lr=0.05, rank=2, precondition_frequency=3, ns_method=method, complement_scale="kl_norm")
+        for G in grads:
+            W.grad = G.clone()
+            opt.step()
+        finals[method] = W.detach()
+    for method, W in finals.items():
+        torch.testing.assert_close(W, finals["direct"], rtol=1e-10, atol=1e-12, msg=method)
+    with pytest.raises(ValueError, match="ns_method"):
+        ProKLShampoo([torch.nn.Parameter(torch.randn(4, 6))], ns_method="svd")

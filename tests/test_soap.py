@@ -346,20 +346,25 @@ def _rotated_gradients(m, n, steps, switch_at, seed=0):
 def test_safe_kl_basis_follows_a_rotated_distribution_peer_stays_frozen(use_eigh):
     m, n, switch_at, steps = 24, 12, 20, 60
     grads, old_axis, new_axis = _rotated_gradients(m, n, steps, switch_at)
-    alignment = {}
-    for kl_init in ("safe", "peer"):
+    alignment, soon = {}, {}
+    for name, options in {"safe": {"use_kl_shampoo": True, "kl_init": "safe"},
+                          "peer": {"use_kl_shampoo": True, "kl_init": "peer"}, "plain": {}}.items():  # fmt: skip
         p = torch.zeros(m, n, requires_grad=True)
-        opt = SOAP([p], lr=1e-3, weight_decay=0.0, use_kl_shampoo=True, use_eigh=use_eigh, kl_init=kl_init)
-        for g in grads:
+        opt = SOAP([p], lr=1e-3, weight_decay=0.0, use_eigh=use_eigh, **options)
+        for t, g in enumerate(grads):
             p.grad = g
             opt.step()
             assert torch.isfinite(opt.state[p]["L"]).all()
+            if t == switch_at + 15:
+                soon[name] = float((opt.state[p]["Q_L"][:, 0] @ new_axis).abs())
         top = opt.state[p]["Q_L"][:, 0]
-        alignment[kl_init] = (float((top @ old_axis).abs()), float((top @ new_axis).abs()))
-    # safe: 40 steps after the switch the top eigenvector is the new principal axis
-    assert alignment["safe"][1] > 0.95, alignment
+        alignment[name] = (float((top @ old_axis).abs()), float((top @ new_axis).abs()))
+    # safe: 16 steps after the switch (the factor EMA's own horizon at shampoo_beta = 0.95: 0.95^14 ~ 1/2)
+    # the top eigenvector is the new principal axis, as fast as plain SOAP's Gram factors; at the end it is exact
+    assert soon["safe"] > 0.9 and soon["safe"] > soon["plain"] - 0.05, soon
+    assert alignment["safe"][1] > 0.99, alignment
     # peer: the 1/eps first factor dominates, the basis still points along the OLD axis
-    assert alignment["peer"][0] > 0.9 and alignment["peer"][1] < 0.5, alignment
+    assert alignment["peer"][0] > 0.9 and alignment["peer"][1] < 0.5 and soon["peer"] < 0.5, (alignment, soon)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,8 +410,13 @@ def test_soap_beats_tuned_sgd_on_ill_conditioned_regression():
     start = _train(lambda p: torch.optim.SGD(p, lr=0.0))
     soap = _train(lambda p: SOAP(p, lr=0.1, weight_decay=0.0))
     soap_nesterov = _train(lambda p: SOAP(p, lr=0.1, weight_decay=0.0, nesterov=True, use_eigh=True))
+    kl_soap = _train(lambda p: SOAP(p, lr=0.1, weight_decay=0.0, use_kl_shampoo=True))
+    # REKLS at a constant lr from step 1 needs the update clip: the step-2 transient (docs/soap.md) makes the
+    # unclipped run diverge on this problem (measured: loss 545 at lr 0.05, 0.59 at lr 0.1)
+    rekls = _train(lambda p: REKLS(p, lr=0.1, weight_decay=0.0, max_update_rms=1.0))
     assert sgd < 0.05 * start  # the baseline is tuned and does train
     assert soap < 0.2 * sgd and soap_nesterov < 0.2 * sgd, (soap, soap_nesterov, sgd)
+    assert kl_soap < 0.2 * sgd and rekls < 0.2 * sgd, (kl_soap, rekls, sgd)
 
 
 def test_minibatch_mlp_with_biases_and_norms_trains():

@@ -41,6 +41,7 @@ from whiten.linalg import (
     prefers_gram,
     spike_flat_statistics,
 )
+from whiten.linalg.kl_family import newton_schulz_spectral_factor
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
@@ -49,16 +50,30 @@ from whiten.optim.kl_shampoo import KLFactored, _defaults, ema_factor_, factor_d
 
 COMPLEMENTS = ("left_whitened_orth", "orth")
 COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
+#: how the complement's Newton–Schulz polynomial is evaluated (all give the same polynomial; see ``ns_factor``)
+NS_METHODS = ("spectral", "auto", "gram", "direct")
 
 
 def _check_ns_coefficients(name: str, value: Any) -> None:
     ns_schedule(value, 1)
 
 
-def use_gram(X: Tensor) -> bool:
-    """Run Newton–Schulz on the ``m x m`` Gram matrix of a wide ``X`` when that is cheaper
-    (:func:`whiten.linalg.prefers_gram`: ``n >= 1.5 m``, fp32/fp64); both paths compute the same polynomial."""
-    return X.shape[-2] <= X.shape[-1] and prefers_gram(X.shape, X.dtype)
+def ns_factor(X: Tensor, method: str) -> str:
+    """How the complement ``X`` (``m x n``) is orthogonalized: ``"direct"`` (matrix iteration on ``X``) or, for
+    a wide ``X``, ``"gram"`` (:func:`whiten.linalg.newton_schulz_left_factor`) or ``"spectral"``
+    (:func:`whiten.linalg.kl_family.newton_schulz_spectral_factor`), which return ``K`` with ``NS(X) = K X``.
+
+    ``method="spectral"`` (default) uses the spectral factor whenever ``X`` is wide; ``"auto"`` the Gram
+    iteration when ``n >= 1.5 m`` (:func:`whiten.linalg.prefers_gram`), else direct; ``"gram"`` the Gram
+    iteration whenever ``X`` is wide. A tall ``X`` (only with a forced ``project_side``) is always direct.
+    All four compute the same polynomial of ``X X^T`` times ``X``.
+    """
+    wide = X.shape[-2] <= X.shape[-1]
+    if method == "direct" or not wide:
+        return "direct"
+    if method == "auto":
+        return "gram" if prefers_gram(X.shape, X.dtype) else "direct"
+    return method
 
 
 def adaptive_rank(eigs: Tensor, m: int, tolerance: float, max_rank: int) -> int:
@@ -111,6 +126,8 @@ class ProKLShampoo(KLFactored):
             (match ``||sigma^{-1/2} S_L^{-1/2} M P_perp||_F``, the spike-and-flat KL-Shampoo complement)
             or ``"muon_rms"`` (``0.2 sqrt(max(m, n))``).
         ns_steps, ns_coefficients: Newton–Schulz iteration (:func:`whiten.linalg.newton_schulz`).
+        ns_method: how that polynomial is evaluated (:func:`ns_factor`): ``"spectral"`` (default; one ``eigh``
+            of the ``m x m`` Gram matrix, 2-3x cheaper on CPU), ``"auto"``, ``"gram"`` or ``"direct"``.
         adaptive_rank: choose ``r`` per layer from the tracked spectrum (:func:`adaptive_rank`)
             every ``rank_update_interval`` steps, between 1 and ``max_rank`` (default ``2 rank``), with a
             KL-gap ``rank_tolerance`` in nats per row; ``rank`` is the starting value.
@@ -124,6 +141,7 @@ class ProKLShampoo(KLFactored):
         "complement_scale": opt.choice(*COMPLEMENT_SCALES),
         "ns_steps": opt.positive_int,
         "ns_coefficients": _check_ns_coefficients,
+        "ns_method": opt.choice(*NS_METHODS),
         "adaptive_rank": opt.boolean,
         "max_rank": opt.optional(opt.positive_int),
         "rank_tolerance": opt.nonneg,
@@ -147,6 +165,7 @@ class ProKLShampoo(KLFactored):
         complement_scale: str = "sqrt_m",
         ns_steps: int = 5,
         ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = "keller",
+        ns_method: str = "spectral",
         adaptive_rank: bool = False,
         max_rank: int | None = None,
         rank_tolerance: float = 0.5,
@@ -163,8 +182,8 @@ class ProKLShampoo(KLFactored):
         defaults = _defaults(
             lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, init_factor,
             rank=rank, project_side=project_side, complement=complement, complement_scale=complement_scale,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, adaptive_rank=adaptive_rank, max_rank=max_rank,
-            rank_tolerance=rank_tolerance, rank_update_interval=rank_update_interval,
+            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_method=ns_method, adaptive_rank=adaptive_rank,
+            max_rank=max_rank, rank_tolerance=rank_tolerance, rank_update_interval=rank_update_interval,
             max_precond_dim=max_precond_dim, state_dtype=state_dtype, preconditioner="kl", adamw_lr=adamw_lr,
             adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
             nonfinite=nonfinite,
@@ -214,20 +233,22 @@ class ProKLShampoo(KLFactored):
         if not pending:
             return
         # Newton–Schulz on the complement coordinates, batched over matrices of the same shape. A wide X
-        # (n >= 1.5 m, fp32/fp64) runs the iteration on its m x m Gram matrix and returns K with NS(X) = K X.
-        direct = [i for i, (_, _, ctx) in enumerate(pending) if not use_gram(ctx["X"])]
-        gram = [i for i, (_, _, ctx) in enumerate(pending) if use_gram(ctx["X"])]
+        # ("gram" / "spectral") gets K with NS(X) = K X from its m x m Gram matrix (see ns_factor).
         steps, coefficients = group["ns_steps"], group["ns_coefficients"]
-        for i, O in zip(direct, map_batched(
-            lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype), [pending[i][2]["X"] for i in direct]
-        ), strict=True):  # fmt: skip
-            pending[i][2]["O"] = O
-        for i, KP in zip(gram, map_batched(
-            lambda X: torch.cat(newton_schulz_left_factor(X, steps, coefficients), dim=-1),
-            [pending[i][2]["X"] for i in gram],
-        ), strict=True):  # fmt: skip
-            m = KP.shape[-2]
-            pending[i][2]["K"], pending[i][2]["P"] = KP[:, :m], KP[:, m:]
+        kinds = [ns_factor(ctx["X"], group["ns_method"]) for _, _, ctx in pending]
+        kernels = {
+            "direct": lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype),
+            "gram": lambda X: torch.cat(newton_schulz_left_factor(X, steps, coefficients), dim=-1),
+            "spectral": lambda X: torch.cat(newton_schulz_spectral_factor(X, steps, coefficients), dim=-1),
+        }
+        for kind, kernel in kernels.items():
+            chosen = [i for i, k in enumerate(kinds) if k == kind]
+            for i, out in zip(chosen, map_batched(kernel, [pending[i][2]["X"] for i in chosen]), strict=True):
+                if kind == "direct":
+                    pending[i][2]["O"] = out
+                else:
+                    m = out.shape[-2]
+                    pending[i][2]["K"], pending[i][2]["P"] = out[:, :m], out[:, m:]
         for p, G, ctx in pending:
             update = self._pro_finish(group, G, self.state[p], ctx)
             apply_update_(p, update.reshape(p.shape), group["lr"], group["weight_decay"], decay_first=False)
