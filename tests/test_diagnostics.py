@@ -175,6 +175,24 @@ def test_round_mantissa_bits() -> None:
     assert torch.equal(bf16, x.to(torch.bfloat16).float())  # bf16 keeps 7 explicit bits, same rounding
 
 
+@pytest.mark.parametrize("bits", [10, 7])
+def test_round_mantissa_matches_float64_reference(bits: int) -> None:
+    # independent reference: scale by the operand's ulp at `bits` mantissa bits and round half to even in float64
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(20000, generator=gen) * torch.exp2(torch.randint(-30, 30, (20000,), generator=gen).float())
+    ties = (1 + (2 * torch.arange(1, 200) + 1) * 2.0 ** -(bits + 1)).float()  # exactly half an ulp above a value
+    x = torch.cat([x, ties, -ties])
+    xd = x.double()
+    ulp = torch.exp2(torch.floor(torch.log2(xd.abs())) - bits)
+    reference = torch.round(xd / ulp) * ulp  # torch.round: half to even
+    got = round_mantissa(x, bits)
+    assert torch.equal(got.double(), reference)
+    low = got.view(torch.int32) & ((1 << (23 - bits)) - 1)
+    assert int(low.abs().max()) == 0  # only `bits` explicit mantissa bits survive
+    assert float(((got.double() - xd).abs() / ulp).max()) <= 0.5
+    assert torch.equal(round_mantissa(x.double(), bits), x.double())  # only fp32 operands are rounded
+
+
 def test_emulated_matmul_equals_matmul_of_rounded_operands() -> None:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(16, 24, generator=gen), torch.randn(24, 8, generator=gen)
@@ -222,7 +240,9 @@ def test_factor_spectra_from_live_optimizer_and_state_dict(cls_name: str, sides:
         assert f.dim * f.other_dim in (12 * 20, 20 * 6)
         lam = torch.tensor(f.eigenvalues, dtype=torch.float64)
         assert f.kl_gap == pytest.approx(kl_gap(lam, f.rank, f.other_dim), rel=1e-12)
-        assert f.chosen_rank == choose_rank(lam, 0.5, 1)
+        # Pro-KLShampoo's adaptive-rank rule: choose_rank per column of the other side, bounded to [1, max_rank]
+        assert f.chosen_rank == max(1, min(f.max_rank, choose_rank(lam, 0.5, 1)))
+        assert f.max_rank == (f.dim if f.side != "U" else 4)  # U: its tracked directions (rank=4, not adaptive)
     record = record_spectra(opt, model, step=4)
     assert {f["layer"] for f in record["factors"]} <= {"0.weight", "2.weight"}
     json.dumps(record)  # JSON-ready for the bench's diagnostics.jsonl
@@ -235,6 +255,25 @@ def test_factor_spectra_eigenvalues_are_the_factor_eigenvalues() -> None:
     expected = torch.linalg.eigvalsh(0.5 * (L + L.T)).flip(0)  # fp32 round-off leaves L slightly asymmetric
     found = next(f for f in factor_spectra(opt) if f.side == "L" and f.dim == state["L"].shape[0])
     assert torch.allclose(torch.tensor(found.eigenvalues, dtype=torch.float64), expected, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("tol", [1e-4, 0.1, 0.5, 2.0])
+def test_chosen_rank_is_pro_kl_shampoo_adaptive_rank(tol: float) -> None:
+    import whiten
+
+    # a 16 x 32 parameter whose column spectrum has 5 graded directions over a flat tail
+    gen = torch.Generator().manual_seed(0)
+    W = torch.zeros(16, 32, requires_grad=True)
+    opt = whiten.ProKLShampoo([W], lr=1e-3, rank=2, max_rank=10, adaptive_rank=True, rank_update_interval=1,
+                              rank_tolerance=tol, precondition_frequency=1)  # fmt: skip
+    scales = torch.tensor([10.0, 6.0, 4.0, 3.0, 2.0] + [1.0] * 27)
+    for _ in range(12):
+        W.grad = torch.randn(16, 32, generator=gen) * scales
+        opt.step()
+    (side_u,) = [f for f in factor_spectra(opt, tol=tol) if f.side == "U"]
+    # the rank Pro-KLShampoo itself picked at its last rank update (this step) from the same state
+    assert side_u.chosen_rank == opt.state[W]["rank"]
+    assert side_u.max_rank == 10 and side_u.dim == 32 and side_u.other_dim == 16
 
 
 def test_factor_spectra_bad_input() -> None:
@@ -276,6 +315,28 @@ def test_spike_tables_and_precision_and_init_behaviour() -> None:
     json.dumps(data)
 
 
+def test_spike_rekls_at_the_spec_configuration() -> None:
+    """SPEC 8.1 setup (128 x 64, seed 0, 1000x at 50, ...) truncated to the 61 iterations the tables use."""
+    torch.set_num_threads(1)
+    res = run_spike_experiment(steps=61, optimizers=("rekls",), precisions=("highest",), kl_inits=("safe", "peer"))
+    runs = {r["kl_init"]: r for r in res.to_json()["runs"]}
+    # peer init (the notebook's setup): the basis is frozen at fp32, before and after the spike
+    peer = runs["peer"]
+    assert max(max(v for k, v in row.items() if k != "N") for row in peer["tables"]["Q_L"]) < 0.01
+    ratios = [row["top_over_2nd"] for row in peer["eigenvalue_table"]]
+    assert max(ratios) - min(ratios) < 1e-6  # the frozen first-step factor, only decaying
+    eig = {row["step"]: row["eig"]["0"] for row in peer["eigenvalue_table"]}
+    assert eig[52] < eig[51] < eig[50]  # the spike (ingested at step 51) never enters L
+    # safe init: the spike's KL target dominates L, the basis jumps to the spike's eigenbasis and stays
+    safe = runs["safe"]
+    table = safe["tables"]["Q_L"]
+    assert all(row["after_topk"] > 80.0 for row in table)  # documented: 87.98 degrees at every offset
+    assert table[-1]["before_topk"] > 45.0  # not frozen before the spike (documented: 88.7 at N = 10)
+    assert max(safe["bases"]["Q_L"]["angles_to_post"]["top8"][50:]) < 0.01
+    eig = {row["step"]: row["eig"]["0"] for row in safe["eigenvalue_table"]}
+    assert eig[51] / eig[50] > 1e4
+
+
 def test_spike_config_bad_input() -> None:
     with pytest.raises(ValueError, match="optimizers"):
         run_spike_experiment(optimizers=("adam",))
@@ -314,3 +375,59 @@ def test_cli_spectra_alpha_spike(tmp_path, capsys) -> None:
     assert json.loads((tmp_path / "k" / "spike.json").read_text())["runs"][0]["tables"]["Q_L"]
     assert main(["diagnose", "spectra", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_record_every_then_diagnose_the_results_folder(tmp_path, capsys) -> None:
+    """End to end: ``whiten bench --record-every`` with the real recorders, then both CLIs on its folder."""
+    import random
+
+    from whiten.cli import main
+
+    rng = random.Random(0)
+    words = ["the", "king", "is", "dead", "long", "live", "queen", "and", "her", "lord"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) for _ in range(800)) + "\n")
+    out = tmp_path / "bench"
+    assert main(["bench", "--data", str(corpus), "--model", "gpt-tiny", "--ctx", "16", "--batch-size", "4",
+                 "--eval-batches", "1", "--eval-every", "4", "--no-progress", "--optimizers", "kl-shampoo,muon",
+                 "--steps", "4", "--record-every", "2", "--out", str(out)]) == 0  # fmt: skip
+    entries = [json.loads(line) for line in (out / "runs" / "kl-shampoo-s0" / "diagnostics.jsonl").open()]
+    assert [e["step"] for e in entries] == [2, 4]
+    assert entries[-1]["record_spectra"]["factors"] and entries[-1]["weight_alpha"][0]["xmin_rule"] == "ks"
+    capsys.readouterr()
+    # a results folder: the Muon run (no Kronecker factors) is skipped with a note, --rank is re-applied
+    assert main(["diagnose", "spectra", str(out), "--rank", "3", "--out", str(tmp_path / "s"), "--no-plots"]) == 0
+    assert "skipping run muon-s0" in capsys.readouterr().out
+    records = json.loads((tmp_path / "s" / "spectra.json").read_text())
+    assert [(r["run"], r["step"]) for r in records] == [("kl-shampoo-s0", 2), ("kl-shampoo-s0", 4)]
+    f = records[-1]["factors"][0]
+    lam = torch.tensor(f["eigenvalues"], dtype=torch.float64)
+    assert f["rank"] == 3 and f["kl_gap"] == pytest.approx(kl_gap(lam, 3, f["other_dim"]), rel=1e-12)
+    # alpha: one run per run folder, compared in one table
+    assert main(["diagnose", "alpha", str(out), "--out", str(tmp_path / "a"), "--no-plots"]) == 0
+    assert set(json.loads((tmp_path / "a" / "alpha.json").read_text())) == {"kl-shampoo-s0", "muon-s0"}
+    assert main(["diagnose", "alpha", str(out), "--xmin", "median"]) == 2  # recorded with ks: refuse to mix rules
+    assert "recorded with the x_min rule 'ks'" in capsys.readouterr().err
+    assert main(["diagnose", "spectra", str(tmp_path)]) == 2
+    assert "holds no bench run" in capsys.readouterr().err
+    assert main(["diagnose", "spectra", str(out), "--tol", "-1"]) == 2  # not swallowed as "skipping run"
+    assert "--tol must be >= 0" in capsys.readouterr().err
+
+
+def test_plots_are_written(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from whiten.diagnostics.plots import plot_alpha, plot_spectra, plot_spike_angles, plot_spike_eigenvalues
+
+    torch.set_num_threads(1)
+    data = run_spike_experiment(steps=14, spike_at=11, shape=(12, 6), offsets=(1, 2), top_k=2,
+                                optimizers=("rekls", "proklshampoo"), rank=2).to_json()  # fmt: skip
+    model, opt = _trained_optimizer("KLShampoo")
+    paths = [
+        plot_spike_angles(data, tmp_path / "angles.png"),
+        plot_spike_eigenvalues(data, tmp_path / "eigs.png"),
+        plot_spectra([record_spectra(opt, model, step=4, rank=2)], tmp_path / "spectra.png"),
+        plot_alpha({"a": weight_alpha(nn.Sequential(nn.Linear(40, 60), nn.Linear(60, 30)), "median")},
+                   tmp_path / "alpha.png"),
+    ]  # fmt: skip
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

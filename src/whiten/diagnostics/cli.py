@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from whiten.diagnostics.alpha import XMIN_RULES, LayerAlpha, format_alpha_table, mean_by_type, weight_alpha
-from whiten.diagnostics.io import find_model_state, load_checkpoint
-from whiten.diagnostics.spectra import FACTOR_SOURCES, factor_spectra, format_spectra_table
+from whiten.diagnostics.io import find_model_state, load_checkpoint, run_sources
+from whiten.diagnostics.spectra import FACTOR_SOURCES, factor_spectra, format_spectra_table, spectrum_stats
 from whiten.diagnostics.spike import KL_INIT_CHOICES, OPTIMIZERS, SpikeConfig, run_spike_experiment
 from whiten.linalg import PRECISIONS
 
@@ -65,8 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spectra = inner.add_parser("spectra", help="spike-and-flat spectra of Kronecker factors from checkpoints",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     spectra.add_argument("inputs", nargs="+", type=Path,
-                         help="torch.save'd optimizer state_dicts / checkpoints (one per training stage), or a "
-                              "bench diagnostics.jsonl / a JSON list of record_spectra snapshots")  # fmt: skip
+                         help="torch.save'd optimizer state_dicts / checkpoints (one per training stage), a bench "
+                              "diagnostics.jsonl or JSON list of record_spectra snapshots, or a bench run folder or "
+                              "results folder (whiten bench --record-every N)")  # fmt: skip
     spectra.add_argument("--rank", type=int, default=16, help="r at which energy, AM/GM and KL gap are reported")
     spectra.add_argument("--tol", type=float, default=0.5,
                          help="KL tolerance (nats per column, Pro-KLShampoo's rank_tolerance) for the chosen rank")
@@ -74,14 +75,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="'factor': eigenvalues of stored L/R; 'lam': KL-Shampoo's EMA eigenvalues")
     spectra.add_argument("--max-panels", type=int, default=12)
     spectra.add_argument("--trusted", action="store_true", help="allow pickled objects (torch.load weights_only=False)")
-    spectra.add_argument("--out", type=Path, help="write spectra.json and spectra.png here")
+    spectra.add_argument("--out", type=Path,
+                         help="write spectra.json and spectra.png (several runs: spectra_RUN.png each) here")
     spectra.add_argument("--no-plots", action="store_true")
     spectra.set_defaults(func=cmd_spectra)
 
     alpha = inner.add_parser("alpha", help="power-law alpha of weight-matrix ESDs (HT-SR)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    alpha.add_argument("inputs", nargs="+", help="model state_dicts / checkpoints, or bench diagnostics.jsonl; "
-                       "LABEL=PATH names a run (e.g. muon=runs/muon/ckpt.pt)")  # fmt: skip
+    alpha.add_argument("inputs", nargs="+", help="model state_dicts / checkpoints, bench diagnostics.jsonl, or a bench "
+                       "run or results folder (one run per run folder); LABEL=PATH names a run "
+                       "(e.g. muon=runs/muon/ckpt.pt)")  # fmt: skip
     alpha.add_argument("--xmin", choices=XMIN_RULES, default="ks", help="x_min rule: KS minimiser or median")
     alpha.add_argument("--min-tail", type=int, default=10)
     alpha.add_argument("--include", type=_csv(), help="only parameters whose name contains one of these")
@@ -119,7 +122,11 @@ def cmd_spike(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spectra_records(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+class NoFactorsError(ValueError):
+    """A run that holds no Kronecker factors (Muon, AdamW): skipped inside a results folder."""
+
+
+def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
     if path.suffix in (".json", ".jsonl"):
         if not path.is_file():
             raise FileNotFoundError(f"{str(path)!r} does not exist")
@@ -132,37 +139,78 @@ def _spectra_records(path: Path, args: argparse.Namespace) -> list[dict[str, Any
             rec = item.get("record_spectra", item) if isinstance(item, dict) else None
             if isinstance(rec, dict) and rec.get("factors"):
                 # the bench hook stores the step next to the snapshot, not inside it
-                records.append({**rec, "step": rec.get("step") if rec.get("step") is not None else item.get("step")})
+                step = rec.get("step") if rec.get("step") is not None else item.get("step")
+                factors = [_restat(f, args.rank, args.tol) for f in rec["factors"]]
+                records.append({**rec, "step": step, "rank": args.rank, "tol": args.tol, "run": run,
+                                "source": str(path), "factors": factors})  # fmt: skip
         if not records:
-            raise ValueError(f"{str(path)!r} holds no record_spectra snapshots (entries with 'factors')")
+            raise NoFactorsError(f"{str(path)!r} holds no record_spectra snapshots with factors (entries with "
+                             "'factors'; an optimizer without Kronecker factors, e.g. Muon or AdamW, records none)")
         return records
     checkpoint = load_checkpoint(path, trusted=args.trusted)
     step = checkpoint.get("step") if isinstance(checkpoint, dict) else None
-    factors = factor_spectra(checkpoint, rank=args.rank, tol=args.tol, use=args.use)
-    return [{"step": step if step is not None else path.stem, "rank": args.rank, "tol": args.tol,
+    factors = factor_spectra(checkpoint, rank=args.rank, tol=args.tol, use=args.use, allow_empty=True)
+    if not factors:
+        raise NoFactorsError(
+            f"{str(path)!r} holds no Kronecker factor (expected per-parameter keys 'L'/'R' or 'U'/'Lam'/'sigma', "
+            "as SOAP, KL-Shampoo and Pro-KLShampoo keep); was the optimizer stepped?"
+        )
+    return [{"step": step if step is not None else path.stem, "rank": args.rank, "tol": args.tol, "run": run,
              "source": str(path), "factors": [f.as_dict() for f in factors]}]  # fmt: skip
+
+
+def _restat(factor: dict[str, Any], rank: int, tol: float | None) -> dict[str, Any]:
+    """A recorded factor's statistics recomputed from its stored eigenvalues at ``--rank`` / ``--tol``."""
+    bound = factor.get("max_rank") or factor["dim"]
+    eigs = torch.tensor(factor["eigenvalues"], dtype=torch.float64)
+    return {**factor, "tol": tol, "max_rank": bound, **spectrum_stats(eigs, factor["other_dim"], rank, tol, bound)}
+
+
+def _file_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 def cmd_spectra(args: argparse.Namespace) -> int:
     if args.rank < 0:
         raise ValueError(f"--rank must be >= 0, got {args.rank}")
-    records = [r for path in args.inputs for r in _spectra_records(path, args)]
+    if not args.tol >= 0:
+        raise ValueError(f"--tol must be >= 0 (nats per column of the other side), got {args.tol}")
+    records: list[dict[str, Any]] = []
+    for item in args.inputs:
+        sources = run_sources(item)
+        for run, path in sources:
+            try:
+                records += _spectra_records(path, args, run)
+            except NoFactorsError as err:
+                if len(sources) == 1:
+                    raise
+                print(f"skipping run {run}: {err}")  # a results folder also holds Muon/AdamW runs
+    if not records:
+        raise ValueError(f"none of {[str(p) for p in args.inputs]} holds Kronecker-factor spectra")
+    runs = list(dict.fromkeys(rec["run"] for rec in records))
     for rec in records:
-        print(f"\n== stage: step {rec.get('step')} ({rec.get('source', 'record')})")
+        print(f"\n== run {rec['run']}, stage: step {rec.get('step')} ({rec.get('source', 'record')})")
         print(format_spectra_table(rec["factors"]))
     if args.out:
         _write_json(records, args.out / "spectra.json")
+        written = []
         if not args.no_plots:
             from whiten.diagnostics.plots import plot_spectra
 
-            plot_spectra(records, args.out / "spectra.png", max_panels=args.max_panels)
-        print(f"\nwrote {args.out}/spectra.json" + ("" if args.no_plots else " and spectra.png"))
+            for run in runs:
+                # one figure per run: the panels are (layer, side), the lines training stages
+                name = "spectra.png" if len(runs) == 1 else f"spectra_{_file_name(run)}.png"
+                title = f"run {run}: " if len(runs) > 1 else ""
+                plot_spectra([r for r in records if r["run"] == run], args.out / name, max_panels=args.max_panels,
+                             title=title)  # fmt: skip
+                written.append(name)
+        print(f"\nwrote {args.out}/spectra.json" + (f" and {', '.join(written)}" if written else ""))
     return 0
 
 
 def _alpha_from_jsonl(path: Path) -> list[LayerAlpha]:
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    lists = [e["weight_alpha"] for e in entries if isinstance(e.get("weight_alpha"), list)]
+    lists = [e["weight_alpha"] for e in entries if isinstance(e.get("weight_alpha"), list) and e["weight_alpha"]]
     if not lists:
         raise ValueError(f"{str(path)!r} holds no weight_alpha records")
     return [LayerAlpha(**{**d, "shape": tuple(d["shape"])}) for d in lists[-1]]
@@ -172,18 +220,23 @@ def cmd_alpha(args: argparse.Namespace) -> int:
     runs: dict[str, list[LayerAlpha]] = {}
     for item in args.inputs:
         label, _, raw = item.rpartition("=") if "=" in item else ("", "", item)
-        path = Path(raw)
-        label = label or path.parent.name or path.stem
-        if path.suffix == ".jsonl":
-            if not path.is_file():
-                raise FileNotFoundError(f"{raw!r} does not exist")
-            layers = _alpha_from_jsonl(path)
-        else:
-            state = find_model_state(load_checkpoint(path, trusted=args.trusted), origin=raw)
-            layers = weight_alpha(state, args.xmin, min_tail=args.min_tail, include=args.include)
-        if label in runs:
-            label = f"{label}#{len(runs)}"
-        runs[label] = layers
+        sources = run_sources(raw)
+        for run, path in sources:
+            name = label if label and len(sources) == 1 else (f"{label}/{run}" if label else run)
+            if path.suffix == ".jsonl":
+                layers = _alpha_from_jsonl(path)
+                if layers[0].xmin_rule != args.xmin:
+                    raise ValueError(
+                        f"{str(path)!r} was recorded with the x_min rule {layers[0].xmin_rule!r}, not --xmin "
+                        f"{args.xmin}; pass --xmin {layers[0].xmin_rule} (runs compare only under one rule) or "
+                        "use a checkpoint"
+                    )
+            else:
+                state = find_model_state(load_checkpoint(path, trusted=args.trusted), origin=str(path))
+                layers = weight_alpha(state, args.xmin, min_tail=args.min_tail, include=args.include)
+            if name in runs:
+                name = f"{name}#{len(runs)}"
+            runs[name] = layers
     out: dict[str, Any] = {}
     for label, layers in runs.items():
         print(f"\n== {label}  (x_min rule: {layers[0].xmin_rule})")

@@ -11,6 +11,10 @@ Accepted files (``torch.save``'d):
   spectra are labelled by layer name instead of ``param<i>``.
 
 Files are loaded with ``weights_only=True`` (no code runs) unless ``trusted=True``.
+
+Folders (:func:`run_sources`): a bench run folder (``<out>/runs/<optimizer>-s<seed>/``, holding the
+``diagnostics.jsonl`` that ``whiten bench --record-every N`` writes and, while a run is unfinished,
+its ``checkpoint.pt``), or a bench results folder (``<out>/``, every run under ``runs/``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+RUN_FILES = ("diagnostics.jsonl", "checkpoint.pt")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
 MODEL_KEYS = ("model", "model_state_dict", "state_dict")
 
@@ -97,3 +102,35 @@ def optimizer_param_names(state_dict: Mapping[str, Any]) -> dict[int, str]:
         for index in group.get("params", []):
             names.setdefault(int(index), f"param{int(index)}")
     return names
+
+
+def _run_file(folder: Path) -> Path | None:
+    for name in RUN_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def run_sources(path: str | Path) -> list[tuple[str, Path]]:
+    """``(run label, file)`` pairs for a path: a file is itself; a folder is expanded (module doc).
+
+    A run folder gives its ``diagnostics.jsonl`` (else its ``checkpoint.pt``), labelled by the folder
+    name; a bench results folder gives one such pair per run folder under ``runs/`` (or directly
+    under it), in name order.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [(path.parent.name or path.stem, path)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    own = _run_file(path)
+    if own is not None:
+        return [(path.name, own)]
+    root = path / "runs" if (path / "runs").is_dir() else path
+    found = [(sub.name, f) for sub in sorted(root.iterdir()) if sub.is_dir() and (f := _run_file(sub)) is not None]
+    if not found:
+        raise ValueError(
+            f"folder {str(path)!r} holds no bench run: expected {' or '.join(RUN_FILES)} in it or in its run "
+            "folders (runs/<optimizer>-s<seed>/); record them with whiten bench --record-every N"
+        )
+    return found

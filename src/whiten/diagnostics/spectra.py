@@ -9,17 +9,19 @@ KL-SOAP: ``L`` is ``m x m``, ``R`` is ``n x n``; Pro-KLShampoo: full ``L`` and t
 * the tail's ``AM/GM`` ratio and the KL gap ``k (d - r)/2 log(AM/GM)`` of restricting that factor
   to rank ``r`` (``d`` its dimension, ``k`` the other dimension), also per matrix entry
   (divided by ``k d``) so one tolerance means the same for every layer shape,
-* the rank that a tolerance would choose: the smallest ``r`` with ``gap(r) / k <= tol`` nats, which is
-  exactly Pro-KLShampoo's adaptive-rank rule (``ProKLShampoo(adaptive_rank=True, rank_tolerance=tol)``,
-  default 0.5; before its ``max_rank`` bound).
+* the rank that a tolerance would choose: the smallest ``r`` in ``[1, max_rank]`` with
+  ``gap(r) / k <= tol`` nats. This is computed by Pro-KLShampoo's own rule,
+  :func:`whiten.optim.pro_kl_shampoo.adaptive_rank` (``ProKLShampoo(adaptive_rank=True,
+  rank_tolerance=tol)``, default 0.5), with ``max_rank`` = the number of tracked directions for the
+  side ``"U"`` (as the optimizer bounds it) and the factor's dimension for a full factor.
 
-The rank rule is :mod:`whiten.linalg.spectrum` (the same functions Pro-KLShampoo's adaptive rank
-uses). Sources: a live optimizer, its ``state_dict``, or a checkpoint file (see
-:mod:`whiten.diagnostics.io` for the format).
+The statistics come from :mod:`whiten.linalg.spectrum`. Sources: a live optimizer, its
+``state_dict``, or a checkpoint file (see :mod:`whiten.diagnostics.io` for the format).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from whiten.diagnostics.io import find_optimizer_state, optimizer_param_names
-from whiten.linalg.spectrum import choose_rank, energy_captured, kl_gap_all, tail_log_am_gm_all
+from whiten.linalg.spectrum import energy_captured, kl_gap_all, tail_log_am_gm_all
+from whiten.optim.pro_kl_shampoo import adaptive_rank
 
 FACTOR_SOURCES = ("factor", "lam")
 
@@ -50,31 +53,39 @@ class FactorSpectrum:
     chosen_rank: int | None
     eigenvalues: list[float] = field(repr=False)
     source: str = "factor"
+    max_rank: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _factor_eigs(state: Mapping[str, Any], use: str) -> list[tuple[str, Tensor, int]]:
-    """(side, eigenvalues, dimension) for each factor held in one parameter's state."""
+def _factor_eigs(state: Mapping[str, Any], use: str) -> list[tuple[str, Tensor, int, int]]:
+    """(side, eigenvalues, dimension, rank bound) for each factor held in one parameter's state.
+
+    The rank bound is what Pro-KLShampoo's adaptive rank is limited to: the tracked directions for
+    its restricted side ``"U"``, the dimension for a full factor.
+    """
     out = []
     for side in ("L", "R"):
         lam_key = f"lam_{side}"
         if use == "lam" and isinstance(state.get(lam_key), Tensor) and state[lam_key].ndim == 1:
             eigs = state[lam_key].detach().double().cpu()
-            out.append((side, eigs, eigs.numel()))
+            out.append((side, eigs, eigs.numel(), eigs.numel()))
             continue
         factor = state.get(side)
         if isinstance(factor, Tensor) and factor.ndim == 2 and factor.shape[0] == factor.shape[1]:
             F = factor.detach().double().cpu()
             eigs = torch.linalg.eigvalsh(0.5 * (F + F.mT))
-            out.append((side, eigs, F.shape[0]))
+            out.append((side, eigs, F.shape[0], F.shape[0]))
     U, Lam, sigma = state.get("U"), state.get("Lam"), state.get("sigma")
     if isinstance(U, Tensor) and isinstance(Lam, Tensor) and sigma is not None:
         dim, r = U.shape[0], U.shape[1]
         sig = float(sigma) if not isinstance(sigma, Tensor) else float(sigma.detach().double().cpu().reshape(-1)[0])
-        eigs = torch.cat([Lam.detach().double().cpu().reshape(-1), torch.full((dim - r,), sig, dtype=torch.float64)])
-        out.append(("U", eigs, dim))
+        # as ProKLShampoo's adaptive rank reads them: tracked Lam, then sigma for the other dim - r (inf -> 0)
+        lam = Lam.detach().double().cpu().reshape(-1)
+        eigs = torch.cat([lam.masked_fill(lam.isinf(), 0.0),
+                          torch.full((dim - r,), 0.0 if math.isinf(sig) else sig, dtype=torch.float64)])  # fmt: skip
+        out.append(("U", eigs, dim, r))
     return out
 
 
@@ -83,14 +94,18 @@ def _matrix_numel(state: Mapping[str, Any], sides: list[tuple[str, Tensor, int]]
     exp_avg = state.get("exp_avg")
     if isinstance(exp_avg, Tensor) and exp_avg.ndim >= 2:
         return exp_avg.numel()
-    dims = [dim for _, _, dim in sides]
+    dims = [dim for _, _, dim, _ in sides]
     return dims[0] * dims[1] if len(dims) == 2 else None
 
 
 def spectrum_stats(
-    eigenvalues: Tensor, other_dim: int, rank: int, tol: float | None = None
+    eigenvalues: Tensor, other_dim: int, rank: int, tol: float | None = None, max_rank: int | None = None
 ) -> dict[str, float | int | None]:
-    """Energy, tail AM/GM, KL gap (total and per entry) at ``rank``, and the rank ``tol`` chooses."""
+    """Energy, tail AM/GM, KL gap (total and per entry) at ``rank``, and the rank ``tol`` chooses.
+
+    The chosen rank is ``ProKLShampoo``'s :func:`~whiten.optim.pro_kl_shampoo.adaptive_rank` bounded by
+    ``max_rank`` (default: the dimension).
+    """
     d = eigenvalues.numel()
     r = min(rank, d)
     gaps = kl_gap_all(eigenvalues, other_dim)
@@ -100,8 +115,8 @@ def spectrum_stats(
         "tail_am_gm": float(torch.exp(tail_log_am_gm_all(eigenvalues)[r])),
         "kl_gap": float(gaps[r]),
         "kl_gap_per_entry": float(gaps[r]) / (other_dim * d),
-        # the same rule as ProKLShampoo(adaptive_rank=True, rank_tolerance=tol): gap / other_dim <= tol
-        "chosen_rank": None if tol is None else choose_rank(eigenvalues, tol, other_dim=1),
+        # ProKLShampoo(adaptive_rank=True, rank_tolerance=tol)'s own function: gap / other_dim <= tol in [1, max_rank]
+        "chosen_rank": None if tol is None else adaptive_rank(eigenvalues, other_dim, tol, max_rank or d),
     }
 
 
@@ -145,13 +160,13 @@ def factor_spectra(
             layer = names[index]
         sides = _factor_eigs(state, use)
         numel = _matrix_numel(state, sides)
-        for side, eigs, dim in sides:
+        for side, eigs, dim, bound in sides:
             if numel is None or numel % dim:
                 continue  # cannot tell the other dimension (a one-sided factor without momentum)
             other = numel // dim
             if float(eigs.max()) <= 0:
                 continue  # a factor that has not seen a gradient yet
-            stats = spectrum_stats(eigs, other, rank, tol)
+            stats = spectrum_stats(eigs, other, rank, tol, bound)
             results.append(
                 FactorSpectrum(
                     layer=layer,
@@ -161,6 +176,7 @@ def factor_spectra(
                     tol=tol,
                     eigenvalues=torch.sort(eigs, descending=True).values.tolist(),
                     source=use if (use == "lam" and f"lam_{side}" in state) else "factor",
+                    max_rank=bound,
                     **stats,  # type: ignore[arg-type]
                 )
             )
