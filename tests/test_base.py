@@ -52,6 +52,14 @@ def test_adamw_fallback_matches_torch_adamw():
         ({"adamw_betas": (0.9, 1.5)}, "adamw_betas"),
         ({"nonfinite": "ignore"}, "nonfinite"),
         ({"ns_dtype": "float16"}, "ns_dtype"),
+        ({"ns_method": "fast"}, "ns_method"),
+        ({"nesterov": "yes"}, "nesterov"),
+        ({"ns_coefficients": (3.0, -4.0)}, "ns_coefficients"),
+        ({"eps": -1e-7}, "eps"),
+        ({"lr": "0.1"}, "lr"),
+        ({"adamw_lr": -1e-3}, "adamw_lr"),
+        ({"adamw_eps": float("inf")}, "adamw_eps"),
+        ({"maximize": 1}, "maximize"),
     ],
 )
 def test_invalid_options_name_the_option(kwargs, message):
@@ -62,7 +70,9 @@ def test_invalid_options_name_the_option(kwargs, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"spectral_map": "qr"}, "spectral_map"), ({"interval": 0}, "interval"), ({"power": -0.5}, "power"),
-     ({"spectral_map": "ns", "power": 2.0}, "power"), ({"normuon_beta2": 1.0}, "normuon_beta2")],
+     ({"spectral_map": "ns", "power": 2.0}, "power"), ({"normuon_beta2": 1.0}, "normuon_beta2"),
+     ({"power": float("nan")}, "power"), ({"normuon": "yes"}, "normuon"), ({"ns_ridge": -1.0}, "ns_ridge"),
+     ({"interval": 1.5}, "interval")],
 )
 def test_htmuon_invalid_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -82,6 +92,10 @@ def test_bad_parameters_are_refused():
         Muon([torch.randn(3, 3).to_sparse().requires_grad_()])
     with pytest.raises(ValueError, match="use_matrix=True"):
         Muon([{"params": [nn.Parameter(torch.randn(3))], "use_matrix": True}])
+    with pytest.raises(ValueError, match="use_matrix=True"):  # a 0-d parameter cannot take the matrix method
+        HTMuon([{"params": [nn.Parameter(torch.tensor(1.0))], "use_matrix": True}], lr=0.01)
+    with pytest.raises(TypeError, match="Tensors"):
+        Muon([[1.0, 2.0]])
     with pytest.raises(ValueError, match="floating point"):
         Muon([torch.zeros(3, 3, dtype=torch.long)])
     W = nn.Parameter(torch.randn(4, 4))
@@ -154,6 +168,30 @@ def test_closure_maximize_and_grad_untouched():
     assert torch.equal(W_max.grad, grad_before)
 
 
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_no_gradient_is_modified_and_maximize_flips_both_halves(maximize, dtype):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (3, 2, 2, 2), (4,), ()]
+    params = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    for make in (lambda ps, mx: Muon(ps, lr=0.02, maximize=mx), lambda ps, mx: HTMuon(ps, lr=0.02, maximize=mx,
+                                                                                       normuon=True)):
+        ps = [nn.Parameter(p.detach().clone()) for p in params]
+        ref = [nn.Parameter(p.detach().clone()) for p in params]
+        opt, opt_ref = make(ps, maximize), make(ref, False)
+        for _ in range(2):
+            for p, q, g in zip(ps, ref, grads, strict=True):
+                p.grad, q.grad = g.clone(), (-g if maximize else g).clone()
+            opt.step()
+            opt_ref.step()
+            for p, g in zip(ps, grads, strict=True):
+                assert torch.equal(p.grad, g)  # never modified in place
+        for p, q in zip(ps, ref, strict=True):
+            assert p.dtype == dtype
+            assert torch.equal(p, q)  # maximize == minimising the negated gradient, matrix AND AdamW halves
+
+
 def test_lr_scheduler_scales_both_halves():
     opt = Muon([nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))], lr=0.02, adamw_lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
@@ -184,6 +222,14 @@ def test_param_groups_helper_keller_and_htmuon_splits():
     assert opt.param_groups[1]["lr"] == 5e-4
     with pytest.raises(ValueError, match="embeddings_and_head"):
         split_parameters(model, embeddings_and_head="head")
+    # untied: the embedding is found by its type, the head by its name, a conv kernel stays a matrix
+    untied = nn.ModuleDict({"tok": nn.Embedding(11, 8), "conv": nn.Conv2d(2, 3, 3), "output": nn.Linear(8, 11)})
+    matrix, adamw = split_parameters(untied)
+    assert [n for n, _ in matrix] == ["conv.weight"]
+    assert {n for n, _ in adamw} == {"tok.weight", "conv.bias", "output.weight", "output.bias"}
+    matrix, _ = split_parameters(untied, embeddings_and_head="matrix")
+    assert [n for n, _ in matrix] == ["tok.weight", "conv.weight", "output.weight"]
+    assert [n for n, _ in split_parameters(untied, head_names=())[0]] == ["conv.weight", "output.weight"]
 
 
 def test_state_bytes_counts_tensors_exactly():

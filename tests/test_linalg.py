@@ -89,6 +89,34 @@ def test_newton_schulz_batched_matches_loop_and_bf16_path():
     assert newton_schulz(torch.zeros(4, 6)).abs().max() == 0  # eps floor: zero in, zero out
 
 
+def test_polar_express_schedule_is_spec_table():
+    """SPEC §7: the seven published tuples / (1.01, 1.01^3, 1.01^5), then (1.875, -1.25, 0.375); norm x 1.01."""
+    published = [
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    ]
+    schedule = ns_schedule("polar_express", 9)
+    assert schedule.norm_scale == 1.01 and schedule.steps == 9
+    for got, (a, b, c) in zip(schedule.coefficients[:7], published, strict=True):
+        assert got == pytest.approx((a / 1.01, b / 1.01**3, c / 1.01**5), rel=1e-15)
+    assert schedule.coefficients[7:] == ((1.875, -1.25, 0.375),) * 2
+    assert ns_schedule("polar_express", 3).coefficients == schedule.coefficients[:3]
+    keller = ns_schedule("keller", 4)
+    assert keller.norm_scale == 1.0 and keller.coefficients == ((3.4445, -4.7750, 2.0315),) * 4
+    # the normaliser: X_0 = G / (1.01 ||G||_F), so a rank-one input's first iterate is exactly a/1.01 + ...
+    G = torch.zeros(3, 5, dtype=torch.float64)
+    G[0, 0] = 2.0
+    a, b, c = schedule.coefficients[0]
+    x0 = 1.0 / 1.01
+    out = newton_schulz(G, 1, "polar_express", compute_dtype=torch.float64)
+    assert out[0, 0].item() == pytest.approx(a * x0 + b * x0**3 + c * x0**5, rel=1e-14)
+
+
 def test_ns_schedule_rejects_bad_values():
     with pytest.raises(ValueError, match="ns_coefficients"):
         ns_schedule("nope", 5)
@@ -145,13 +173,32 @@ def test_schatten_power_ns_equals_its_scalar_iteration():
         for _ in range(5):
             t = 0.5 * (3.0 - z * y)
             y, z = y * t, t * z
-        lam = y * norm.sqrt()
+        lam = y * norm.sqrt() + ridge  # the reference adds the ridge again after every root
     expected = (A * (ortho * lam)) @ Bh
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+    # the Gram may be formed on either side: the wide orientation gives the transpose
+    torch.testing.assert_close(schatten_power_ns(G.T, power, ridge=ridge), expected.T, rtol=1e-9, atol=1e-10)
     # it only approximates the exact map: Keller NS5 leaves singular values in ~[0.68, 1.13] (docs)
     G_good = random_with_singular_values(m, n, torch.linspace(1.0, 0.6, n), seed=4)
     exact = schatten_power_svd(G_good, power)
     assert (schatten_power_ns(G_good, power) - exact).norm() / exact.norm() < 0.25
+
+
+@pytest.mark.parametrize("shape", [(3, 10, 6), (2, 5, 9)])
+def test_power_maps_batch_over_leading_dims(shape):
+    """Stacked same-shape matrices (what map_batched does on accelerators) give the per-matrix results."""
+    gen = torch.Generator().manual_seed(7)
+    X = torch.randn(shape, dtype=torch.float64, generator=gen)
+    for fn in (lambda M: schatten_power_svd(M, 0.125), lambda M: schatten_power_ns(M, 0.125),
+               lambda M: newton_schulz(M, 5, "polar_express", compute_dtype=torch.float64), polar_svd):
+        batched = fn(X)
+        for i in range(shape[0]):
+            torch.testing.assert_close(batched[i], fn(X[i]), atol=1e-12, rtol=1e-12)
+    V0 = initial_stream_basis(X)
+    O, _ = schatten_power_stream(X, V0, 0.125)
+    for i in range(shape[0]):
+        Oi, _ = schatten_power_stream(X[i], V0[i], 0.125)
+        torch.testing.assert_close(O[i], Oi, atol=1e-12, rtol=1e-12)
 
 
 def test_coupled_newton_schulz_sqrt_converges_for_well_conditioned():

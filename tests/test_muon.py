@@ -8,7 +8,7 @@ import torch.optim._muon as torch_muon
 
 from conftest import random_with_singular_values
 from whiten import HTMuon, Muon
-from whiten.linalg import newton_schulz, polar_svd, schatten_power_svd
+from whiten.linalg import newton_schulz, polar_svd, schatten_power_ns, schatten_power_svd
 
 
 def _fp32_zeropower(grad, ns_coefficients, ns_steps, eps):
@@ -121,7 +121,57 @@ def test_htmuon_stream_first_step_equals_svd_and_ns_variant_close():
         results[kind] = W.detach().clone()
     torch.testing.assert_close(results["stream"], results["svd"], atol=1e-5, rtol=1e-5)
     rel = (results["ns"] - results["svd"]).norm() / results["svd"].norm()
-    assert rel < 0.25  # the reference NS variant is approximate by construction (docs/optimizers.md)
+    assert rel < 0.25  # the reference NS variant is approximate by construction (docs/muon_htmuon.md)
+
+
+def test_htmuon_ns_map_is_the_reference_procedure_and_honours_ns_dtype():
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(6, 14, dtype=torch.float64, generator=gen)
+    W = torch.nn.Parameter(torch.zeros(6, 14, dtype=torch.float64))
+    opt = HTMuon([W], lr=0.5, weight_decay=0.0, momentum=0.0, nesterov=False, spectral_map="ns", power=0.25,
+                 ns_ridge=1e-4)
+    W.grad = G.clone()
+    opt.step()
+    torch.testing.assert_close(-W.detach() / 0.5, schatten_power_ns(G, 0.25, ridge=1e-4), atol=1e-12, rtol=0)
+    # bf16 Newton–Schulz factor (the reference's zeropower precision): close to, but not equal to, fp32
+    outs = {}
+    for ns_dtype in ("float32", "bfloat16"):
+        V = torch.nn.Parameter(torch.zeros(6, 14))
+        o = HTMuon([V], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, spectral_map="ns", ns_dtype=ns_dtype)
+        V.grad = G.float()
+        o.step()
+        outs[ns_dtype] = V.detach()
+    assert outs["bfloat16"].dtype == torch.float32
+    rel = ((outs["bfloat16"] - outs["float32"]).norm() / outs["float32"].norm()).item()
+    assert 0 < rel < 0.05
+
+
+def test_normuon_tall_matrix_keeps_map_norm_then_shape_factor():
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(18, 8, dtype=torch.float64, generator=gen) * torch.logspace(0, 1, 18, dtype=torch.float64)[:, None]
+    W = torch.nn.Parameter(torch.zeros(18, 8, dtype=torch.float64))
+    opt = HTMuon([W], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, normuon=True, normuon_beta2=0.5)
+    W.grad = G.clone()
+    opt.step()
+    O = schatten_power_svd(G, 0.125)
+    v = 0.5 * O.square().mean(-1)  # lerp from zero with weight 1 - beta2
+    expected = O * torch.rsqrt(v + 1e-10)[:, None]
+    expected = expected * O.norm() / expected.norm() * (18 / 8) ** 0.5
+    torch.testing.assert_close(-W.detach(), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(opt.state[W]["normuon_v"], v, atol=1e-15, rtol=1e-12)
+
+
+def test_named_parameters_are_accepted_like_torch_muon():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    opt = Muon(model.named_parameters(), lr=0.02)
+    assert [g["param_names"] for g in opt.param_groups] == [["0.weight", "1.weight"], ["0.bias", "1.bias"]]
+    assert [g["use_matrix"] for g in opt.param_groups] == [True, False]
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    with pytest.raises(TypeError, match="named_parameters"):
+        Muon([("w", torch.nn.Parameter(torch.randn(3, 3))), torch.nn.Parameter(torch.randn(3, 3))])
+    with pytest.raises(TypeError, match="set"):
+        Muon([{"params": {torch.nn.Parameter(torch.randn(3, 3))}}])  # unordered: state would not map back
 
 
 def test_normuon_rows_are_balanced_and_norm_preserved():
@@ -176,6 +226,7 @@ def test_muon_and_htmuon_train_and_beat_sgd():
         lambda m: Muon(m.parameters(), lr=0.02, weight_decay=0.0, adamw_lr=3e-3),
         lambda m: HTMuon(m.parameters(), lr=0.05, weight_decay=0.0, adamw_lr=3e-3),
         lambda m: HTMuon(m.parameters(), lr=0.05, weight_decay=0.0, adamw_lr=3e-3, spectral_map="stream", normuon=True),
+        lambda m: HTMuon(m.parameters(), lr=0.05, weight_decay=0.0, adamw_lr=3e-3, spectral_map="ns", interval=2),
     ):
         first, last = _train(make)
         assert last < 0.3 * first
@@ -186,8 +237,12 @@ def test_muon_and_htmuon_train_and_beat_sgd():
     "make",
     [
         lambda ps: Muon(ps, lr=0.02, nesterov=False, ns_coefficients="polar_express", ns_steps=6),
-        lambda ps: HTMuon(ps, lr=0.03, spectral_map="stream", interval=3, normuon=True),
-        lambda ps: HTMuon(ps, lr=0.03, spectral_map="ns", power=0.25),
+        lambda ps: Muon(ps, lr=0.02, momentum=0.9, weight_decay=0.05, ns_dtype="bfloat16", ns_method="direct",
+                        adjust_lr_fn="match_rms_adamw", eps=1e-6, adamw_lr=1e-3, adamw_betas=(0.8, 0.9),
+                        adamw_eps=1e-9, adamw_weight_decay=0.01, maximize=True, nonfinite="raise"),
+        lambda ps: HTMuon(ps, lr=0.03, spectral_map="stream", interval=3, normuon=True, normuon_beta2=0.9),
+        lambda ps: HTMuon(ps, lr=0.03, spectral_map="ns", power=0.25, ns_ridge=1e-5, ns_coefficients=(3.0, -3.2, 1.2),
+                          ns_steps=7, interval=2),
     ],
 )
 def test_state_dict_round_trip_is_bit_exact(make):
@@ -206,13 +261,16 @@ def test_state_dict_round_trip_is_bit_exact(make):
     run(opt, params, grads[:5])
     saved = copy.deepcopy(opt.state_dict())
     clone_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    restored = make(clone_params)
+    # built with DIFFERENT options: every switch must come back from the state dict
+    restored = type(opt)(clone_params, lr=0.5)
     restored.load_state_dict(saved)
-    assert restored.param_groups[0] == {**opt.param_groups[0], "params": restored.param_groups[0]["params"]}
+    for ours, theirs in zip(restored.param_groups, opt.param_groups, strict=True):
+        assert {**ours, "params": None} == {**theirs, "params": None}
     run(opt, params, grads[5:])
     run(restored, clone_params, grads[5:])
     for p, q in zip(params, clone_params, strict=True):
         assert torch.equal(p, q)
+    assert opt.state[params[0]]["step"] == restored.state[clone_params[0]]["step"] == 10
 
 
 def test_bf16_and_fp64_parameters_keep_wide_statistics():

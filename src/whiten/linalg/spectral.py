@@ -79,17 +79,32 @@ def schatten_power_ns(
     power: float,
     *,
     ns_steps: int = 5,
-    ns_coefficients: str | Sequence[float] = "keller",
+    ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = "keller",
     sqrt_steps: int = 5,
     ridge: float = 1e-6,
+    ns_dtype: torch.dtype | None = None,
+    eps: float = 1e-7,
+    method: str = "auto",
 ) -> Tensor:
     """The HTMuon reference's NS variant: ``NS(U) @ R``, ``R ~ (U^T U + ridge I)^(p/2)``.
 
-    ``R`` is built by ``k = round(log_0.5(p) + 1)`` repeated coupled Newton–Schulz square roots
-    of the ridge-regularised Gram matrix (so the effective exponent is ``2^-k`` per Gram, i.e.
-    ``p_eff = 2^(1-k)``), ``sqrt_steps`` inner iterations each, in fp32. We form the Gram on the
-    smaller side (``U U^T`` and left multiplication when ``m < n``), which is the same matrix
-    function and cheaper. Singular values below ``sqrt(ridge)`` are floored near ``ridge^(p/2)``.
+    Procedure of the reference (TDCSZ327/HTmuon, ``gram_root_1_16_via_newtonschulz``), in fp32
+    (fp64 for fp64 input)::
+
+        S = U^T U + ridge I
+        repeat k = round(log_0.5(p) + 1) times:
+            S = coupled_NS_sqrt(S, sqrt_steps);  S = (S + S^T) / 2 + ridge I
+        O = NS(U) @ S
+
+    Each round takes a square root of the Gram, so the effective exponent is ``2^-k`` per Gram,
+    i.e. ``p_eff = 2^(1-k)`` (``p = 0.125 -> k = 4``, exact). Singular values below
+    ``sqrt(ridge)`` are floored near ``ridge^(p/2)``. We form the Gram on the smaller side
+    (``U U^T`` and a left product when ``m < n``): ``NS(U)`` is ``U`` times a polynomial in
+    ``U^T U``, so both sides give the same matrix function (the ridge acts on the same
+    eigenvalues ``s_i^2``) at lower cost. ``ns_dtype`` is the dtype of the Newton–Schulz factor
+    (default: the work dtype; ``torch.bfloat16`` is the reference's ``zeropower`` precision); the
+    product with ``S`` is formed in the work dtype. ``eps`` and ``method`` are passed to
+    :func:`whiten.linalg.newton_schulz` (normaliser floor; where the polynomial is evaluated).
     """
     work = U.to(_work_dtype(U))
     wide = work.size(-2) < work.size(-1)
@@ -98,8 +113,10 @@ def schatten_power_ns(
     root = gram + ridge * eye
     for _ in range(ns_power_rounds(power)):
         root, _ = coupled_newton_schulz_sqrt(root, sqrt_steps, inverse=False)
-    # the same NS polynomial; on the small Gram matrix when the matrix is rectangular enough (fp32/fp64)
-    ortho = newton_schulz(work, ns_steps, ns_coefficients, compute_dtype=work.dtype, method="auto")
+        root = 0.5 * (root + root.mT) + ridge * eye
+    ns_dtype = work.dtype if ns_dtype is None or work.dtype == torch.float64 else ns_dtype
+    ortho = newton_schulz(work, ns_steps, ns_coefficients, compute_dtype=ns_dtype, eps=eps, method=method)
+    ortho = ortho.to(work.dtype)
     return root @ ortho if wide else ortho @ root
 
 

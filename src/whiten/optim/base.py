@@ -98,8 +98,20 @@ class WhitenOptimizer(Optimizer):
         opt.validate_group(group, {**COMMON_CHECKS, **self.option_checks})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate and route a group; ``params`` may be tensors or ``(name, tensor)`` pairs (``named_parameters``)."""
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer params must be an ordered collection (a list), not a set")
         params = [params] if isinstance(params, Tensor) else list(params)
+        names: list[str] | None = None
+        if any(isinstance(p, tuple) for p in params):
+            if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor) for p in params):
+                raise TypeError(
+                    "optimizer params must be all tensors or all (name, tensor) pairs as model.named_parameters() gives"
+                )
+            names = [str(name) for name, _ in params]
+            params = [p for _, p in params]
+            param_group = {**param_group, "param_names": names}
         for p in params:
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
@@ -118,15 +130,23 @@ class WhitenOptimizer(Optimizer):
         merged = {**self.defaults, **param_group}
         use_matrix = merged["use_matrix"]
         if use_matrix is None:
-            matrices = [p for p in params if p.ndim >= 2]
-            others = [p for p in params if p.ndim < 2]
+            is_matrix = [p.ndim >= 2 for p in params]
+            matrices = [p for p, ok in zip(params, is_matrix, strict=True) if ok]
+            others = [p for p, ok in zip(params, is_matrix, strict=True) if not ok]
+
+            def named(flag: bool) -> dict[str, Any]:
+                if names is None:
+                    return {}
+                return {"param_names": [n for n, ok in zip(names, is_matrix, strict=True) if ok == flag]}
+
             if matrices:
-                self._add_routed({**param_group, "params": matrices, "use_matrix": True})
+                self._add_routed({**param_group, "params": matrices, "use_matrix": True, **named(True)})
             if others:
                 adamw_lr = merged["adamw_lr"] if merged["adamw_lr"] is not None else merged["lr"]
                 self._add_routed(
                     {
                         **param_group,
+                        **named(False),
                         "params": others,
                         "use_matrix": False,
                         "lr": adamw_lr,

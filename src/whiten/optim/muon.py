@@ -10,7 +10,7 @@ Both run, per matrix parameter ``W`` (``m x n``; conv weights flattened to ``(ou
     W   <- W (1 - lr wd) - lr O                       # decoupled decay with the unadjusted lr
 
 Sources: KellerJordan/Muon, ``torch.optim.Muon`` (PyTorch 2.9+), HTMuon (TDCSZ327/HTmuon,
-seed 004). See ``docs/optimizers.md`` for defaults and deliberate deviations.
+seed 004). See ``docs/muon_htmuon.md`` for defaults and deliberate deviations.
 """
 
 from __future__ import annotations
@@ -168,6 +168,9 @@ class _SpectralMomentum(WhitenOptimizer):
                     ns_steps=group["ns_steps"],
                     ns_coefficients=group["ns_coefficients"],
                     ridge=group["ns_ridge"],
+                    ns_dtype=_NS_DTYPES[group["ns_dtype"]],
+                    eps=group["eps"],
+                    method=group.get("ns_method", "direct"),
                 ),
                 directions,
             )
@@ -262,7 +265,8 @@ class HTMuon(_SpectralMomentum):
         power: exponent ``p`` (default 0.125).
         spectral_map: ``"svd"`` (exact fp32 SVD, default), ``"ns"`` (the reference NS variant:
             ``NS(U) (U^T U + ns_ridge I)^(p/2)`` by repeated coupled NS square roots, ``p`` rounded
-            to ``2^(1-k)``) or ``"stream"`` (one warm-started subspace iteration per step).
+            to ``2^(1-k)``; the NS factor honours ``ns_dtype``, ``ns_method``, ``ns_steps``,
+            ``ns_coefficients`` and ``eps``) or ``"stream"`` (one warm-started subspace iteration per step).
         interval: apply the power map on steps ``t % interval == 0`` (1-based) and plain
             Newton–Schulz Muon otherwise; the counter is saved in the state.
         normuon: apply the NorMuon row normalisation after the map (``normuon_beta2``).
