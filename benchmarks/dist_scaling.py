@@ -19,7 +19,9 @@ share (split).
 
 Measurement (``--measure``): launches 1 and 2 CPU processes (gloo) with torchrun through
 ``whiten.optim.distributed.launch`` and times optimizer steps of a small MLP under DDP and FSDP2,
-replicate and split, and records the bytes the optimizer itself moved (``comm_stats``), which must
+replicate and split (median wall time of rank 0 between barriers, and each rank's process CPU
+time of the step, which shows the split of the work even on a shared machine), and records the
+bytes the optimizer itself moved (``comm_stats``), which must
 equal the model's number for that MLP (checked and printed). The machine is shared: timings are
 noisy, compare them only within one run.
 
@@ -117,7 +119,7 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    rank, world, _ = wd.init_distributed()
+    rank, world, _ = wd.init_distributed(device="cpu", timeout_s=600)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(64, 128, generator=gen), torch.randn(64, 128, generator=gen)
     kinds = [("single", "replicate")] if world == 1 else [
@@ -132,7 +134,7 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
                 fully_shard(model)
             optimizer = OPTIMIZERS[name](model.parameters())
             optimizer.set_distributed_mode(mode)
-            times = []
+            times, cpu = [], []
             for step in range(warmup + steps):
                 optimizer.zero_grad(set_to_none=True)
                 torch.nn.functional.mse_loss(model(x), y).backward()
@@ -140,15 +142,18 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
                     torch.distributed.barrier()
                 if step == warmup:
                     wd.comm_stats(optimizer).reset()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 optimizer.step()
+                step_cpu = time.process_time() - start_cpu  # this rank's own CPU work (and gloo's threads)
                 if world > 1:
                     torch.distributed.barrier()  # the step is done when the slowest rank is
                 if step >= warmup:
                     times.append(time.perf_counter() - start)
+                    cpu.append(step_cpu)
             stats = wd.comm_stats(optimizer)
             results.append({"optimizer": name, "kind": kind, "mode": mode, "world": world, "rank": rank,
                             "step_ms_median": 1e3 * statistics.median(times),
+                            "step_cpu_ms_median": 1e3 * statistics.median(cpu),
                             "bytes_received_per_step": stats.received / steps,
                             "bytes_sent_per_step": stats.sent / steps})
     (out / f"measure-n{world}-rank{rank}.json").write_text(json.dumps(results, indent=1))
@@ -169,7 +174,10 @@ def measure(out: Path, names: list[str], steps: int, warmup: int) -> list[dict]:
 
 
 def check_and_print_measurement(rows: list[dict]) -> None:
-    print(f"\n{'optimizer':13s} {'setup':16s} {'N':>2s} {'step ms (rank 0)':>16s} {'recv B/step':>11s} {'model B':>8s}")
+    print(f"\n{'optimizer':13s} {'setup':16s} {'N':>2s} {'step ms (rank 0)':>16s} {'CPU ms r0':>9s} {'CPU ms r1':>9s} "
+          f"{'recv B/step':>11s} {'model B':>8s}")
+    mismatches: list[str] = []
+    cpu_of = {(r["optimizer"], r["kind"], r["mode"], r["world"], r["rank"]): r["step_cpu_ms_median"] for r in rows}
     total = sum(m * n for m, n in MEASURE_SHAPES) * 4
     for r in rows:
         if r["rank"] != 0:
@@ -184,8 +192,16 @@ def check_and_print_measurement(rows: list[dict]) -> None:
                            ("fsdp", "replicate"): 2 * total / 2, ("fsdp", "split"): 2 * own / 2 + (total - own) / 2}[
                 (r["kind"], r["mode"])]
             r["model_bytes_received"] = model_bytes
+            if r["bytes_received_per_step"] != model_bytes:
+                mismatches.append(f"{r['optimizer']} {r['kind']}/{r['mode']}: measured "
+                                  f"{r['bytes_received_per_step']:.0f} B, model {model_bytes:.0f} B")
+        other = cpu_of.get((r["optimizer"], r["kind"], r["mode"], r["world"], 1))
         print(f"{r['optimizer']:13s} {r['kind'] + '/' + r['mode']:16s} {r['world']:2d} {r['step_ms_median']:16.2f} "
+              f"{r['step_cpu_ms_median']:9.2f} {'' if other is None else f'{other:9.2f}':>9s} "
               f"{r['bytes_received_per_step']:11.0f} {'' if model_bytes is None else f'{model_bytes:8.0f}'}")
+    if mismatches:
+        raise SystemExit("measured traffic differs from the model:\n" + "\n".join(mismatches))
+    print("measured traffic of rank 0 = the model in every setup")
 
 
 def main(argv: list[str] | None = None) -> int:

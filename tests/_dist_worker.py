@@ -1,9 +1,12 @@
 """One rank of the multi-process tests (started by tests/test_distributed.py through ``launch``).
 
 Usage: ``_dist_worker.py OUT_DIR [OPTIMIZER | +OPTIMIZER ...]``. For every optimizer it runs DDP and
-FSDP2, each replicated and work-split, and DCP save/load at step HALF (``+NAME``: FSDP2 split only),
-and saves what it saw to ``OUT_DIR/rank<r>.pt`` for the test process to compare with its
-single-process reference.
+FSDP2, each replicated and work-split, DCP save/load at step HALF, and a resume from
+``OUT_DIR/ckpt1-NAME`` (saved by one process) where it exists (``+NAME``: the FSDP2 runs only); for
+Muon and KLShampoo also FSDP2 with one unit per layer (``fsdp-units``). It records the losses, the
+final parameters, which matrices each rank's ``_matrix_step`` was called on, where the state lives
+and the optimizer's own traffic, and saves it to ``OUT_DIR/rank<r>.pt`` for the test process to
+compare with its single-process reference.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,13 +41,57 @@ from whiten.optim.distributed import (
     save_checkpoint,
 )
 
+UNITS = ("Muon", "KLShampoo")  # optimizers also run with one FSDP unit per layer
+TIMEOUT_S = 300  # every collective; a rank mismatch fails instead of hanging the test
+
 
 def wrap(kind: str) -> torch.nn.Module:
     model = make_model()
     if kind == "ddp":
         return DistributedDataParallel(model)
-    fully_shard(model)  # one FSDP unit: two collectives per step keep the test fast
+    if kind == "fsdp-units":  # as users do: each layer its own unit (and device mesh object), then the root
+        for layer in (model.a, model.b, model.c):
+            fully_shard(layer)
+    fully_shard(model)  # "fsdp": one FSDP unit, two collectives per step keep the test fast
     return model
+
+
+def record_matrix_steps(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Count, per matrix name, the calls of ``optimizer._matrix_step`` that included that matrix.
+
+    The full-size proxies of FSDP2 shards are new tensors, so matrices are told apart by shape
+    (all distinct in the test model).
+    """
+    by_shape = {tuple(p.shape): n.removeprefix("module.") for n, p in model.named_parameters() if p.ndim == 2}
+    counts = dict.fromkeys(by_shape.values(), 0)
+    inner = optimizer._matrix_step
+
+    def recorded(group, params, grads):
+        for p in params:  # a shard or any other part of a matrix is recorded as such (and fails the test)
+            key = by_shape.get(tuple(p.shape), f"not a whole matrix: {tuple(p.shape)}")
+            counts[key] = counts.get(key, 0) + 1
+        return inner(group, params, grads)
+
+    optimizer._matrix_step = recorded  # the instance attribute shadows the method
+    return counts
+
+
+def state_layout(model: torch.nn.Module, optimizer) -> dict[str, list[str]]:
+    """name -> how each state tensor is held: "shard" (a DTensor of the parameter's local shard shape),
+    "full" (a plain tensor of the parameter's full shape) or "other" (any other shape, e.g. factors)."""
+    out = {}
+    for name, p in model.named_parameters():
+        kinds = []
+        for value in optimizer.state.get(p, {}).values():
+            if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                continue
+            if isinstance(value, DTensor):
+                local = p.to_local() if isinstance(p, DTensor) else p
+                kinds.append("shard" if value.to_local().shape == local.shape else "other")
+            else:
+                kinds.append("full" if value.shape == p.shape else "other")
+        out[name.removeprefix("module.")] = kinds
+    return out
 
 
 def ownership(model: torch.nn.Module, optimizer) -> dict[str, tuple[int, bool]]:
@@ -105,7 +153,7 @@ def other_layouts() -> dict:
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(device="cpu", timeout_s=TIMEOUT_S)
     x, y = make_data()
     x, y = rank_slice(x), rank_slice(y)
 
@@ -115,20 +163,26 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for name in names:
-        brief = name.startswith("+")  # "+NAME": only the FSDP2 split run (the most involved path)
+        brief = name.startswith("+")  # "+NAME": only the FSDP2 runs (the most involved path)
         name = name.removeprefix("+")
-        for kind in ("fsdp",) if brief else ("ddp", "fsdp"):
-            for mode in ("split",) if brief else ("replicate", "split"):
+        kinds = ("fsdp",) if brief else ("ddp", "fsdp", *(("fsdp-units",) if name in UNITS else ()))
+        for kind in kinds:
+            for mode in ("replicate", "split"):
                 model = wrap(kind)
                 optimizer = make_optimizer(name, model, mode)
+                computed = record_matrix_steps(model, optimizer)
                 losses = train(model, optimizer, x, y, STEPS, mean)
+                stats = comm_stats(optimizer)
                 results[f"{name}/{kind}/{mode}"] = {
                     "losses": losses,
                     "params": full_params(model),
                     "ownership": ownership(model, optimizer),
-                    "comm_bytes_per_step": (comm_stats(optimizer).sent + comm_stats(optimizer).received) / STEPS,
+                    "computed": computed,
+                    "state_layout": state_layout(model, optimizer),
+                    "comm_bytes_per_step": (stats.sent + stats.received) / STEPS,
+                    "comm_kinds": sorted(stats.by_kind),
                 }
-            if brief:
+            if brief or kind == "fsdp-units":
                 continue
             # checkpoint: save at step HALF (split mode), load into a fresh model/optimizer, finish
             model = wrap(kind)
@@ -142,6 +196,15 @@ def main() -> None:
             load_checkpoint(path, model, optimizer)
             second = train(model, optimizer, x, y, STEPS - HALF, mean)
             results[f"{name}/{kind}/ckpt"] = {"losses": first + second, "params": full_params(model)}
+        # a checkpoint the test process saved on 1 process (replicate mode) at step HALF: load it on
+        # this world size in split mode, finish the run
+        single = os.path.join(out_dir, f"ckpt1-{name}")
+        for kind in ("ddp", "fsdp") if os.path.isdir(single) else ():
+            model = wrap(kind)
+            optimizer = make_optimizer(name, model, "split")
+            load_checkpoint(single, model, optimizer)
+            losses = train(model, optimizer, x, y, STEPS - HALF, mean)
+            results[f"{name}/{kind}/from1"] = {"losses": losses, "params": full_params(model)}
     if "Muon" in names:
         results["nonfinite"] = nonfinite_on_one_shard(x, y, rank)
         results["layouts"] = other_layouts()

@@ -239,3 +239,38 @@ def test_state_bytes_counts_tensors_exactly():
     W.grad, b.grad = torch.randn(6, 4), torch.randn(4)
     opt.step()
     assert opt.state_bytes() == 6 * 4 * 4 + 2 * 4 * 4
+
+
+def test_checkpoint_without_a_newer_option_loads_with_its_default_and_bad_values_are_refused():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(8, 24))
+    opt = Muon([W], lr=0.02, ns_method="gram")
+    W.grad = torch.randn(8, 24)
+    opt.step()
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["ns_method"]  # as written before the option existed
+    fresh = Muon([W], lr=0.02)  # default ns_method="auto"
+    fresh.load_state_dict(old)
+    assert all(group["ns_method"] == "auto" for group in fresh.param_groups)
+    fresh.step()  # no KeyError
+    assert torch.isfinite(W).all()
+    bad = opt.state_dict()
+    bad["param_groups"][0]["ns_method"] = "fast"
+    with pytest.raises(ValueError, match="ns_method"):
+        Muon([W], lr=0.02).load_state_dict(bad)
+
+
+def test_spectral_ns_method_refuses_bf16_at_construction():
+    with pytest.raises(ValueError, match="ns_method='spectral'"):
+        Muon([nn.Parameter(torch.randn(4, 6))], ns_method="spectral", ns_dtype="bfloat16")
+
+
+def test_load_state_dict_keeps_the_loading_runs_distributed_mode():
+    W = nn.Parameter(torch.randn(6, 4))
+    saver = Muon([W], lr=0.02, momentum=0.8)
+    saver.set_distributed_mode("split")
+    loader = Muon([W], lr=0.5)
+    loader.load_state_dict(saver.state_dict())
+    assert [g["distributed_mode"] for g in loader.param_groups] == ["replicate"] * len(loader.param_groups)
+    assert loader.param_groups[0]["momentum"] == 0.8 and loader.param_groups[0]["lr"] == 0.02

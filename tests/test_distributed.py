@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -21,11 +22,15 @@ from whiten.optim import distributed as wd
 
 REQUIRED = ["HTMuon", "KLShampoo", "Muon", "ProKLShampoo", "SOAP"]
 # the 2-process run covers the five method families in every setup; KLSOAP and REKLS share their
-# code paths with KLShampoo and SOAP and get only the FSDP2 split run (keeps `make test` fast)
+# code paths with KLShampoo and SOAP and get only the FSDP2 runs (keeps `make test` fast)
 MULTI = REQUIRED
 BRIEF = [name for name in OPTIMIZERS if name not in MULTI]
 KINDS = ["ddp", "fsdp"]
+UNITS = ["KLShampoo", "Muon"]  # also run with one FSDP2 unit (and device mesh object) per layer
+MATRICES = {"a.weight", "b.weight", "c.weight"}
+VECTORS = {"a.bias", "norm.weight", "norm.bias", "c.bias"}  # routed to the AdamW fallback
 RTOL = 1e-5  # the acceptance bound; the measured deviations are ~1e-16 .. 1e-12
+LAUNCH_TIMEOUT_S = 600  # the 2-process run takes 30-60 s on 2 shared cores; a hang fails instead of blocking CI
 
 
 def _gloo_available() -> bool:
@@ -39,8 +44,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     if not _gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     out = tmp_path_factory.mktemp("dist")
+    x, y = make_data()
+    for name in MULTI:  # 1-process checkpoints at step HALF, for the 2 ranks to resume from
+        model = make_model()
+        optimizer = make_optimizer(name, model)
+        train(model, optimizer, x, y, HALF, micro_batches=2)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            wd.save_checkpoint(out / f"ckpt1-{name}", model, optimizer)
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dist_worker.py")
-    code = wd.launch(2, [worker, str(out), *MULTI, *(f"+{name}" for name in BRIEF)], module=False)
+    argv = [worker, str(out), *MULTI, *(f"+{name}" for name in BRIEF)]
+    code = wd.launch(2, argv, module=False, timeout_s=LAUNCH_TIMEOUT_S)
     assert code == 0, f"2-process worker failed with exit code {code} (its output is above)"
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     results[0]["_dir"] = out
@@ -83,12 +97,47 @@ def test_two_ranks_follow_single_process(runs, references, name: str, kind: str,
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", BRIEF)
-def test_other_optimizers_fsdp_split(runs, references, name: str) -> None:
+@pytest.mark.parametrize("mode", ["replicate", "split"])
+@pytest.mark.parametrize("name", UNITS)
+def test_fsdp_with_one_unit_per_layer(runs, references, name: str, mode: str) -> None:
+    """fully_shard on every layer and the root (a device mesh object per unit): same results, and
+    the matrices still travel in one batched all_to_all per exchange (not one gather per matrix)."""
     for rank in range(2):
-        result = runs[rank][f"{name}/fsdp/split"]
+        result = runs[rank][f"{name}/fsdp-units/{mode}"]
         _assert_follows(result, references[name], RTOL)
-        assert sum(has for _, has in result["ownership"].values()) in (1, 2)  # a share of the 3 matrices
+        assert result["comm_kinds"] == ["all_to_all"]
+        assert result["comm_bytes_per_step"] == runs[rank][f"{name}/fsdp/{mode}"]["comm_bytes_per_step"]
+        assert result["ownership"] == runs[rank][f"{name}/fsdp/{mode}"]["ownership"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["replicate", "split"])
+@pytest.mark.parametrize("name", BRIEF)
+def test_other_optimizers_fsdp(runs, references, name: str, mode: str) -> None:
+    for rank in range(2):
+        result = runs[rank][f"{name}/fsdp/{mode}"]
+        _assert_follows(result, references[name], RTOL)
+        held = sum(has for _, has in result["ownership"].values())
+        assert held == 3 if mode == "replicate" else held in (1, 2)  # split: a share of the 3 matrices
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["replicate", "split"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fsdp_elementwise_state_stays_sharded(runs, name: str, mode: str) -> None:
+    """AdamW state: DTensors shaped like this rank's shard; matrix state: whole tensors, on the owner only."""
+    for rank in range(2):
+        result = runs[rank][f"{name}/fsdp/{mode}"]
+        layout = result["state_layout"]
+        assert set(layout) == MATRICES | VECTORS
+        for vector in VECTORS:
+            assert layout[vector] == ["shard", "shard"], f"{vector}: {layout[vector]}"  # exp_avg, exp_avg_sq
+        for matrix in MATRICES:
+            owner, _ = result["ownership"][matrix]
+            if mode == "split" and owner != rank:
+                assert layout[matrix] == []
+            else:
+                assert layout[matrix] and "shard" not in layout[matrix], f"{matrix}: {layout[matrix]}"
 
 
 @pytest.mark.distributed
@@ -100,20 +149,28 @@ def test_split_mode_equals_replicated_and_splits_the_work(runs, name: str, kind:
     for key, value in replicated["params"].items():
         assert _rel(split0["params"][key], value) <= 1e-12
         assert torch.equal(split0["params"][key], split1["params"][key])  # ranks agree bit for bit
-    # every matrix is stepped (holds state) on exactly its assigned owner
+    # every matrix is computed (the method's _matrix_step is called on it) and holds state on
+    # exactly its assigned owner, in every one of the STEPS steps
     owned = {0: set(), 1: set()}
     for rank, result in enumerate((split0, split1)):
+        assert set(result["ownership"]) == set(result["computed"]) == MATRICES  # whole matrices only
         for matrix, (owner, has_state) in result["ownership"].items():
             assert owner in (0, 1)
             assert has_state == (owner == rank), f"{matrix}: owner {owner}, state on rank {rank}: {has_state}"
+            calls = result["computed"][matrix]
+            assert calls == (STEPS if owner == rank else 0), f"{matrix} (owner {owner}) computed {calls}x on {rank}"
             if has_state:
                 owned[rank].add(matrix)
     assert owned[0] and owned[1] and not owned[0] & owned[1]
-    assert owned[0] | owned[1] == {"a.weight", "b.weight", "c.weight"}
+    assert owned[0] | owned[1] == MATRICES
     # cost balancing: the 12x12 matrix costs more than the 7x7 and 5x5 together, so it is alone
+    # (a count-balanced round robin over a, b, c would pair it with a)
     assert {"c.weight"} in (owned[0], owned[1])
-    # replicated mode keeps every matrix's state on every rank
-    assert all(has for _, has in replicated["ownership"].values())
+    # replicated mode computes and keeps every matrix on every rank
+    for rank in range(2):
+        result = runs[rank][f"{name}/{kind}/replicate"]
+        assert all(has for _, has in result["ownership"].values())
+        assert result["computed"] == dict.fromkeys(MATRICES, STEPS)
 
 
 @pytest.mark.distributed
@@ -156,6 +213,22 @@ def test_checkpoint_from_two_ranks_loads_on_one_process(runs, references, name: 
         assert abs(a - b) <= RTOL * abs(b)
     for key, param in model.named_parameters():
         assert _rel(param.detach(), ref_params[key]) <= RTOL
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", MULTI)
+def test_checkpoint_from_one_process_loads_on_two_ranks(runs, references, name: str, kind: str) -> None:
+    """Save on 1 process (replicate) at step 10, load on 2 ranks in split mode: the last 10 steps
+    follow the uninterrupted single-process run (the other direction of the world-size change)."""
+    ref_losses, ref_params = references[name]
+    for rank in range(2):
+        result = runs[rank][f"{name}/{kind}/from1"]
+        assert len(result["losses"]) == STEPS - HALF
+        for step, (a, b) in enumerate(zip(result["losses"], ref_losses[HALF:], strict=True)):
+            assert abs(a - b) <= RTOL * abs(b), f"loss at step {HALF + step}: {a} vs single-process {b}"
+        for key, value in ref_params.items():
+            assert _rel(result["params"][key], value) <= RTOL, key
 
 
 @pytest.mark.distributed
@@ -225,6 +298,23 @@ def test_checkpoint_restores_state_created_after_the_first_step(tmp_path) -> Non
         # equal values, but the loaded basis is contiguous where the live one was a transposed view,
         # so later matmuls may round differently
         assert _rel(p.detach(), q.detach()) <= 1e-12
+
+
+def test_checkpoint_load_keeps_the_loading_runs_mode(tmp_path) -> None:
+    """The saved groups carry the saver's distributed_mode; loading must not switch this run's mode."""
+    x, y = make_data()
+    model = make_model()
+    optimizer = make_optimizer("Muon", model, "replicate")
+    train(model, optimizer, x, y, 2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        wd.save_checkpoint(tmp_path / "ckpt", model, optimizer)
+        resumed = make_model()
+        resumed_optimizer = make_optimizer("Muon", resumed, "split")
+        resumed_optimizer.param_groups[0]["lr"] = 123.0  # hyperparameters do come from the checkpoint
+        wd.load_checkpoint(tmp_path / "ckpt", resumed, resumed_optimizer)
+    assert [g["distributed_mode"] for g in resumed_optimizer.param_groups] == ["split", "split"]
+    assert resumed_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
 
 
 def test_assign_owners_is_greedy_largest_first() -> None:
@@ -332,19 +422,45 @@ def test_launch_checks_nproc() -> None:
         wd.launch(0, ["whiten"])
 
 
+def test_launch_command_needs_no_fixed_port() -> None:
+    cmd = wd.launch_command(3, ["pkg.mod", "--x"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=3" in cmd and "--rdzv-endpoint=127.0.0.1:0" in cmd and "--local-addr=127.0.0.1" in cmd
+    assert not any(part.startswith("--master-port") for part in cmd)  # port 0: torchrun binds a free one
+    assert cmd[-3:] == ["-m", "pkg.mod", "--x"]
+    assert wd.launch_command(1, ["script.py"], module=False)[-1] == "script.py"
+
+
+def test_run_with_timeout_stops_a_hung_command() -> None:
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"0\.5 s"):
+        wd.run_with_timeout([sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=0.5)
+    assert time.monotonic() - start < 30  # stopped, not waited for
+    assert wd.run_with_timeout([sys.executable, "-c", "raise SystemExit(3)"], timeout_s=30) == 3
+
+
 def test_init_distributed_without_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     rank, world, device = wd.init_distributed()
     assert (rank, world) == (0, 1) and isinstance(device, torch.device)
+    assert wd.init_distributed(device="cpu") == (0, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="device"):
+        wd.init_distributed(device="meta")
 
 
-def test_free_port_is_bindable_on_loopback() -> None:
-    import socket
-
-    port = wd.free_port()
-    assert 0 < port < 65536
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+def test_init_distributed_checks_the_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More processes than GPUs: a clear error before any CUDA call (mocked CUDA, so it runs on CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"local rank 1 has no GPU.*1 CUDA device"):
+        wd.init_distributed()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        wd.init_distributed(device="cuda")
 
 
 # -- whiten bench --nproc -----------------------------------------------------------------------------------
@@ -376,7 +492,7 @@ def test_bench_nproc_2_matches_one_process(tmp_path) -> None:
     assert main([*args, "--out", str(tmp_path / "n1")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "whiten", *args, "--nproc", "2", "--out", str(tmp_path / "n2")], check=True,
-                   env=env)  # fmt: skip
+                   env=env, timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
     finals = [json.loads((tmp_path / n / "runs" / "muon-s0" / "result.json").read_text())["final_val_loss"]
               for n in ("n1", "n2")]  # fmt: skip
     assert finals[0] == pytest.approx(finals[1], rel=1e-5)

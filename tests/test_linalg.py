@@ -304,6 +304,19 @@ def test_emulated_matmul_rounds_operands():
         assert torch.equal(A @ B, A @ B)
 
 
+def test_emulated_precision_covers_tensordot_and_einsum_operand_lists():
+    # the N-D KL statistics contract with tensordot; einsum also takes its operands as a list
+    torch.manual_seed(0)
+    A, B = torch.randn(6, 8), torch.randn(8, 5)
+    rA, rB = round_mantissa(A, 10), round_mantissa(B, 10)
+    with emulate_matmul_precision("high"):
+        tdot = torch.tensordot(A, B, dims=1)
+        ein = torch.einsum("ij,jk->ik", [A, B])
+    torch.testing.assert_close(tdot, torch.tensordot(rA, rB, dims=1), atol=0, rtol=0)
+    torch.testing.assert_close(ein, torch.einsum("ij,jk->ik", rA, rB), atol=0, rtol=0)
+    assert not torch.equal(tdot, torch.tensordot(A, B, dims=1))
+
+
 def test_kl_targets_match_dense_formulas():
     gen = torch.Generator().manual_seed(0)
     m, n = 7, 5

@@ -137,10 +137,14 @@ def test_gram_newton_schulz_is_the_same_polynomial(shape: tuple[int, ...]) -> No
     G = torch.randn(shape, dtype=torch.float64, generator=gen)
     for coefficients in ("keller", "polar_express"):
         direct = newton_schulz(G, 5, coefficients, compute_dtype=torch.float64, method="direct")
-        gram = newton_schulz(G, 5, coefficients, compute_dtype=torch.float64, method="gram")
-        torch.testing.assert_close(gram, direct, rtol=1e-10, atol=1e-10)
+        for method in ("gram", "spectral"):
+            other = newton_schulz(G, 5, coefficients, compute_dtype=torch.float64, method=method)
+            torch.testing.assert_close(other, direct, rtol=1e-10, atol=1e-10)
     # zero input stays zero (the eps floor of the normaliser)
-    assert torch.equal(newton_schulz(torch.zeros(4, 9), method="gram"), torch.zeros(4, 9))
+    for method in ("gram", "spectral"):
+        assert torch.equal(newton_schulz(torch.zeros(4, 9), method=method), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="spectral"):
+        newton_schulz(G, compute_dtype=torch.bfloat16, method="spectral")
 
 
 def test_auto_method_choice_and_bad_method() -> None:
@@ -159,7 +163,7 @@ def test_muon_ns_methods_agree_in_fp32() -> None:
     gen = torch.Generator().manual_seed(7)
     init = [torch.randn(16, 40, generator=gen), torch.randn(40, 16, generator=gen), torch.randn(16, 16, generator=gen)]
     results = {}
-    for method in ("direct", "gram", "auto"):
+    for method in ("direct", "gram", "spectral", "auto"):
         params = [p.clone() for p in init]
         opt = whiten.Muon(params, lr=0.02, ns_method=method)
         g = torch.Generator().manual_seed(8)
@@ -168,7 +172,7 @@ def test_muon_ns_methods_agree_in_fp32() -> None:
                 p.grad = torch.randn(p.shape, generator=g)
             opt.step()
         results[method] = params
-    for method in ("gram", "auto"):
+    for method in ("gram", "spectral", "auto"):
         for a, b in zip(results[method], results["direct"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

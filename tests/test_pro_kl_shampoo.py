@@ -12,11 +12,11 @@ from whiten import KLShampoo, ProKLShampoo
 from whiten.linalg import (
     newton_schulz,
     newton_schulz_left_factor,
+    newton_schulz_spectral_factor,
     polar_svd,
     principal_angles,
     spike_flat_statistics,
 )
-from whiten.linalg.kl_family import newton_schulz_spectral_factor
 from whiten.linalg.spectrum import kl_gap, tail_am_gm_ratio
 from whiten.optim.pro_kl_shampoo import adaptive_rank
 

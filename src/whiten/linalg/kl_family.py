@@ -10,8 +10,6 @@ Pure tensor functions (no optimizer state) shared by :class:`whiten.KLShampoo`, 
 * :func:`ema_eigenvalues`: the reference's EMA eigenvalue step with its clamp.
 * :func:`spike_flat_statistics`: the restricted-side statistics of Pro-KLShampoo (SPEC §5, facts 2-3),
   where the right factor is ``S_R = U diag(Lam) U^T + sigma (I - U U^T)``.
-* :func:`newton_schulz_spectral_factor`: Pro-KLShampoo's complement orthogonalization, the Newton–Schulz
-  polynomial evaluated through one ``eigh`` of the small Gram matrix instead of by matrix iteration.
 
 The KL gap of the spike-and-flat family and the rank rule built on it are in :mod:`whiten.linalg.spectrum`.
 """
@@ -24,9 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from whiten.linalg.eigen import eigh_descending
 from whiten.linalg.kronecker import clamp_eigenvalues
-from whiten.linalg.newton_schulz import ns_schedule
 
 
 # -- N-D KL-Shampoo statistics -----------------------------------------------------------------
@@ -197,48 +193,3 @@ def spike_flat_statistics(
     sketch = G.mT @ (Q_L @ (DqU / lam_L.unsqueeze(-1))) / m
     return SpikeFlatStatistics(left, lam_left, Lam_target, sigma_target, sketch)
 
-
-# -- Newton–Schulz through the spectrum of the Gram matrix (Pro-KLShampoo's complement) ------------
-def newton_schulz_spectral_factor(
-    X: Tensor,
-    steps: int = 5,
-    coefficients: str | Sequence[float] | Sequence[Sequence[float]] = "keller",
-    *,
-    eps: float = 1e-7,
-) -> tuple[Tensor, Tensor]:
-    """``(K, P)`` with ``K @ X`` the Newton–Schulz output of a wide ``X`` (``m <= n``) and ``P = X X^T``.
-
-    Newton–Schulz (:func:`whiten.linalg.newton_schulz`) computes ``X_0 = X / nu``,
-    ``nu = max(scale ||X||_F, eps)``, then ``X_{k+1} = (a_k I + b_k A_k + c_k A_k^2) X_k`` with
-    ``A_k = X_k X_k^T``. Every iterate is a polynomial in ``P`` times ``X``, so with ``P = V diag(lam) V^T``
-    each singular value ``s = sqrt(lam)`` follows the scalar recursion
-    ``x_0 = s / nu,  x_{k+1} = x_k f_k(x_k),  f_k(x) = a_k + b_k x^2 + c_k x^4`` and::
-
-        NS(X) = V diag(q) V^T X,     q = (1 / nu) prod_k f_k(x_k)      (= x_K / s for s > 0)
-
-    This is the same polynomial as the matrix iteration (it agrees with it to round-off in float64;
-    ``tests/test_pro_kl_shampoo.py``), evaluated with one ``m x m x n`` product, one ``eigh`` of ``P``
-    and one ``m^3`` product instead of ``5 (2 m^2 n + m^3)`` multiply-adds: on one CPU thread it is
-    2-3x faster than the direct or Gram iteration for ``m = 768``. A zero singular value gets
-    ``q = prod_k a_k / nu``, which multiplies nothing (``V^T X`` vanishes there). The scalar recursion
-    runs in float64; ``eigh`` uses :func:`whiten.linalg.eigh_descending` (fp64 / jitter fallback).
-    Batched over leading dimensions.
-    """
-    if X.ndim < 2 or X.size(-2) > X.size(-1):
-        raise ValueError(
-            f"newton_schulz_spectral_factor needs a wide matrix (..., m, n) with m <= n, got {tuple(X.shape)}"
-        )
-    schedule = ns_schedule(coefficients, steps)
-    P = X @ X.mT
-    lam, V = eigh_descending(P)
-    lam = lam.double().clamp(min=0.0)
-    nu = (lam.sum(-1, keepdim=True).sqrt() * schedule.norm_scale).clamp(min=eps)  # ||X||_F = sqrt(tr P)
-    x = lam.sqrt() / nu
-    gain = torch.ones_like(x)
-    for a, b, c in schedule.coefficients:
-        x2 = x * x
-        f = a + x2 * (b + c * x2)
-        gain = gain * f
-        x = x * f
-    q = (gain / nu).to(X.dtype)
-    return (V * q.unsqueeze(-2)) @ V.mT, P

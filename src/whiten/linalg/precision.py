@@ -5,9 +5,11 @@ cores (operands rounded to a 10-bit mantissa) and ``"medium"`` allows bf16 (7-bi
 On CPU PyTorch ignores the setting, so the precision effects studied in the seed notebook (an
 eigenbasis jumping after a gradient spike under TF32) cannot be seen there. :func:`emulate_matmul_precision`
 reproduces the operand rounding on any device: inside it, every fp32 matrix product
-(``@``, ``mm``, ``bmm``, ``matmul``, ``addmm``, ``baddbmm``, ``einsum``) first rounds its operands
+(``@``, ``mm``, ``bmm``, ``matmul``, ``addmm``, ``baddbmm``, ``tensordot``, two-operand ``einsum``)
+first rounds its operands
 to the reduced mantissa (round to nearest, ties to even) and accumulates in fp32, as tensor
-cores do.
+cores do. An ``einsum`` of three or more operands has its inputs rounded but not its intermediate
+products, so it is not emulated faithfully; nothing in ``whiten`` uses one.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def round_mantissa(x: Tensor, bits: int) -> Tensor:
 
 _MATMUL_FUNCS = {
     torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.bmm,
-    torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.linalg.matmul,
+    torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.linalg.matmul, torch.tensordot,
 }
 _ADD_MATMUL_FUNCS = {torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
 
@@ -87,12 +89,21 @@ class _OperandRounding(TorchFunctionMode):
         if bits >= 23:
             return func(*args, **kwargs)
         if func in _MATMUL_FUNCS:
-            args = tuple(round_mantissa(a, bits) if isinstance(a, Tensor) else a for a in args)
+            args = tuple(_round_operands(a, bits) for a in args)
         elif func in _ADD_MATMUL_FUNCS or func is torch.einsum:
             # addmm/baddbmm: the accumulator (first argument) stays fp32, only the product's operands
-            # are rounded; einsum: the first argument is the equation string
-            args = (args[0], *(round_mantissa(a, bits) if isinstance(a, Tensor) else a for a in args[1:]))
+            # are rounded; einsum: the first argument is the equation string (operands may follow as a list)
+            args = (args[0], *(_round_operands(a, bits) for a in args[1:]))
         return func(*args, **kwargs)
+
+
+def _round_operands(value: object, bits: int) -> object:
+    """Round a tensor operand, or each tensor of a list/tuple of operands; anything else passes through."""
+    if isinstance(value, Tensor):
+        return round_mantissa(value, bits)
+    if isinstance(value, (list, tuple)):
+        return type(value)(round_mantissa(v, bits) if isinstance(v, Tensor) else v for v in value)
+    return value
 
 
 @contextlib.contextmanager

@@ -271,7 +271,20 @@ class WhitenOptimizer(Optimizer):
             index: {k: v for k, v in entry.items() if isinstance(v, Tensor) and v.is_floating_point()}
             for index, entry in state_dict["state"].items()
         }
+        # distributed_mode belongs to this run (how its ranks share the work, and so where state lives),
+        # not to the algorithm: keep it rather than the saving run's
+        modes = [group["distributed_mode"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, mode in zip(self.param_groups, modes, strict=True):
+            group["distributed_mode"] = mode
+        # a checkpoint written before an option existed lacks its key: take this optimizer's default for it,
+        # then check the loaded groups as a constructor would (a bad value must not reach a step)
+        options = {**COMMON_CHECKS, **self.option_checks}
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key in options:
+                    group.setdefault(key, value)
+            self._validate(group)
         # saved ids are indices, or parameter names when the dict comes from torch.distributed.checkpoint
         saved_ids = [key for group in state_dict["param_groups"] for key in group["params"]]
         params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"]), strict=False))

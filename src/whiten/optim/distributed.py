@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -542,6 +541,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     was saved is restored (also entries an optimizer creates only on later steps), for exactly
     the parameters this rank holds state for in its current mode. World size and mode may
     differ from the saving run: matrix states are whole tensors, AdamW states are resharded.
+    Every other option of the param groups comes from the checkpoint; ``distributed_mode`` stays
+    what this optimizer had (the layout of this run, not a hyperparameter of the saved one).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -588,54 +589,109 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     optim_sd["state"] = state
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     set_model_state_dict(model, model_sd)
+    # the state was loaded for this run's distributed_mode, which WhitenOptimizer.load_state_dict keeps
+    # (else a split-mode load of a replicate-mode checkpoint would step every matrix on every rank with
+    # state only on the owners)
     with _no_init_step(optimizer):
         # strict=False: in split mode the matrices owned by other ranks have no state here
         set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(strict=False))
 
 
 # -- processes ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+def init_distributed(
+    backend: str | None = None, device: str | torch.device | None = None, timeout_s: float | None = None
+) -> tuple[int, int, torch.device]:
     """Join the process group a launcher (``torchrun`` / :func:`launch`) describes in the environment.
 
-    Returns ``(rank, world_size, device)``. Backend: ``nccl`` when CUDA is available, else ``gloo``.
-    Without ``WORLD_SIZE`` in the environment it returns ``(0, 1, device)`` and starts nothing.
+    Returns ``(rank, world_size, device)``. ``device``: ``"cpu"``, ``"cuda"`` (local rank ``i``
+    gets ``cuda:i``) or ``None`` (CUDA when available). Backend: ``nccl`` for CUDA, ``gloo`` for
+    CPU, unless ``backend`` is given. ``timeout_s`` bounds every collective (torch's default is 30
+    minutes), so a mismatch between ranks fails with an error instead of hanging. Without
+    ``WORLD_SIZE`` in the environment it returns ``(0, 1, device)`` and starts nothing.
     """
-    cuda = torch.cuda.is_available()
+    import datetime
+
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' for init_distributed, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu' (gloo)")
     if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    if cuda:
+        return 0, 1, torch.device(kind)
+    if kind == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(
+                f"local rank {local_rank} has no GPU: this machine has {count} CUDA device(s); start at most "
+                f"{count} processes per node (--nproc / --nproc-per-node) or use device='cpu' (gloo)"
+            )
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        local = torch.device("cuda", local_rank)
     else:
-        device = torch.device("cpu")
+        local = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
-    return dist.get_rank(), dist.get_world_size(), device
+        kwargs: dict[str, Any] = {}
+        if timeout_s is not None:
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend or ("nccl" if kind == "cuda" else "gloo"), **kwargs)
+    return dist.get_rank(), dist.get_world_size(), local
 
 
-def launch(nproc: int, argv: Sequence[str], *, module: bool = True, env: Mapping[str, str] | None = None) -> int:
-    """Run ``python -m <argv...>`` (or a script when ``module=False``) on ``nproc`` local processes.
+def launch_command(nproc: int, argv: Sequence[str], *, module: bool = True) -> list[str]:
+    """The ``torchrun`` command line :func:`launch` runs.
 
-    Uses ``torch.distributed.run`` (torchrun) with a free port on 127.0.0.1; each process finds
-    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in its environment (see :func:`init_distributed`).
-    Returns the launcher's exit code.
+    Rendezvous through a c10d store on ``127.0.0.1`` port 0: the launcher binds a free port itself
+    and passes it to the workers, so no port has to be chosen in advance (no race with other jobs).
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
-    cmd = [
+    return [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-        "--master-addr=127.0.0.1", f"--master-port={free_port()}", *(["-m"] if module else []), *argv,
-    ]
+        "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1",
+        *(["-m"] if module else []), *argv,
+    ]  # fmt: skip
+
+
+def run_with_timeout(cmd: Sequence[str], env: Mapping[str, str] | None = None, timeout_s: float | None = None) -> int:
+    """Run ``cmd`` and return its exit code; past ``timeout_s`` seconds stop it and raise ``TimeoutError``.
+
+    Stopping sends SIGTERM first (torchrun forwards it to its workers, which run in their own
+    sessions, and waits for them), then SIGKILL after 60 s. Interrupting the caller stops it too.
+    """
+    proc = subprocess.Popen(list(cmd), env=None if env is None else dict(env))
+    try:
+        return proc.wait(timeout=timeout_s)
+    except BaseException as err:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if isinstance(err, subprocess.TimeoutExpired):
+            raise TimeoutError(f"{' '.join(cmd[:6])} ... did not finish within {timeout_s} s; stopped it") from None
+        raise
+
+
+def launch(
+    nproc: int,
+    argv: Sequence[str],
+    *,
+    module: bool = True,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> int:
+    """Run ``python -m <argv...>`` (or a script when ``module=False``) on ``nproc`` local processes.
+
+    Uses ``torch.distributed.run`` (torchrun, see :func:`launch_command`); each process finds
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT`` in its environment
+    (see :func:`init_distributed`). ``OMP_NUM_THREADS`` defaults to 1. Returns the launcher's exit
+    code; raises ``TimeoutError`` after ``timeout_s`` seconds (see :func:`run_with_timeout`).
+    """
+    cmd = launch_command(nproc, argv, module=module)
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    return subprocess.run(cmd, env=full_env, check=False).returncode
+    return run_with_timeout(cmd, full_env, timeout_s)
 
 
 # -- helpers for a training script (e.g. `whiten bench --nproc N`) ---------------------------------

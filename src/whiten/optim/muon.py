@@ -87,6 +87,9 @@ class _SpectralMomentum(WhitenOptimizer):
         super()._validate(group)
         if group.get("spectral_map") == "ns" and group.get("power", 0.0) > 1:
             raise ValueError(f"spectral_map='ns' supports 0 < power <= 1, got power={group['power']}")
+        if group.get("ns_method") == "spectral" and group.get("ns_dtype") == "bfloat16":
+            raise ValueError("ns_method='spectral' needs an eigh, which has no bf16 kernel: use ns_dtype='float32'"
+                             " or another ns_method")  # fmt: skip
 
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         mu = group["momentum"]
@@ -122,7 +125,7 @@ class _SpectralMomentum(WhitenOptimizer):
                     group["ns_coefficients"],
                     compute_dtype=torch.float64 if X.dtype == torch.float64 else ns_dtype,
                     eps=group["eps"],
-                    method=group.get("ns_method", "direct"),  # checkpoints from before the option
+                    method=group["ns_method"],
                 ),
                 ns_inputs,
                 # where stacking pays (not on CPU), cast to the NS dtype during the stacking copy
@@ -170,7 +173,7 @@ class _SpectralMomentum(WhitenOptimizer):
                     ridge=group["ns_ridge"],
                     ns_dtype=_NS_DTYPES[group["ns_dtype"]],
                     eps=group["eps"],
-                    method=group.get("ns_method", "direct"),
+                    method=group["ns_method"],
                 ),
                 directions,
             )
@@ -209,11 +212,12 @@ class Muon(_SpectralMomentum):
             (``0.2 sqrt(max(m, n))``, Moonlight).
         ns_dtype: ``"float32"`` (default, accurate) or ``"bfloat16"`` (as KellerJordan/Muon and
             ``torch.optim.Muon``), or ``"float64"``.
-        ns_method: ``"auto"`` (default), ``"direct"`` or ``"gram"``: where the same NS polynomial is
-            evaluated (:func:`whiten.linalg.newton_schulz`). ``"auto"`` runs it on the small Gram
-            matrix for fp32/fp64 matrices with one side >= 1.5x the other (1.8x faster on GPT-2's
+        ns_method: ``"auto"`` (default), ``"direct"``, ``"gram"`` or ``"spectral"``: how the same NS
+            polynomial is evaluated (:func:`whiten.linalg.newton_schulz`). ``"auto"`` runs it on the small
+            Gram matrix for fp32/fp64 matrices with one side >= 1.5x the other (1.8x faster on GPT-2's
             768 x 3072 on CPU, and closer to the exact polynomial in fp32) and directly otherwise
-            (bf16 included, where the Gram path loses accuracy).
+            (bf16 included, where the Gram path loses accuracy). ``"spectral"`` evaluates it on the
+            eigenvalues of the Gram matrix (one ``eigh``; fp32/fp64 only).
         adamw_lr: lr of the AdamW half (default 3e-4; ``None`` means ``lr``).
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
     """

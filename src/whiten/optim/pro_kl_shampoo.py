@@ -30,18 +30,19 @@ import torch
 from torch import Tensor
 
 from whiten.linalg import (
+    NS_METHODS,
     effective_flat_value,
     eigh_descending,
     ema_eigenvalues,
     map_batched,
     newton_schulz,
     newton_schulz_left_factor,
+    newton_schulz_spectral_factor,
     ns_schedule,
     orthogonal_iteration,
     prefers_gram,
     spike_flat_statistics,
 )
-from whiten.linalg.kl_family import newton_schulz_spectral_factor
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
@@ -50,8 +51,6 @@ from whiten.optim.kl_shampoo import KLFactored, _defaults, ema_factor_, factor_d
 
 COMPLEMENTS = ("left_whitened_orth", "orth")
 COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
-#: how the complement's Newton–Schulz polynomial is evaluated (all give the same polynomial; see ``ns_factor``)
-NS_METHODS = ("spectral", "auto", "gram", "direct")
 
 
 def _check_ns_coefficients(name: str, value: Any) -> None:
@@ -61,7 +60,7 @@ def _check_ns_coefficients(name: str, value: Any) -> None:
 def ns_factor(X: Tensor, method: str) -> str:
     """How the complement ``X`` (``m x n``) is orthogonalized: ``"direct"`` (matrix iteration on ``X``) or, for
     a wide ``X``, ``"gram"`` (:func:`whiten.linalg.newton_schulz_left_factor`) or ``"spectral"``
-    (:func:`whiten.linalg.kl_family.newton_schulz_spectral_factor`), which return ``K`` with ``NS(X) = K X``.
+    (:func:`whiten.linalg.newton_schulz_spectral_factor`), which return ``K`` with ``NS(X) = K X``.
 
     ``method="spectral"`` (default) uses the spectral factor whenever ``X`` is wide; ``"auto"`` the Gram
     iteration when ``n >= 1.5 m`` (:func:`whiten.linalg.prefers_gram`), else direct; ``"gram"`` the Gram
