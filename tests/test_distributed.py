@@ -350,11 +350,18 @@ def test_matrix_flops_grow_with_size(name: str) -> None:
     assert 4 < wd.matrix_flops(optimizer, (128, 128), group) / small <= 8.5
 
 
-def test_muon_flops_are_newton_schulz_matmuls() -> None:
-    optimizer = Muon(torch.nn.Linear(4, 4).parameters())
-    group = optimizer.param_groups[0]
+def test_muon_flops_are_newton_schulz_matmuls_of_the_chosen_method() -> None:
     m, n = 96, 32
-    assert wd.matrix_flops(optimizer, (m, n), group) == 5 * (4 * n * n * m + 2 * n**3)
+
+    def flops(**kwargs: object) -> float:
+        optimizer = Muon(torch.nn.Linear(4, 4).parameters(), **kwargs)
+        return wd.matrix_flops(optimizer, (m, n), optimizer.param_groups[0])
+
+    direct = 5 * (4 * n * n * m + 2 * n**3)
+    assert flops(ns_method="direct") == direct
+    assert flops(ns_dtype="bfloat16") == direct  # "auto" keeps bf16 direct
+    assert flops() == 4 * n * n * m + 8 * 5 * n**3  # "auto", fp32, 3:1 -> the Gram iteration
+    assert flops(ns_method="spectral") == 4 * n * n * m + 11 * n**3  # P, eigh (~9 n^3), V q V^T, K X
 
 
 def test_kronecker_flops_follow_the_methods() -> None:

@@ -65,9 +65,16 @@ def _qr_refresh_flops(d: int) -> float:
     return 2.0 * d**3 + 4.0 / 3.0 * d**3
 
 
-def _ns_flops(m: int, n: int, steps: int) -> float:
-    # per iteration on the short side a: A = X X^T (2 a^2 b), B = bA + cA^2 (2 a^3), B X (2 a^2 b)
+def _ns_flops(m: int, n: int, steps: int, method: str = "direct", low_precision: bool = False) -> float:
+    """Newton–Schulz cost by how the polynomial is evaluated (``whiten.linalg.newton_schulz``'s ``method``)."""
     a, b = min(m, n), max(m, n)
+    if method == "auto":
+        method = "gram" if not low_precision and b >= 1.5 * a else "direct"
+    if method == "gram":  # P = X X^T, 5 short-side products per step on P, then K X
+        return 4.0 * a * a * b + 8.0 * steps * a**3
+    if method == "spectral":  # P = X X^T, eigh of P, V diag(q) V^T, then K X
+        return 4.0 * a * a * b + _eigh_flops(a) + 2.0 * a**3
+    # per iteration on the short side: A = X X^T (2 a^2 b), B = bA + cA^2 (2 a^3), B X (2 a^2 b)
     return steps * (4.0 * a * a * b + 2.0 * a**3)
 
 
@@ -97,7 +104,8 @@ def matrix_flops(optimizer: Any, shape: Sequence[int], group: Mapping[str, Any])
     kron = 2.0 * (m * m * n + m * n * n)  # one two-sided product Q_L^T X Q_R, or G G^T plus G^T G
     interval = max(1, int(group.get("precondition_frequency", 1) or 1))
     if family in ("Muon", "HTMuon"):
-        ns = _ns_flops(m, n, int(group.get("ns_steps", 5)))
+        ns = _ns_flops(m, n, int(group.get("ns_steps", 5)), str(group.get("ns_method", "direct")),
+                       low_precision=group.get("ns_dtype") == "bfloat16")  # fmt: skip
         power = float(group.get("power", 0.0) or 0.0)
         if power == 0.0:
             return ns
@@ -125,7 +133,8 @@ def matrix_flops(optimizer: Any, shape: Sequence[int], group: Mapping[str, Any])
         r = int(group.get("rank", min(m, n)) or min(m, n))
         a, b = min(m, n), max(m, n)
         left = 2.0 * a * a * b  # products with the full left factor / basis (short side)
-        return 4.0 * left + 8.0 * a * b * r + _ns_flops(a, b, int(group.get("ns_steps", 5))) + (
+        ns = _ns_flops(a, b, int(group.get("ns_steps", 5)), str(group.get("ns_method", "spectral")))
+        return 4.0 * left + 8.0 * a * b * r + ns + (
             _qr_refresh_flops(a) + 4.0 * b * r * r
         ) / interval
     # unknown method: a Kronecker-factored default (statistics, two rotations, QR refresh)
