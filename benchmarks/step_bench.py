@@ -209,7 +209,7 @@ def _whiten_groups(matrices: list[Tensor], others: list[Tensor], **matrix_option
     return groups
 
 
-def method_table(ranks: Sequence[int], period: int) -> list[Method]:
+def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) -> list[Method]:
     methods: list[Method] = []
     T = period
 
@@ -273,7 +273,8 @@ def method_table(ranks: Sequence[int], period: int) -> list[Method]:
 
         def ours_muon(mats: list[Tensor], others: list[Tensor], dtype: str = dtype) -> Stepper:
             cls = _whiten_class("Muon")
-            return Stepper(cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, **muon_common))
+            return Stepper(cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, compile_ns=compile_ns,
+                               **muon_common))
 
         methods.append(
             Method(f"whiten.Muon[{short}]", "whiten", "muon",
@@ -698,7 +699,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--interleave-numel", type=float, default=1.5e8, help=argparse.SUPPRESS)
     ap.add_argument("--compile-peers", action="store_true", help="let HeavyBall torch.compile its kernels")
     ap.add_argument("--compile", action="store_true",
-                    help="experiment: run our Muon's Newton-Schulz through torch.compile (compile time excluded)")
+                    help="our Muon rows with compile_ns=True (NS through torch.compile; compile time excluded)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--list", action="store_true", help="print configs and methods and exit")
     args = ap.parse_args(argv)
@@ -718,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     all_configs = configs()
-    methods = method_table(args.ranks, args.period)
+    methods = method_table(args.ranks, args.period, compile_ns=args.compile)
     if args.methods:
         methods = [m for m in methods if re.search(args.methods, m.label)]
     if args.list:
@@ -744,10 +745,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             heavyball.utils.compile_mode = None  # eager, as ours
         except ImportError:
             pass
-    if args.compile:
-        import whiten.optim.muon as muon_module
-
-        muon_module.newton_schulz = torch.compile(muon_module.newton_schulz, dynamic=False)
     kron_configs = args.kron_configs
     if kron_configs is None:
         kron_configs = list(all_configs) if device.type == "cuda" else list(CPU_KRON_CONFIGS)

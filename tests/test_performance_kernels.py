@@ -192,3 +192,38 @@ def test_sorted_orthogonal_iteration_equals_sort_then_iterate(steps: int) -> Non
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="steps"):
         sorted_orthogonal_iteration(A, Q, 0)
+
+
+def test_compile_ns_routes_newton_schulz_through_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    # dynamo really traces newton_schulz here; the "eager" backend skips inductor's C++ build (CI time)
+    from whiten.linalg import compiled_newton_schulz
+
+    compiled: list[object] = []
+    real_compile = torch.compile
+
+    def eager_compile(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    compiled_newton_schulz.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(11)
+        init = [torch.randn(16, 40, generator=gen), torch.randn(24, 24, generator=gen)]
+        grads = [[torch.randn(p.shape, generator=gen) for p in init] for _ in range(3)]
+        results = {}
+        for flag in (False, True):
+            params = [p.clone() for p in init]
+            opt = whiten.Muon(params, lr=0.02, compile_ns=flag)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads, strict=True):
+                    p.grad = g.clone()
+                opt.step()
+            results[flag] = params
+        assert compiled == [newton_schulz]  # built once, only when asked for
+        for a, b in zip(results[True], results[False], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        with pytest.raises(ValueError, match="compile_ns"):
+            whiten.HTMuon([torch.nn.Parameter(torch.randn(3, 5))], lr=0.03, compile_ns="yes")
+    finally:
+        compiled_newton_schulz.cache_clear()

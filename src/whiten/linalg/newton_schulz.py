@@ -18,7 +18,8 @@ matrix. Coefficient sets:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,18 @@ def newton_schulz(
         X = torch.addmm(X, B, X, beta=a) if X.ndim == 2 else torch.baddbmm(X, B, X, beta=a)
     return X.mT if transposed else X
 
+
+
+@functools.cache
+def compiled_newton_schulz() -> Callable[..., Tensor]:
+    """:func:`newton_schulz` through ``torch.compile`` (``dynamic=False``), built once per process.
+
+    The opt-in behind Muon / HTMuon ``compile_ns=True``. Each new shape, dtype or option set compiles
+    once on first use (seconds to minutes on CPU; measured in ``docs/performance.md``), so it pays only
+    for long runs; the arithmetic is the same polynomial, fused differently (rounding may differ).
+    Needs a working ``torch.compile`` backend (a C++ compiler on CPU, Triton on CUDA).
+    """
+    return torch.compile(newton_schulz, dynamic=False)
 
 def newton_schulz_left_factor(
     X: Tensor,

@@ -25,6 +25,7 @@ from torch import Tensor
 from whiten.linalg import (
     KELLER_QUINTIC,
     NS_METHODS,
+    compiled_newton_schulz,
     initial_stream_basis,
     map_batched,
     newton_schulz,
@@ -73,6 +74,7 @@ class _SpectralMomentum(WhitenOptimizer):
         "ns_steps": opt.positive_int,
         "ns_dtype": opt.choice(*_NS_DTYPES),
         "ns_method": opt.choice(*NS_METHODS),
+        "compile_ns": opt.boolean,
         "eps": opt.nonneg,
         "adjust_lr_fn": opt.choice(None, "original", "match_rms_adamw"),
         "power": opt.either(opt.nonneg, what="a number >= 0"),
@@ -118,8 +120,9 @@ class _SpectralMomentum(WhitenOptimizer):
             ns_dtype = _NS_DTYPES[group["ns_dtype"]]
             # fp64 parameters iterate in fp64 whatever ns_dtype says (statistics "fp32 or better")
             ns_inputs = [directions[i] for i in ns_idx]
+            ns_kernel = compiled_newton_schulz() if group["compile_ns"] else newton_schulz
             ns_out = map_batched(
-                lambda X: newton_schulz(
+                lambda X: ns_kernel(
                     X,
                     group["ns_steps"],
                     group["ns_coefficients"],
@@ -218,6 +221,8 @@ class Muon(_SpectralMomentum):
             768 x 3072 on CPU, and closer to the exact polynomial in fp32) and directly otherwise
             (bf16 included, where the Gram path loses accuracy). ``"spectral"`` evaluates it on the
             eigenvalues of the Gram matrix (one ``eigh``; fp32/fp64 only).
+        compile_ns: run the Newton–Schulz iteration through ``torch.compile``
+            (:func:`whiten.linalg.compiled_newton_schulz`; opt-in, default off; compiles once per shape).
         adamw_lr: lr of the AdamW half (default 3e-4; ``None`` means ``lr``).
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
     """
@@ -236,6 +241,7 @@ class Muon(_SpectralMomentum):
         *,
         ns_dtype: str = "float32",
         ns_method: str = "auto",
+        compile_ns: bool = False,
         adamw_lr: float | None = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
@@ -245,7 +251,8 @@ class Muon(_SpectralMomentum):
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
-            eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, ns_method=ns_method, power=0.0,
+            eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, ns_method=ns_method,
+            compile_ns=compile_ns, power=0.0,
             spectral_map="ns",
             interval=1, normuon=False, normuon_beta2=0.95, ns_ridge=1e-6, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
             adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize, nonfinite=nonfinite,
@@ -294,6 +301,7 @@ class HTMuon(_SpectralMomentum):
         ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = KELLER_QUINTIC,
         ns_dtype: str = "float32",
         ns_method: str = "auto",
+        compile_ns: bool = False,
         ns_ridge: float = 1e-6,
         eps: float = 1e-7,
         adjust_lr_fn: str | None = None,
@@ -308,7 +316,7 @@ class HTMuon(_SpectralMomentum):
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, power=power,
             spectral_map=spectral_map, interval=interval, normuon=normuon, normuon_beta2=normuon_beta2,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_method=ns_method,
-            ns_ridge=ns_ridge, eps=eps,
+            compile_ns=compile_ns, ns_ridge=ns_ridge, eps=eps,
             adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay, maximize=maximize, nonfinite=nonfinite,
         )
