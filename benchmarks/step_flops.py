@@ -91,21 +91,28 @@ def kl_shampoo(m: int, n: int, period: int = 10) -> float:
     return precondition + statistics + refresh / period
 
 
-def pro_kl_shampoo(m: int, n: int, rank: int, period: int = 10, ns_steps: int = 5) -> float:
+def pro_kl_shampoo(
+    m: int, n: int, rank: int, period: int = 10, ns_steps: int = 5, ns_method: str = "spectral"
+) -> float:
     """Pro-KLShampoo (§5) as ``whiten`` evaluates it; restricted side ``l = max(m, n)``, full side ``s``.
 
-    Direction: ``A = Q_L^T M``, ``B = A U``, ``X = A - B U^T``, NS of ``X`` (on the Gram matrix when
-    ``l >= 1.5 s``, then ``Q_L [sub U^T + c K X]`` with one ``s x s x l`` product; otherwise direct NS
-    and ``Q_L [sub U^T + c O]``). Statistics (``spike_flat_statistics``): ``G U``, ``G G^T``, the
+    Direction: ``A = Q_L^T M``, ``B = A U``, ``X = A - B U^T``, then the NS factor ``K`` of ``X`` and
+    ``Q_L [sub U^T + c K X]`` with one ``s x s x l`` product. ``ns_method="spectral"`` (default): ``K`` from
+    ``P = X X^T`` and ``V diag(q) V^T`` (its ``eigh`` is LAPACK, not counted); ``"auto"``: ``K`` by the
+    Gram iteration when ``l >= 1.5 s``, otherwise direct NS and ``Q_L [sub U^T + c O]``.
+    Statistics (``spike_flat_statistics``): ``G U``, ``G G^T``, the
     in-span Gram, ``(G G^T) Q_L``, ``Q_L^T (G U)`` and the sketch ``G^T Q_L (...)``. Refresh: ``L Q_L``
     (the QR of the ``l x r`` sketch is LAPACK, not counted).
     """
     s, l = min(m, n), max(m, n)
     r = min(rank, l)
-    gram = uses_gram(s, l)
+    factored = ns_method == "spectral" or uses_gram(s, l)
     direction = _mm(s, s, l) + _mm(s, l, r) + _mm(s, r, l)  # A, B, X
-    if gram:
-        direction += newton_schulz(s, l, ns_steps, gram=True) - _mm(s, s, l)  # K only; K X is fused below
+    if factored:
+        if ns_method == "spectral":
+            direction += _mm(s, l, s) + _mm(s, s, s)  # P = X X^T, K = V diag(q) V^T
+        else:
+            direction += newton_schulz(s, l, ns_steps, gram=True) - _mm(s, s, l)  # K only; K X is fused below
         direction += _mm(s, s, r) + _mm(s, r, l) + _mm(s, s, s) + _mm(s, s, l)  # (Q_L sub) U^T, Q_L K, (.) X
     else:
         direction += newton_schulz(s, l, ns_steps) + _mm(s, r, l) + _mm(s, s, l)  # O, sub U^T, Q_L coords
