@@ -341,3 +341,22 @@ def test_map_batched_matches_loop_and_keeps_order():
     out = map_batched(lambda X: X * 2 + X.sum(dim=(-2, -1), keepdim=True), mats)
     for mat, res in zip(mats, out, strict=True):
         torch.testing.assert_close(res, mat * 2 + mat.sum())
+
+
+@pytest.mark.parametrize("shape", [(2500, 40), (3, 1700, 30), (90, 20)])
+def test_gram_from_block_triangle_equals_plain_product(shape):
+    from whiten.linalg import gram
+
+    gen = torch.Generator().manual_seed(12)
+    X = torch.randn(shape, dtype=torch.float64, generator=gen)
+    for block_rows in (400, 768, 10_000):
+        out = gram(X, block_rows=block_rows)
+        torch.testing.assert_close(out, X @ X.mT, rtol=1e-12, atol=1e-12)
+        if X.size(-2) >= 2 * block_rows:  # the blocks below the diagonal mirror those above it
+            edge = round(X.size(-2) / (X.size(-2) // block_rows))
+            assert torch.equal(out[..., edge:, :edge], out[..., :edge, edge:].mT)
+    # a strided view: G^T G without a copy
+    G = torch.randn(30, 1000, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(gram(G.mT, block_rows=300), G.mT @ G, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="block_rows"):
+        gram(X, block_rows=0)

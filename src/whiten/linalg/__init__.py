@@ -9,6 +9,7 @@ from whiten.linalg.eigen import (
     sort_basis,
     sorted_orthogonal_iteration,
 )
+from whiten.linalg.gram import GRAM_BLOCK_ROWS, gram
 from whiten.linalg.kl_family import (
     effective_flat_value,
     ema_eigenvalues,
@@ -51,6 +52,7 @@ from whiten.linalg.spectral import (
 )
 
 __all__ = [
+    "GRAM_BLOCK_ROWS",
     "KELLER_QUINTIC",
     "MANTISSA_BITS",
     "NS_COEFFICIENT_SETS",
@@ -67,6 +69,7 @@ __all__ = [
     "ema_eigenvalues",
     "emulate_global_matmul_precision",
     "emulate_matmul_precision",
+    "gram",
     "initial_stream_basis",
     "kl_eigenvalue_targets",
     "kl_factor_targets",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from whiten.linalg.gram import gram
+
 
 def kl_factor_targets(
     G: Tensor,
@@ -29,8 +31,9 @@ def kl_factor_targets(
     """
     m, n = G.shape[-2], G.shape[-1]
     GQ, QG = rotated if rotated is not None else (G @ Q_R, Q_L.mT @ G)  # right- and left-rotated gradient
-    left = (GQ / lam_R.unsqueeze(-2)) @ GQ.mT / n
-    right = QG.mT @ (QG / lam_L.unsqueeze(-1)) / m
+    # both targets are Grams, G Q_R diag(1/lam_R) Q_R^T G^T = H H^T with H = G Q_R diag(lam_R^-1/2)
+    left = gram(GQ * lam_R.rsqrt().unsqueeze(-2)) / n
+    right = gram((QG * lam_L.rsqrt().unsqueeze(-1)).mT) / m
     return left, right
 
 

@@ -59,6 +59,7 @@ from torch import Tensor
 from whiten.linalg import (
     PRECISIONS,
     eigh_descending,
+    gram,
     kl_factor_targets,
     matmul_precision,
     rayleigh_quotients,
@@ -362,13 +363,13 @@ class SOAP(WhitenOptimizer):
         """One-sample targets of the factor EMAs (``None`` for an unpreconditioned side)."""
         m, n = G.shape[-2], G.shape[-1]
         if not group["use_kl_shampoo"]:
-            return (G @ G.mT if L is not None else None, G.mT @ G if R is not None else None)
+            return (gram(G) if L is not None else None, gram(G.mT) if R is not None else None)
         if first and group["kl_init"] == "safe":
             # trace-preserving shrinkage of the Grams (S = I on the other side) towards mu I
             shrink = group["kl_init_shrinkage"]
             mu = G.square().sum(dim=(-2, -1)) / (m * n)
-            left = _add_to_diagonal((G @ G.mT) * ((1.0 - shrink) / n), shrink * mu) if L is not None else None
-            right = _add_to_diagonal((G.mT @ G) * ((1.0 - shrink) / m), shrink * mu) if R is not None else None
+            left = _add_to_diagonal(gram(G) * ((1.0 - shrink) / n), shrink * mu) if L is not None else None
+            right = _add_to_diagonal(gram(G.mT) * ((1.0 - shrink) / m), shrink * mu) if R is not None else None
             return left, right
         eps = group["eps"]
         lam_L = rayleigh_quotients(L, Q_L).clamp_min(eps) if L is not None else None
@@ -376,7 +377,7 @@ class SOAP(WhitenOptimizer):
         if L is not None and R is not None:
             return kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R)
         # an unpreconditioned side has S = I, so the other side's target is the normalised Gram
-        return (G @ G.mT / n if L is not None else None, G.mT @ G / m if R is not None else None)
+        return (gram(G) / n if L is not None else None, gram(G.mT) / m if R is not None else None)
 
 
 def _decay_and_update_(param: Tensor, update: Tensor, lr: float, decay: float) -> None:
