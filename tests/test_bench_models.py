@@ -34,6 +34,7 @@ def test_named_sizes_have_their_nominal_parameter_counts():
     assert abs(count_parameters(model_config("llama-134m", vocab_size=32000)) / 1e6 - 134) < 0.5
     assert abs(count_parameters(model_config("llama-450m", vocab_size=32000)) / 1e6 - 450) < 1
     assert 0.15e6 < count_parameters(model_config("gpt-tiny", vocab_size=256)) < 0.3e6
+    assert 0.8e6 < count_parameters(model_config("gpt-mini", vocab_size=256)) < 0.9e6
     assert 9e6 < count_parameters(model_config("gpt-small", vocab_size=256)) < 12e6
     with pytest.raises(ValueError, match="--model"):
         model_config("gpt-huge", vocab_size=256)

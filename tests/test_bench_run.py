@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 
@@ -53,7 +54,8 @@ def _train_losses(out: Path, run_id: str) -> list[float]:
 
 def test_every_available_optimizer_trains_and_outputs_parse(corpus, tmp_path, capsys):
     names = _available()
-    assert {"adamw", "muon", "htmuon"} <= set(names)
+    # every optimizer of the issue exists now: one that became unavailable must fail here, not be skipped
+    assert {"adamw", "muon", "htmuon", "soap", "rekls", "kl-shampoo", "klsoap", "pro-kls-r8"} <= set(names)
     out = tmp_path / "res"
     code = _bench(corpus, out, "--optimizers", ",".join(names), "--steps", "16", "--seeds", "0")
     assert code == 0
@@ -71,6 +73,9 @@ def test_every_available_optimizer_trains_and_outputs_parse(corpus, tmp_path, ca
         assert run["fwd_bwd_time_s"] + run["optimizer_time_s"] <= run["train_time_s"] + 1e-9
         assert run["peak_rss_bytes"] > 0
         assert len(run["to_target"]) == 4  # AdamW's final loss x (1.10, 1.05, 1.02, 1.00)
+        # the CLI contract: per optimizer and seed, these keys of DIR/summary.json
+        assert run["wall_clock_s"] == run["train_time_s"] and math.isfinite(run["final_val_loss"])
+        assert all({"target", "step", "seconds"} <= set(hit) for hit in run["to_target"])
         log = runner.read_jsonl(out / "runs" / f"{run['label']}-s0" / "log.jsonl")
         assert [r["step"] for r in log if "train_loss" in r] == list(range(1, 17))
     adamw = next(r for r in summary["runs"] if r["label"] == "adamw")
@@ -81,6 +86,8 @@ def test_every_available_optimizer_trains_and_outputs_parse(corpus, tmp_path, ca
     assert 0 < summary["aggregate"]["adamw"]["cpu_time_to_adamw_final_vs_adamw"] <= 1.0 + 1e-9
     for name in PLOT_FILES:
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(out / name)  # decodes: a valid PNG, not just its signature
+        assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0
     assert (out / "results.md").read_text().startswith("| optimizer |")
     # `whiten plot DIR` redraws from the saved results
     for name in PLOT_FILES:
@@ -164,7 +171,8 @@ def test_bad_configurations_exit_nonzero_with_one_line(corpus, tmp_path, capsys,
 
 def test_missing_data_and_nothing_to_resume(tmp_path, capsys):
     assert main(["bench", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and "nope.txt" in err and len(err.splitlines()) == 1
     assert main(["bench", "--out", str(tmp_path / "o2"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "o3")]) == 2
@@ -284,3 +292,15 @@ def test_first_ctrl_c_requests_a_stop_and_the_second_aborts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_lr_flag_merges_with_the_preset_lrs():
+    from whiten.bench.cli import build_config
+    from whiten.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--preset", "mini", "--lr", "muon=0.02"])
+    cfg, _ = build_config(args)
+    assert cfg.lr_for("muon") == 0.02  # the flag wins
+    assert cfg.lr_for("pro-kls-r32") == PRESETS["mini"]["lrs"]["pro-kls-r32"] != get_spec("pro-kls-r32").default_lr
+    plain, _ = build_config(build_parser().parse_args(["bench", "--lr", "muon=0.02"]))
+    assert plain.lr_for("pro-kls-r16") == get_spec("pro-kls-r16").default_lr and plain.lrs == {"muon": 0.02}

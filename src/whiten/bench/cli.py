@@ -41,6 +41,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-3seeds": {"model": "gpt-tiny", **_TINY, "seeds": [0, 1, 2],
                     "optimizers": [*_MAIN_OPTIMIZERS, "pro-kls-r32", "pro-kls-r64"]},
     "llama-tiny": {"model": "llama-tiny", **_TINY, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS},
+    # ~0.84M parameters (d 128, 4 layers, ctx 128): the larger preset measured on the CPU (docs/bench.md)
+    # its lrs: best of `whiten sweep --preset mini --seeds 0` (lr x 1/3, 1, 3 around the tiny defaults)
+    "mini": {"model": "gpt-mini", "ctx": 128, "batch_size": 8, "steps": 400, "eval_batches": 8, "threads": 1,
+             "seeds": [0, 1, 2], "optimizers": ["adamw", "muon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32"],
+             "lrs": {"adamw": 1e-3, "muon": 4e-2, "kl-shampoo": 3e-2, "pro-kls-r16": 3e-3, "pro-kls-r32": 3.33e-3}},
     # ~10.7M parameters: hours on a CPU; minutes on a GPU
     "small": {"model": "gpt-small", "ctx": 256, "batch_size": 32, "steps": 2000, "eval_batches": 16,
               "seeds": [0, 1, 2], "threads": None,
@@ -192,7 +197,12 @@ def _explicit(args: argparse.Namespace) -> dict[str, Any]:
 def build_config(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
     """Resolve flags > preset > defaults; returns the config and the skipped optimizer notes."""
     preset_name = args.preset or "default"
-    merged = {**PRESETS[preset_name], **_explicit(args), "preset": preset_name}
+    preset, explicit = PRESETS[preset_name], _explicit(args)
+    merged = {**preset, **explicit, "preset": preset_name}
+    # per-optimizer tables merge: `--lr muon=0.02` changes Muon's lr and keeps the preset's other lrs
+    for key in ("lrs", "options"):
+        if key in preset and key in explicit:
+            merged[key] = {**preset[key], **explicit[key]}
     skipped: list[str] = []
     if args.optimizers is None:
         # a preset's list may name optimizers not written yet: skip those with a note
@@ -335,7 +345,8 @@ def _start_processes(args: argparse.Namespace) -> int | None:
         raise ValueError("--nproc does not support --resume; run without --nproc to resume")
     code = relaunch(args.nproc, ["whiten", *args.argv])
     if code is None:
-        init_distributed()
+        # gloo for a CPU model even on a machine with GPUs; nccl (one GPU per process) for --device cuda
+        init_distributed(device="cuda" if (args.device or "cpu").startswith("cuda") else "cpu")
     return code
 
 

@@ -58,6 +58,7 @@ class ModelConfig:
 # vocabulary, untied; with the GPT-2 tokenizer the embedding part grows accordingly).
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "gpt-tiny": ModelConfig("gpt", n_layer=4, n_head=4, d_model=64, ctx=128),
+    "gpt-mini": ModelConfig("gpt", n_layer=4, n_head=4, d_model=128, ctx=128),
     "gpt-small": ModelConfig("gpt", n_layer=6, n_head=6, d_model=384, ctx=256),
     "llama-tiny": ModelConfig("llama", n_layer=4, n_head=4, d_model=64, ctx=128),
     "llama-small": ModelConfig("llama", n_layer=6, n_head=6, d_model=384, ctx=256),

@@ -50,12 +50,12 @@ class OptimizerSpec:
 
 
 # lr defaults: best final validation loss of the lr sweep recorded in docs/bench.md (default preset,
-# 1 seed); soap, rekls and klsoap were not swept
+# 1 seed); rekls and klsoap were not swept
 _SPECS = [
     OptimizerSpec("adamw", "AdamW", 1e-3, "torch.optim.AdamW (the baseline)"),
     OptimizerSpec("muon", "Muon", 4e-2, "Muon: Newton-Schulz orthogonalised Nesterov momentum"),
     OptimizerSpec("htmuon", "HTMuon", 1.2e-1, "HTMuon: singular values mapped to s^0.125 (SVD)"),
-    OptimizerSpec("soap", "SOAP", 1e-2, "SOAP: Adam in Shampoo's eigenbasis (lr not swept)"),
+    OptimizerSpec("soap", "SOAP", 1e-2, "SOAP: Adam in Shampoo's eigenbasis"),
     OptimizerSpec("rekls", "REKLS", 1e-2, "REKLS: KL-SOAP with a full eigh every step (lr not swept)"),
     OptimizerSpec("kl-shampoo", "KLShampoo", 3e-2, "KL-Shampoo (full left and right factors)"),
     OptimizerSpec("klsoap", "KLSOAP", 1e-2, "KL-SOAP: Adam in KL-Shampoo's eigenbasis (lr not swept)"),

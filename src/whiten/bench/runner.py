@@ -343,6 +343,8 @@ def run_one(
     if resume and result_path.exists():
         return json.loads(result_path.read_text())
     device = torch.device(cfg.device)
+    if launched() and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     model = build_model(model_config, seed=spec.seed, device=device)
     optimizer = build_optimizer(
         get_spec(spec.optimizer), model, lr=spec.lr, weight_decay=cfg.weight_decay,
