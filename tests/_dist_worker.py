@@ -4,9 +4,9 @@ Usage: ``_dist_worker.py OUT_DIR [OPTIMIZER | +OPTIMIZER ...]``. For every optim
 FSDP2, each replicated and work-split, DCP save/load at step HALF, and a resume from
 ``OUT_DIR/ckpt1-NAME`` (saved by one process) where it exists (``+NAME``: the FSDP2 runs only); for
 Muon and KLShampoo also FSDP2 with one unit per layer (``fsdp-units``). It records the losses, the
-final parameters, which matrices each rank's ``_matrix_step`` was called on, where the state lives
-and the optimizer's own traffic, and saves it to ``OUT_DIR/rank<r>.pt`` for the test process to
-compare with its single-process reference.
+final parameters, which matrices each rank's whole-matrix work (``_matrix_step``, or the map phase of
+Muon/HTMuon) was called on, where the state lives and the optimizer's own traffic, and saves it to
+``OUT_DIR/rank<r>.pt`` for the test process to compare with its single-process reference.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from _dist_common import (
 )
 from whiten.optim.distributed import (
     comm_stats,
+    elementwise_keys,
     init_distributed,
+    is_phased,
     load_checkpoint,
     owners_of,
     rank_slice,
@@ -57,22 +59,29 @@ def wrap(kind: str) -> torch.nn.Module:
 
 
 def record_matrix_steps(model: torch.nn.Module, optimizer) -> dict[str, int]:
-    """Count, per matrix name, the calls of ``optimizer._matrix_step`` that included that matrix.
+    """Count, per matrix name, the calls of the whole-matrix work that included that matrix.
 
-    The full-size proxies of FSDP2 shards are new tensors, so matrices are told apart by shape
-    (all distinct in the test model).
+    That is ``optimizer._matrix_step``, or for a phased optimizer (Muon, HTMuon) its map phase
+    ``_map_phase(group, params, directions)`` (also called by its ``_matrix_step``). The full-size
+    proxies of FSDP2 shards are new tensors, so matrices are told apart by the shape of the tensor
+    the work gets (the matrix, or the direction; all distinct in the test model).
     """
     by_shape = {tuple(p.shape): n.removeprefix("module.") for n, p in model.named_parameters() if p.ndim == 2}
     counts = dict.fromkeys(by_shape.values(), 0)
-    inner = optimizer._matrix_step
+    name = "_map_phase" if is_phased(optimizer) else "_matrix_step"
+    inner = getattr(optimizer, name)
 
-    def recorded(group, params, grads):
-        for p in params:  # a shard or any other part of a matrix is recorded as such (and fails the test)
-            key = by_shape.get(tuple(p.shape), f"not a whole matrix: {tuple(p.shape)}")
+    def recorded(group, params, tensors):
+        # the tensors the work gets: a shard or any other part of a matrix is recorded as such (and fails the test)
+        for t in params if name == "_matrix_step" else tensors:
+            if isinstance(t, DTensor):
+                key = f"a DTensor, not a whole matrix: {tuple(t.shape)}"
+            else:
+                key = by_shape.get(tuple(t.shape), f"not a whole matrix: {tuple(t.shape)}")
             counts[key] = counts.get(key, 0) + 1
-        return inner(group, params, grads)
+        return inner(group, params, tensors)
 
-    optimizer._matrix_step = recorded  # the instance attribute shadows the method
+    setattr(optimizer, name, recorded)  # the instance attribute shadows the method
     return counts
 
 
@@ -95,14 +104,34 @@ def state_layout(model: torch.nn.Module, optimizer) -> dict[str, list[str]]:
 
 
 def ownership(model: torch.nn.Module, optimizer) -> dict[str, tuple[int, bool]]:
-    """name -> (assigned owner, whether this rank holds state) for every matrix parameter."""
+    """name -> (assigned owner, whether this rank holds matrix state) for every matrix parameter.
+
+    Matrix state is any entry but a phased optimizer's sharded elementwise state (Muon's momentum as
+    a DTensor, its step counter), which every rank holds under FSDP2.
+    """
+    elementwise = elementwise_keys(optimizer)
     out = {}
     for group in optimizer.param_groups:
         owners = owners_of(optimizer, group)
         for p in group["params"]:
             if group["use_matrix"]:
                 name = next(n for n, q in model.named_parameters() if q is p).removeprefix("module.")
-                out[name] = (owners[id(p)] if owners else -1, bool(optimizer.state.get(p)))
+                held = any(
+                    key not in elementwise or (isinstance(value, torch.Tensor) and not isinstance(value, DTensor))
+                    for key, value in optimizer.state.get(p, {}).items()
+                )
+                out[name] = (owners[id(p)] if owners else -1, held)
+    return out
+
+
+def momentum_numel(model: torch.nn.Module, optimizer) -> dict[str, tuple[int, int]]:
+    """matrix name -> (local elements of its momentum buffer on this rank, local elements of the parameter)."""
+    out = {}
+    for name, p in model.named_parameters():
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if p.ndim == 2 and buf is not None:
+            local = buf.to_local() if isinstance(buf, DTensor) else buf
+            out[name.removeprefix("module.")] = (local.numel(), (p.to_local() if isinstance(p, DTensor) else p).numel())
     return out
 
 
@@ -179,6 +208,7 @@ def main() -> None:
                     "ownership": ownership(model, optimizer),
                     "computed": computed,
                     "state_layout": state_layout(model, optimizer),
+                    "momentum_numel": momentum_numel(model, optimizer),
                     "comm_bytes_per_step": (stats.sent + stats.received) / STEPS,
                     "comm_kinds": sorted(stats.by_kind),
                 }

@@ -29,6 +29,10 @@ KINDS = ["ddp", "fsdp"]
 UNITS = ["KLShampoo", "Muon"]  # also run with one FSDP2 unit (and device mesh object) per layer
 MATRICES = {"a.weight", "b.weight", "c.weight"}
 VECTORS = {"a.bias", "norm.weight", "norm.bias", "c.bias"}  # routed to the AdamW fallback
+NUMEL = {"a.weight": 49, "b.weight": 25, "c.weight": 144}
+# optimizers whose step has phases (whiten.optim.distributed.is_phased): under FSDP2 their momentum
+# stays sharded and only the direction U (and, in split mode, the update O) travels
+PHASED = ["HTMuon", "Muon"]
 RTOL = 1e-5  # the acceptance bound; the measured deviations are ~1e-16 .. 1e-12
 LAUNCH_TIMEOUT_S = 600  # the 2-process run takes 30-60 s on 2 shared cores; a hang fails instead of blocking CI
 
@@ -125,7 +129,8 @@ def test_other_optimizers_fsdp(runs, references, name: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["replicate", "split"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fsdp_elementwise_state_stays_sharded(runs, name: str, mode: str) -> None:
-    """AdamW state: DTensors shaped like this rank's shard; matrix state: whole tensors, on the owner only."""
+    """AdamW state: DTensors shaped like this rank's shard. Muon/HTMuon's momentum: the same, on every rank.
+    The other methods' matrix state: whole tensors, on the owner only in split mode."""
     for rank in range(2):
         result = runs[rank][f"{name}/fsdp/{mode}"]
         layout = result["state_layout"]
@@ -134,7 +139,9 @@ def test_fsdp_elementwise_state_stays_sharded(runs, name: str, mode: str) -> Non
             assert layout[vector] == ["shard", "shard"], f"{vector}: {layout[vector]}"  # exp_avg, exp_avg_sq
         for matrix in MATRICES:
             owner, _ = result["ownership"][matrix]
-            if mode == "split" and owner != rank:
+            if name in PHASED:  # momentum_buffer only (no NorMuon / stream basis in these settings)
+                assert layout[matrix] == ["shard"], f"{matrix}: {layout[matrix]}"
+            elif mode == "split" and owner != rank:
                 assert layout[matrix] == []
             else:
                 assert layout[matrix] and "shard" not in layout[matrix], f"{matrix}: {layout[matrix]}"
@@ -149,17 +156,20 @@ def test_split_mode_equals_replicated_and_splits_the_work(runs, name: str, kind:
     for key, value in replicated["params"].items():
         assert _rel(split0["params"][key], value) <= 1e-12
         assert torch.equal(split0["params"][key], split1["params"][key])  # ranks agree bit for bit
-    # every matrix is computed (the method's _matrix_step is called on it) and holds state on
-    # exactly its assigned owner, in every one of the STEPS steps
+    # every matrix is computed (the method's _matrix_step, or for Muon/HTMuon its map phase, is called
+    # on it) and holds matrix state on exactly its assigned owner, in every one of the STEPS steps
+    # (Muon/HTMuon under FSDP2: no matrix state at all, the momentum is sharded on every rank)
     owned = {0: set(), 1: set()}
+    no_matrix_state = name in PHASED and kind == "fsdp"
     for rank, result in enumerate((split0, split1)):
         assert set(result["ownership"]) == set(result["computed"]) == MATRICES  # whole matrices only
         for matrix, (owner, has_state) in result["ownership"].items():
             assert owner in (0, 1)
-            assert has_state == (owner == rank), f"{matrix}: owner {owner}, state on rank {rank}: {has_state}"
+            expected = owner == rank and not no_matrix_state
+            assert has_state == expected, f"{matrix}: owner {owner}, state on rank {rank}: {has_state}"
             calls = result["computed"][matrix]
             assert calls == (STEPS if owner == rank else 0), f"{matrix} (owner {owner}) computed {calls}x on {rank}"
-            if has_state:
+            if calls:
                 owned[rank].add(matrix)
     assert owned[0] and owned[1] and not owned[0] & owned[1]
     assert owned[0] | owned[1] == MATRICES
@@ -169,7 +179,7 @@ def test_split_mode_equals_replicated_and_splits_the_work(runs, name: str, kind:
     # replicated mode computes and keeps every matrix on every rank
     for rank in range(2):
         result = runs[rank][f"{name}/{kind}/replicate"]
-        assert all(has for _, has in result["ownership"].values())
+        assert all(has != no_matrix_state for _, has in result["ownership"].values())
         assert result["computed"] == dict.fromkeys(MATRICES, STEPS)
 
 
@@ -235,11 +245,46 @@ def test_checkpoint_from_one_process_loads_on_two_ranks(runs, references, name: 
 def test_split_volume_matches_the_model(runs) -> None:
     """DDP split: rank 0 sends what it owns once and receives the rest (fp64, 8 bytes)."""
     result = runs[0]["Muon/ddp/split"]
-    numel = {"a.weight": 49, "b.weight": 25, "c.weight": 144}
-    mine = sum(numel[m] for m, (owner, _) in result["ownership"].items() if owner == 0)
-    others = sum(numel.values()) - mine
+    mine = sum(NUMEL[m] for m, (owner, _) in result["ownership"].items() if owner == 0)
+    others = sum(NUMEL.values()) - mine
     assert result["comm_bytes_per_step"] == 8 * (mine + others)
     assert runs[0]["Muon/ddp/replicate"]["comm_bytes_per_step"] == 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["replicate", "split"])
+@pytest.mark.parametrize("setup", [f"{name}/fsdp" for name in PHASED] + [f"{name}/fsdp-units" for name in PHASED
+                                                                          if name in UNITS])
+def test_fsdp_momentum_is_sharded_on_every_rank(runs, setup: str, mode: str) -> None:
+    """Muon/HTMuon under FSDP2: each rank's momentum_buffer has exactly its parameter shard's elements
+    (uneven 4/3-row shards of the 7- and 5-row matrices), and the shards add up to the whole matrix."""
+    sizes = [runs[rank][f"{setup}/{mode}"]["momentum_numel"] for rank in range(2)]
+    for rank in range(2):
+        assert set(sizes[rank]) == MATRICES
+        for matrix, (buf, param) in sizes[rank].items():
+            assert buf == param < NUMEL[matrix], f"{matrix} on rank {rank}: momentum {buf}, shard {param}"
+    for matrix, whole in NUMEL.items():
+        assert sizes[0][matrix][0] + sizes[1][matrix][0] == whole
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["replicate", "split"])
+@pytest.mark.parametrize("name", PHASED)
+def test_fsdp_phased_volume_matches_the_model(runs, name: str, mode: str) -> None:
+    """Muon/HTMuon FSDP2 (fp64, 8 bytes), with n the matrix's and l this rank's shard's elements: only the
+    direction U travels, never the parameter or the gradient. Replicate: send l to the other rank,
+    receive n - l. Split: the owner receives the other shard of U (n - l) and sends it back as O;
+    a non-owner sends its shard of U (l) and receives its shard of O (l)."""
+    for rank in range(2):
+        result = runs[rank][f"{name}/fsdp/{mode}"]
+        total = 0
+        for matrix, (local, _) in result["momentum_numel"].items():
+            owner, _ = result["ownership"][matrix]
+            if mode == "replicate":
+                total += local + (NUMEL[matrix] - local)
+            else:
+                total += 2 * (NUMEL[matrix] - local) if owner == rank else 2 * local
+        assert result["comm_bytes_per_step"] == 8 * total
 
 
 @pytest.mark.distributed

@@ -24,11 +24,16 @@ Two modes, chosen per parameter group by the option ``distributed_mode``:
     ``all_to_all``), the owner assembles the whole matrix, steps, and sends each rank its shard
     of the new value (a second ``all_to_all``), as Dion and Distributed Shampoo do.
 
-Whole-matrix methods need the whole momentum too, so under FSDP2 the matrix state (momentum,
-factors, bases) is full-size on the owner (split) or on every rank (replicate); only the
-AdamW state is sharded. Checkpoints go through DCP (:func:`save_checkpoint`,
-:func:`load_checkpoint`): every matrix state is saved once, as a full tensor keyed by the
-parameter's name, so a checkpoint loads into either mode and any world size.
+Optimizers that split their matrix step into phases (:func:`is_phased`: Muon, HTMuon) take a
+leaner FSDP2 path: the momentum stays sharded (a DTensor like the parameter, updated on each
+rank's shard), only the direction ``U`` is moved to where the map runs (all ranks in replicate
+mode, the owner in split mode), only ``O`` comes back (split), and each rank applies its shard of
+``O`` to its shard of the parameter; the parameter itself does not travel. For the other methods
+(SOAP, KL-Shampoo, KL-SOAP, Pro-KLShampoo) the matrix state (momentum, factors, bases) is
+full-size on the owner (split) or on every rank (replicate); the AdamW state is sharded for all.
+Checkpoints go through DCP (:func:`save_checkpoint`, :func:`load_checkpoint`): sharded state is
+saved shard-wise, every whole-matrix state once, keyed by the parameter's name, so a checkpoint
+loads into either mode and any world size.
 """
 
 from __future__ import annotations
@@ -275,7 +280,10 @@ def owners_of(optimizer: Any, group: Mapping[str, Any]) -> dict[int, int] | None
 
 
 def holds_state(optimizer: Any, group: Mapping[str, Any], param: Tensor) -> bool:
-    """Whether this rank keeps optimizer state for ``param`` (False for another owner's matrix)."""
+    """Whether this rank keeps the matrix state of ``param`` (False for another owner's matrix).
+
+    Under FSDP2 a phased optimizer's elementwise state (:func:`elementwise_keys`) is on every rank anyway.
+    """
     owners = owners_of(optimizer, group)
     if owners is None:
         return True
@@ -315,6 +323,12 @@ def matrix_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], gra
     """Run ``optimizer._matrix_step`` on ``params`` in the group's ``distributed_mode``."""
     owners = owners_of(optimizer, group)
     sharded = [i for i, p in enumerate(params) if is_sharded(p)]
+    if sharded and is_phased(optimizer):
+        plain = [i for i, p in enumerate(params) if not is_sharded(p)]
+        if plain:  # plain tensors in the group take the ordinary path (each parameter's step is independent)
+            matrix_step(optimizer, group, [params[i] for i in plain], [grads[i] for i in plain])
+        _phased_sharded_step(optimizer, group, [params[i] for i in sharded], [grads[i] for i in sharded], owners)
+        return
     if owners is None:
         if sharded:
             _replicated_sharded_step(optimizer, group, params, grads)
@@ -327,6 +341,154 @@ def matrix_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], gra
         _split_replicated_step(optimizer, group, [params[i] for i in plain], [grads[i] for i in plain], owners, pg)
     if sharded:
         _split_sharded_step(optimizer, group, [params[i] for i in sharded], [grads[i] for i in sharded], owners, pg)
+
+
+PHASES = ("_direction_phase", "_map_phase", "_apply_phase")
+
+
+def is_phased(optimizer: Any) -> bool:
+    """Whether ``optimizer`` splits its matrix step into the three phases of the sharded protocol.
+
+    ``_direction_phase(group, params, grads) -> directions`` (elementwise: runs on shards),
+    ``_map_phase(group, params, directions) -> updates`` (on whole, parameter-shaped directions;
+    ``params`` only key the state; updates no wider in dtype than the directions) and
+    ``_apply_phase(group, params, updates)`` (elementwise), with ``_matrix_step`` = the three in
+    sequence. The state entries named in the class attribute ``elementwise_state`` belong to the
+    elementwise phases and live on every rank (under FSDP2 as DTensors sharded like the parameter);
+    all other state is the map's, whole, on the rank(s) that run it.
+    """
+    return all(callable(getattr(optimizer, name, None)) for name in PHASES)
+
+
+def elementwise_keys(optimizer: Any) -> frozenset[str]:
+    """State keys a phased optimizer keeps on every rank (empty for the others)."""
+    return frozenset(getattr(optimizer, "elementwise_state", ())) if is_phased(optimizer) else frozenset()
+
+
+def _chunk_layout(params: Sequence[Tensor], me: int, world: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """:func:`_shard_bounds` of every parameter, checked against the local shards' shapes."""
+    layout = [_shard_bounds(p, world) for p in params]
+    for p, (dim, bounds) in zip(params, layout, strict=True):
+        expected = [bounds[me][1] if d == dim else size for d, size in enumerate(p.shape)]
+        if list(p.to_local().shape) != expected:
+            raise RuntimeError(
+                f"local shard of shape {tuple(p.to_local().shape)} of a {tuple(p.shape)} parameter is not the "
+                f"torch.chunk layout {tuple(expected)} that distributed_mode='split' assumes; use 'replicate'"
+            )
+    return layout
+
+
+def _shard_numel(p: Tensor, layout: tuple[int, list[tuple[int, int]]], rank: int) -> int:
+    """Number of elements of rank ``rank``'s shard of ``p``."""
+    dim, bounds = layout
+    size = p.shape[dim]
+    return bounds[rank][1] * (p.numel() // size) if size else 0
+
+
+def _counted_all_to_all(
+    stats: CommStats, pg: Any, send: list[list[Tensor]], recv: list[int], dtype: torch.dtype, device: Any
+) -> list[Tensor]:
+    """:func:`_all_to_all`, adding the bytes to and from the other ranks to ``stats``."""
+    me = dist.get_rank(pg)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    sent = sum(t.numel() for r, chunk in enumerate(send) if r != me for t in chunk)
+    stats.add("all_to_all", sent * itemsize, sum(n for r, n in enumerate(recv) if r != me) * itemsize)
+    return _all_to_all(pg, send, recv, dtype, device)
+
+
+def _phased_sharded_step(
+    optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], owners: dict[int, int] | None
+) -> None:
+    """FSDP2 for a phased optimizer (:func:`is_phased`): the elementwise phases run on the shards.
+
+    Each rank forms the direction ``U`` on its shard (the momentum is a DTensor sharded like the
+    parameter), and only ``U`` travels. Replicate mode: every rank receives every other rank's
+    ``U`` shards (one ``all_to_all`` per dtype, the bytes of an all-gather), maps all whole
+    matrices, and keeps its own slice of each ``O``. Split mode: the ``U`` shards go to each
+    matrix's owner (one ``all_to_all``), the owner maps it, and each rank gets its shard of ``O``
+    back (a second one). Every rank then applies its shard of ``O`` to its shard of the parameter.
+    DTensors outside the FSDP2 layout (replicated, 2-D meshes; replicate mode only) gather ``U``
+    with ``full_tensor`` and slice ``O`` locally.
+    """
+    meshes = [p.device_mesh for p in params]
+    if owners is not None:
+        pg = process_group_of(optimizer, group["params"])
+    elif all(_is_row_sharded(p) and p.device_mesh == meshes[0] for p in params):
+        pg = meshes[0].get_group()
+    else:
+        pg = None
+    if pg is not None:  # check the layout before any state changes
+        layout = _chunk_layout(params, dist.get_rank(pg), dist.get_world_size(pg))
+    directions = optimizer._direction_phase(group, params, grads)
+    stats = comm_stats(optimizer)
+    if pg is None:
+        whole = []
+        for p, U in zip(params, directions, strict=True):
+            full = U.full_tensor() if is_sharded(U) else U
+            world = p.device_mesh.size()
+            nbytes = full.numel() * full.element_size()
+            stats.add("all_gather", nbytes // world, nbytes - nbytes // world)
+            whole.append(full)
+        mapped = optimizer._map_phase(group, params, whole)
+        # every rank holds the same whole O: slice locally, no communication
+        updates = [distribute_tensor(O, p.device_mesh, p.placements, src_data_rank=None)
+                   for p, O in zip(params, mapped, strict=True)]  # fmt: skip
+        optimizer._apply_phase(group, params, updates)
+        return
+    me, world = dist.get_rank(pg), dist.get_world_size(pg)
+    device = params[0].to_local().device
+    local: list[Tensor | None] = [None] * len(params)
+
+    def owned_by(i: int, rank: int) -> bool:
+        return owners is None or owners[id(params[i])] == rank
+
+    for dtype in sorted({U.dtype for U in directions}, key=str):
+        idx = [i for i, U in enumerate(directions) if U.dtype == dtype]
+        mine = [i for i in idx if owned_by(i, me)]
+        # 1. my shard of U of every matrix to its owner(s)
+        send = [[directions[i].to_local() for i in idx if owned_by(i, rank)] for rank in range(world)]
+        recv = [sum(_shard_numel(params[i], layout[i], s) for i in mine) for s in range(world)]
+        got = _counted_all_to_all(stats, pg, send, recv, dtype, device)
+        # 2. assemble whole directions on the owner and map them there
+        pieces: dict[int, list[Tensor]] = {i: [] for i in mine}
+        for s in range(world):
+            offset = 0
+            for i in mine:
+                dim, bounds = layout[i]
+                shape = list(params[i].shape)
+                shape[dim] = bounds[s][1]
+                k = _shard_numel(params[i], layout[i], s)
+                pieces[i].append(got[s][offset : offset + k].view(shape))
+                offset += k
+        mapped = optimizer._map_phase(
+            group, [params[i] for i in mine], [torch.cat(pieces[i], dim=layout[i][0]) for i in mine]
+        ) if mine else []  # fmt: skip
+        for O in mapped:
+            if torch.promote_types(O.dtype, dtype) != dtype:
+                raise RuntimeError(f"_map_phase returned a {O.dtype} update for a {dtype} direction; it must not be"
+                                   " wider (the update travels in the direction's dtype)")  # fmt: skip
+        if owners is None:  # replicate: every rank has every whole O, keep my slice
+            for i, O in zip(mine, mapped, strict=True):
+                local[i] = O.narrow(layout[i][0], *layout[i][1][me])
+            continue
+        # 3. each rank's shard of O back from the owner
+        back = [[O.narrow(layout[i][0], *layout[i][1][s]) for i, O in zip(mine, mapped, strict=True)]
+                for s in range(world)]  # fmt: skip
+        recv_back = [sum(_shard_numel(params[i], layout[i], me) for i in idx if owned_by(i, s)) for s in range(world)]
+        got = _counted_all_to_all(stats, pg, back, recv_back, dtype, device)
+        for s in range(world):
+            offset = 0
+            for i in idx:
+                if owned_by(i, s):
+                    shape = params[i].to_local().shape
+                    local[i] = got[s][offset : offset + shape.numel()].view(shape)
+                    offset += shape.numel()
+    updates = []
+    for p, u in zip(params, local, strict=True):
+        assert u is not None
+        updates.append(DTensor.from_local(u, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                          stride=p.stride()))  # fmt: skip
+    optimizer._apply_phase(group, params, updates)
 
 
 def _replicated_sharded_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -421,30 +583,17 @@ def _split_sharded_step(
     """
     me, world = dist.get_rank(pg), dist.get_world_size(pg)
     stats = comm_stats(optimizer)
-    layout = [_shard_bounds(p, world) for p in params]
-    for p, (dim, bounds) in zip(params, layout, strict=True):
-        expected = [bounds[me][1] if d == dim else size for d, size in enumerate(p.shape)]
-        if list(p.to_local().shape) != expected:
-            raise RuntimeError(
-                f"local shard of shape {tuple(p.to_local().shape)} of a {tuple(p.shape)} parameter is not the "
-                f"torch.chunk layout {tuple(expected)} that distributed_mode='split' assumes; use 'replicate'"
-            )
+    layout = _chunk_layout(params, me, world)
     device = params[0].to_local().device
 
     def owned_by(i: int, rank: int) -> bool:
         return owners is None or owners[id(params[i])] == rank
 
     def rows(i: int, rank: int) -> int:
-        """Number of elements of rank ``rank``'s shard of matrix ``i``."""
-        dim, bounds = layout[i]
-        size = params[i].shape[dim]
-        return bounds[rank][1] * (params[i].numel() // size) if size else 0
+        return _shard_numel(params[i], layout[i], rank)
 
     def exchange(send: list[list[Tensor]], recv: list[int], dtype: torch.dtype) -> list[Tensor]:
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        sent = sum(t.numel() for r, chunk in enumerate(send) if r != me for t in chunk)
-        stats.add("all_to_all", sent * itemsize, sum(n for r, n in enumerate(recv) if r != me) * itemsize)
-        return _all_to_all(pg, send, recv, dtype, device)
+        return _counted_all_to_all(stats, pg, send, recv, dtype, device)
 
     for dtype in sorted({p.dtype for p in params}, key=str):
         idx = [i for i, p in enumerate(params) if p.dtype == dtype]
@@ -576,19 +725,26 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     }
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     needed = _matrix_params_needed(optimizer)
+    elementwise = elementwise_keys(optimizer)
     state: dict[str, dict[str, Any]] = {}
     for flat_key, obj_path in metadata.planner_data.items():
         if len(obj_path) != 4 or obj_path[0] != "optim" or obj_path[1] != "state":
             continue
         _, _, fqn, key = obj_path
         param = named.get(fqn)
-        if param is None or id(param) not in needed:
+        if param is None:
+            continue
+        # a phased optimizer's elementwise state of a sharded matrix (momentum, counter) lives on every rank
+        spread = is_sharded(param) and bool(group_of[id(param)].get("use_matrix")) and key in elementwise
+        if id(param) not in needed and not spread:
             continue
         md = metadata.state_dict_metadata[flat_key]
         if isinstance(md, TensorStorageMetadata):
             dtype = md.properties.dtype
-            if is_sharded(param) and not group_of[id(param)].get("use_matrix") and tuple(md.size) == tuple(param.shape):
-                value: Any = torch.empty_like(param.detach(), dtype=dtype)  # AdamW state: a DTensor like the param
+            elementwise_tensor = spread or not group_of[id(param)].get("use_matrix")
+            if is_sharded(param) and elementwise_tensor and tuple(md.size) == tuple(param.shape):
+                # AdamW state, Muon's momentum: a DTensor like the param (DCP reshards it)
+                value: Any = torch.empty_like(param.detach(), dtype=dtype)
             else:
                 device = param.to_local().device if is_sharded(param) else param.device
                 value = torch.empty(tuple(md.size), dtype=dtype, device=device)

@@ -93,10 +93,23 @@ class _SpectralMomentum(WhitenOptimizer):
             raise ValueError("ns_method='spectral' needs an eigh, which has no bf16 kernel: use ns_dtype='float32'"
                              " or another ns_method")  # fmt: skip
 
+    # The step in three phases, the protocol of whiten.optim.distributed.is_phased: under FSDP2 the
+    # elementwise phases run on the local shards and only the map on whole matrices (docs/distributed.md).
+    # _matrix_step runs them in sequence. The elementwise phases' state, kept on every rank (the momentum
+    # shaped, and under FSDP2 sharded, like the parameter; the step counter):
+    elementwise_state: ClassVar[tuple[str, ...]] = ("momentum_buffer", "step")
+
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        directions = self._direction_phase(group, params, grads)
+        self._apply_phase(group, params, self._map_phase(group, params, directions))
+
+    def _direction_phase(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Elementwise: ``step += 1``, ``buf <- lerp(buf, G, 1 - mu)``, ``U = lerp(G, buf, mu)`` (Nesterov) or ``buf``.
+
+        Works unchanged on whole tensors, local shards or DTensors; returns ``U`` shaped like each parameter.
+        """
         mu = group["momentum"]
         directions: list[Tensor] = []
-        use_ht: list[bool] = []
         for p, g in zip(params, grads, strict=True):
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -108,18 +121,27 @@ class _SpectralMomentum(WhitenOptimizer):
             buf = state["momentum_buffer"]
             g_wide = g.to(buf.dtype)
             buf.lerp_(g_wide, 1.0 - mu)
-            update = g_wide.lerp(buf, mu) if group["nesterov"] else buf
-            directions.append(as_matrix(update))
-            # "ns" at power 0 is plain Muon; any other map (exact SVD polar at p = 0 included) is the HT map
-            is_power_map = group["power"] > 0 or group["spectral_map"] != "ns"
-            use_ht.append(is_power_map and state["step"] % group["interval"] == 0)
+            directions.append(g_wide.lerp(buf, mu) if group["nesterov"] else buf)
+        return directions
+
+    def _map_phase(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> list[Tensor]:
+        """Whole-matrix: ``O = spectral_map(U)`` (NS, or the HT map on its steps), then NorMuon's row normalisation.
+
+        ``directions`` are whole (parameter-shaped) tensors; ``params`` only key the state (step counter,
+        NorMuon row moments, stream basis) and give the weight dtype. Returns ``O`` shaped like each parameter,
+        never in a wider dtype than its direction.
+        """
+        matrices = [as_matrix(U) for U in directions]
+        # "ns" at power 0 is plain Muon; any other map (exact SVD polar at p = 0 included) is the HT map
+        is_power_map = group["power"] > 0 or group["spectral_map"] != "ns"
+        use_ht = [is_power_map and self.state[p]["step"] % group["interval"] == 0 for p in params]
 
         outputs: list[Tensor | None] = [None] * len(params)
         ns_idx = [i for i, ht in enumerate(use_ht) if not ht]
         if ns_idx:
             ns_dtype = _NS_DTYPES[group["ns_dtype"]]
             # fp64 parameters iterate in fp64 whatever ns_dtype says (statistics "fp32 or better")
-            ns_inputs = [directions[i] for i in ns_idx]
+            ns_inputs = [matrices[i] for i in ns_idx]
             ns_kernel = compiled_newton_schulz() if group["compile_ns"] else newton_schulz
             ns_out = map_batched(
                 lambda X: ns_kernel(
@@ -138,11 +160,12 @@ class _SpectralMomentum(WhitenOptimizer):
                 outputs[i] = O
         ht_idx = [i for i, ht in enumerate(use_ht) if ht]
         if ht_idx:
-            mapped = self._power_map(group, [params[i] for i in ht_idx], [directions[i] for i in ht_idx])
+            mapped = self._power_map(group, [params[i] for i in ht_idx], [matrices[i] for i in ht_idx])
             for i, O in zip(ht_idx, mapped, strict=True):
                 outputs[i] = O
 
-        for p, U, O in zip(params, directions, outputs, strict=True):
+        results = []
+        for p, U, O in zip(params, matrices, outputs, strict=True):
             assert O is not None
             if group["normuon"] or p.dtype != U.dtype:
                 # fp32 arithmetic; a bf16 weight is then updated in fp32 and rounded once
@@ -153,13 +176,19 @@ class _SpectralMomentum(WhitenOptimizer):
                 if "normuon_v" not in state:
                     state["normuon_v"] = torch.zeros(U.shape[0], dtype=U.dtype, device=U.device)
                 O = normuon_normalize_(O, state["normuon_v"], group["normuon_beta2"])
-            apply_update_(
-                p,
-                O.reshape(p.shape),
-                group["lr"],
-                group["weight_decay"],
-                update_scale=shape_factor(U.shape, group["adjust_lr_fn"]),
-            )
+            results.append(O.reshape(p.shape))
+        return results
+
+    def _apply_phase(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:
+        """Elementwise: ``W <- W (1 - lr wd) - lr alpha(m, n) O``.
+
+        ``updates`` have the layout of ``params`` (whole tensors, or DTensors sharded like them); the shape
+        factor ``alpha`` depends only on the whole matrix shape ``p.shape``, which a DTensor also reports.
+        """
+        for p, O in zip(params, updates, strict=True):
+            matrix_shape = (p.shape[0], math.prod(p.shape[1:]))  # as_matrix's view of the parameter
+            apply_update_(p, O, group["lr"], group["weight_decay"],
+                          update_scale=shape_factor(matrix_shape, group["adjust_lr_fn"]))  # fmt: skip
 
     def _power_map(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> list[Tensor]:
         power = group["power"]
