@@ -59,7 +59,9 @@ def as_matrix(t: Tensor) -> Tensor:
 class WhitenOptimizer(Optimizer):
     """Base class: parameter routing, option validation, AdamW fallback, non-finite policy.
 
-    Subclasses set ``option_checks`` and implement :meth:`_matrix_step`.
+    Subclasses set ``option_checks`` and implement :meth:`_matrix_step`. A subclass whose step splits
+    into elementwise and whole-matrix parts may also provide the three phases of
+    :func:`whiten.optim.distributed.is_phased`, so that FSDP2 keeps its elementwise state sharded.
     """
 
     option_checks: ClassVar[Mapping[str, opt.Check]] = {}
