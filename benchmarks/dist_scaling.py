@@ -9,13 +9,16 @@ rank (the busiest rank's estimated flops under the greedy cost-balanced assignme
     ddp/replicate   every rank steps every matrix; the optimizer sends nothing
     ddp/split       owners step their matrices, then send the new values to all: each rank receives
                     all matrices it does not own, P - P_own
-    fsdp/replicate  every rank gathers every (param, grad) pair: 2 P (N-1)/N;
+    fsdp/replicate  every rank gathers every (param, grad) pair (SOAP): 2 P (N-1)/N; KL-Shampoo and
+                    Pro-KLShampoo (momentum sharded, (M, G) travels, not the parameter): the same bytes;
                     Muon/HTMuon (momentum sharded, only the direction U travels): P (N-1)/N
-    fsdp/split      shards to the owner, new shards back: receives 2 P_own (N-1)/N + (P - P_own)/N;
+    fsdp/split      shards to the owner, new shards back: receives 2 P_own (N-1)/N + (P - P_own)/N
+                    (SOAP's (param, grad), the KL methods' (M, G), O or the new value back);
                     Muon/HTMuon (U shards to the owner, O shards back): P_own (N-1)/N + (P - P_own)/N
 
-(P = bytes of all matrix parameters, P_own = those the rank owns; Muon/HTMuon's U is in the
-statistics dtype, fp32 here as the parameters.) For context it also lists the
+(P = bytes of all matrix parameters, P_own = those the rank owns; U, M, G and O are in the
+statistics dtype, fp32 here as the parameters. The KL methods' initialisation step moves G alone;
+the measurement skips it with the warm-up steps.) For context it also lists the
 data-parallel traffic itself (DDP ring all-reduce 2 P (N-1)/N; FSDP all-gather + reduce-scatter
 the same). Optimizer state per rank: full copy of every matrix's state (replicate) or the owned
 share (split).
@@ -69,7 +72,7 @@ def model_table(shapes: list[tuple[int, int]], worlds: list[int], itemsize: int 
         optimizer = make(torch.nn.Linear(2, 2).parameters())
         group = optimizer.param_groups[0]
         costs = [wd.matrix_flops(optimizer, shape, group) for shape in shapes]
-        gathered = 1 if wd.is_phased(optimizer) else 2  # tensors sent to the map per matrix: U, or (param, grad)
+        gathered = wd.gathered_tensors(optimizer, group)  # to the map per matrix: U, (M, G), or (param, grad)
         for world in worlds:
             owners = wd.assign_owners(costs, world)
             load = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(world)]
@@ -192,7 +195,7 @@ def check_and_print_measurement(rows: list[dict]) -> None:
             group = optimizer.param_groups[0]
             owners = wd.assign_owners([wd.matrix_flops(optimizer, s, group) for s in MEASURE_SHAPES], 2)
             own = sum(m * n for (m, n), o in zip(MEASURE_SHAPES, owners, strict=True) if o == 0) * 4
-            gathered = 1 if wd.is_phased(optimizer) else 2  # U only (Muon, HTMuon), or (param, grad)
+            gathered = wd.gathered_tensors(optimizer, group)  # U (Muon, HTMuon), (M, G) (KL), or (param, grad)
             model_bytes = {("ddp", "replicate"): 0, ("ddp", "split"): total - own,
                            ("fsdp", "replicate"): gathered * total / 2,
                            ("fsdp", "split"): gathered * own / 2 + (total - own) / 2}[(r["kind"], r["mode"])]

@@ -5,7 +5,7 @@ FSDP2, each replicated and work-split, DCP save/load at step HALF, and a resume 
 ``OUT_DIR/ckpt1-NAME`` (saved by one process) where it exists (``+NAME``: the FSDP2 runs only); for
 Muon and KLShampoo also FSDP2 with one unit per layer (``fsdp-units``). It records the losses, the
 final parameters, which matrices each rank's whole-matrix work (``_matrix_step``, or the map phase of
-Muon/HTMuon) was called on, where the state lives and the optimizer's own traffic, and saves it to
+the phased optimizers) was called on, where the state lives and the optimizer's own traffic, and saves it to
 ``OUT_DIR/rank<r>.pt`` for the test process to compare with its single-process reference.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,10 +62,11 @@ def wrap(kind: str) -> torch.nn.Module:
 def record_matrix_steps(model: torch.nn.Module, optimizer) -> dict[str, int]:
     """Count, per matrix name, the calls of the whole-matrix work that included that matrix.
 
-    That is ``optimizer._matrix_step``, or for a phased optimizer (Muon, HTMuon) its map phase
-    ``_map_phase(group, params, directions)`` (also called by its ``_matrix_step``). The full-size
-    proxies of FSDP2 shards are new tensors, so matrices are told apart by the shape of the tensor
-    the work gets (the matrix, or the direction; all distinct in the test model).
+    That is ``optimizer._matrix_step``, or for a phased optimizer (Muon, HTMuon, KL-Shampoo,
+    Pro-KLShampoo) its map phase ``_map_phase(group, params, inputs)`` (also called by its
+    ``_matrix_step``). The full-size proxies of FSDP2 shards are new tensors, so matrices are told
+    apart by the shape of the tensors the work gets (the matrix, or the map's inputs: ``U``, or each
+    of ``(M, G)``; all distinct in the test model).
     """
     by_shape = {tuple(p.shape): n.removeprefix("module.") for n, p in model.named_parameters() if p.ndim == 2}
     counts = dict.fromkeys(by_shape.values(), 0)
@@ -73,12 +75,15 @@ def record_matrix_steps(model: torch.nn.Module, optimizer) -> dict[str, int]:
 
     def recorded(group, params, tensors):
         # the tensors the work gets: a shard or any other part of a matrix is recorded as such (and fails the test)
-        for t in params if name == "_matrix_step" else tensors:
-            if isinstance(t, DTensor):
-                key = f"a DTensor, not a whole matrix: {tuple(t.shape)}"
-            else:
-                key = by_shape.get(tuple(t.shape), f"not a whole matrix: {tuple(t.shape)}")
-            counts[key] = counts.get(key, 0) + 1
+        for item in params if name == "_matrix_step" else tensors:
+            keys = set()
+            for t in item if isinstance(item, tuple) else (item,):  # KL-Shampoo's (M, G): each whole
+                if isinstance(t, DTensor):
+                    keys.add(f"a DTensor, not a whole matrix: {tuple(t.shape)}")
+                else:
+                    keys.add(by_shape.get(tuple(t.shape), f"not a whole matrix: {tuple(t.shape)}"))
+            for key in keys:
+                counts[key] = counts.get(key, 0) + 1
         return inner(group, params, tensors)
 
     setattr(optimizer, name, recorded)  # the instance attribute shadows the method
@@ -125,10 +130,14 @@ def ownership(model: torch.nn.Module, optimizer) -> dict[str, tuple[int, bool]]:
 
 
 def momentum_numel(model: torch.nn.Module, optimizer) -> dict[str, tuple[int, int]]:
-    """matrix name -> (local elements of its momentum buffer on this rank, local elements of the parameter)."""
+    """matrix name -> (local elements of its momentum buffer on this rank, local elements of the parameter).
+
+    The momentum is the first entry of a phased optimizer's ``elementwise_state`` (Muon's
+    ``momentum_buffer``, KL-Shampoo's ``exp_avg``)."""
+    key = getattr(optimizer, "elementwise_state", ("momentum_buffer",))[0]
     out = {}
     for name, p in model.named_parameters():
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        buf = optimizer.state.get(p, {}).get(key)
         if p.ndim == 2 and buf is not None:
             local = buf.to_local() if isinstance(buf, DTensor) else buf
             out[name.removeprefix("module.")] = (local.numel(), (p.to_local() if isinstance(p, DTensor) else p).numel())
@@ -153,9 +162,18 @@ def nonfinite_on_one_shard(x: torch.Tensor, y: torch.Tensor, rank: int) -> dict:
     }
 
 
-def other_layouts() -> dict:
+def make_kl_layout_optimizer(params: list[torch.Tensor], mode: str = "replicate") -> Any:
+    """KL-Shampoo for :func:`other_layouts`: 3 steps are the initialisation step, an update with a refresh, one more."""
+    from whiten.optim import KLShampoo
+
+    optimizer = KLShampoo(params, lr=0.01, weight_decay=0.1, precondition_frequency=2)
+    optimizer.set_distributed_mode(mode)
+    return optimizer
+
+
+def other_layouts(make: Any = make_layout_optimizer) -> dict:
     """DTensor parameters outside FSDP2's layout: column shards (split and replicate) and replicated
-    DTensors (replicate, through full_tensor); 3 Muon steps on fixed gradients."""
+    DTensors (replicate, through full_tensor); 3 steps of ``make``'s optimizer (Muon) on fixed gradients."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -166,7 +184,7 @@ def other_layouts() -> dict:
              ("replicated-replicate", (Replicate(),), "replicate"), ("replicated-split", (Replicate(),), "split")]
     for label, placements, mode in cases:
         params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, placements)) for w in weights]
-        optimizer = make_layout_optimizer(params, mode)
+        optimizer = make(params, mode)
         try:
             for step in range(3):
                 for p, g in zip(params, grads, strict=True):
@@ -238,6 +256,7 @@ def main() -> None:
     if "Muon" in names:
         results["nonfinite"] = nonfinite_on_one_shard(x, y, rank)
         results["layouts"] = other_layouts()
+        results["layouts-KLShampoo"] = other_layouts(make_kl_layout_optimizer)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

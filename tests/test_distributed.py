@@ -31,8 +31,10 @@ MATRICES = {"a.weight", "b.weight", "c.weight"}
 VECTORS = {"a.bias", "norm.weight", "norm.bias", "c.bias"}  # routed to the AdamW fallback
 NUMEL = {"a.weight": 49, "b.weight": 25, "c.weight": 144}
 # optimizers whose step has phases (whiten.optim.distributed.is_phased): under FSDP2 their momentum
-# stays sharded and only the direction U (and, in split mode, the update O) travels
-PHASED = ["HTMuon", "Muon"]
+# stays sharded and only the map's inputs (U; KL-Shampoo's (M, G)) and, in split mode, the update O travel
+PHASED = ["HTMuon", "KLShampoo", "Muon", "ProKLShampoo"]
+NO_MAP_STATE = ["HTMuon", "Muon"]  # phased with no whole-matrix state in these settings (no NorMuon / stream basis)
+MAP_INPUTS = {"HTMuon": 1, "Muon": 1, "KLShampoo": 2, "ProKLShampoo": 2}  # parameter-sized tensors to the map
 RTOL = 1e-5  # the acceptance bound; the measured deviations are ~1e-16 .. 1e-12
 LAUNCH_TIMEOUT_S = 600  # the 2-process run takes 30-60 s on 2 shared cores; a hang fails instead of blocking CI
 
@@ -129,8 +131,9 @@ def test_other_optimizers_fsdp(runs, references, name: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["replicate", "split"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fsdp_elementwise_state_stays_sharded(runs, name: str, mode: str) -> None:
-    """AdamW state: DTensors shaped like this rank's shard. Muon/HTMuon's momentum: the same, on every rank.
-    The other methods' matrix state: whole tensors, on the owner only in split mode."""
+    """AdamW state: DTensors shaped like this rank's shard. The phased methods' momentum (Muon, HTMuon,
+    KL-Shampoo, Pro-KLShampoo): the same, on every rank. Matrix state (the others' momentum too): whole
+    tensors, on the owner only in split mode."""
     for rank in range(2):
         result = runs[rank][f"{name}/fsdp/{mode}"]
         layout = result["state_layout"]
@@ -139,12 +142,13 @@ def test_fsdp_elementwise_state_stays_sharded(runs, name: str, mode: str) -> Non
             assert layout[vector] == ["shard", "shard"], f"{vector}: {layout[vector]}"  # exp_avg, exp_avg_sq
         for matrix in MATRICES:
             owner, _ = result["ownership"][matrix]
-            if name in PHASED:  # momentum_buffer only (no NorMuon / stream basis in these settings)
-                assert layout[matrix] == ["shard"], f"{matrix}: {layout[matrix]}"
-            elif mode == "split" and owner != rank:
-                assert layout[matrix] == []
-            else:
-                assert layout[matrix] and "shard" not in layout[matrix], f"{matrix}: {layout[matrix]}"
+            sharded = ["shard"] if name in PHASED else []  # the momentum, on every rank
+            whole = [kind for kind in layout[matrix] if kind != "shard"]
+            assert layout[matrix].count("shard") == len(sharded), f"{matrix}: {layout[matrix]}"
+            if name in NO_MAP_STATE or (mode == "split" and owner != rank):
+                assert layout[matrix] == sharded, f"{matrix}: {layout[matrix]}"
+            else:  # factors, bases, eigenvalues (the gather path's momentum too): whole tensors
+                assert whole, f"{matrix}: {layout[matrix]}"
 
 
 @pytest.mark.distributed
@@ -156,11 +160,11 @@ def test_split_mode_equals_replicated_and_splits_the_work(runs, name: str, kind:
     for key, value in replicated["params"].items():
         assert _rel(split0["params"][key], value) <= 1e-12
         assert torch.equal(split0["params"][key], split1["params"][key])  # ranks agree bit for bit
-    # every matrix is computed (the method's _matrix_step, or for Muon/HTMuon its map phase, is called
+    # every matrix is computed (the method's _matrix_step, or for a phased method its map phase, is called
     # on it) and holds matrix state on exactly its assigned owner, in every one of the STEPS steps
     # (Muon/HTMuon under FSDP2: no matrix state at all, the momentum is sharded on every rank)
     owned = {0: set(), 1: set()}
-    no_matrix_state = name in PHASED and kind == "fsdp"
+    no_matrix_state = name in NO_MAP_STATE and kind == "fsdp"
     for rank, result in enumerate((split0, split1)):
         assert set(result["ownership"]) == set(result["computed"]) == MATRICES  # whole matrices only
         for matrix, (owner, has_state) in result["ownership"].items():
@@ -256,8 +260,9 @@ def test_split_volume_matches_the_model(runs) -> None:
 @pytest.mark.parametrize("setup", [f"{name}/fsdp" for name in PHASED] + [f"{name}/fsdp-units" for name in PHASED
                                                                           if name in UNITS])
 def test_fsdp_momentum_is_sharded_on_every_rank(runs, setup: str, mode: str) -> None:
-    """Muon/HTMuon under FSDP2: each rank's momentum_buffer has exactly its parameter shard's elements
-    (uneven 4/3-row shards of the 7- and 5-row matrices), and the shards add up to the whole matrix."""
+    """The phased methods under FSDP2: each rank's momentum (Muon's momentum_buffer, KL-Shampoo's exp_avg)
+    has exactly its parameter shard's elements (uneven 4/3-row shards of the 7- and 5-row matrices), and
+    the shards add up to the whole matrix."""
     sizes = [runs[rank][f"{setup}/{mode}"]["momentum_numel"] for rank in range(2)]
     for rank in range(2):
         assert set(sizes[rank]) == MATRICES
@@ -271,20 +276,24 @@ def test_fsdp_momentum_is_sharded_on_every_rank(runs, setup: str, mode: str) -> 
 @pytest.mark.parametrize("mode", ["replicate", "split"])
 @pytest.mark.parametrize("name", PHASED)
 def test_fsdp_phased_volume_matches_the_model(runs, name: str, mode: str) -> None:
-    """Muon/HTMuon FSDP2 (fp64, 8 bytes), with n the matrix's and l this rank's shard's elements: only the
-    direction U travels, never the parameter or the gradient. Replicate: send l to the other rank,
-    receive n - l. Split: the owner receives the other shard of U (n - l) and sends it back as O;
-    a non-owner sends its shard of U (l) and receives its shard of O (l)."""
+    """Phased methods under FSDP2 (fp64, 8 bytes), with n the matrix's and l this rank's shard's elements: only
+    the map's k inputs travel (Muon/HTMuon: U, k = 1; KL-Shampoo, Pro-KLShampoo: (M, G), k = 2, but G alone,
+    k = 1, on the initialisation step), never the parameter. Replicate: send l of each input to the other
+    rank, receive n - l. Split: the owner receives the other shard of each input (n - l) and sends back O
+    (n - l, a zero update on the initialisation step); a non-owner sends l per input and receives l."""
+    k = MAP_INPUTS[name]
+    # inputs per matrix over the run: the KL methods' first step (initialisation) moves G only
+    inputs = k * STEPS if k == 1 else k * STEPS - 1
     for rank in range(2):
         result = runs[rank][f"{name}/fsdp/{mode}"]
         total = 0
         for matrix, (local, _) in result["momentum_numel"].items():
             owner, _ = result["ownership"][matrix]
             if mode == "replicate":
-                total += local + (NUMEL[matrix] - local)
+                total += inputs * (local + (NUMEL[matrix] - local))
             else:
-                total += 2 * (NUMEL[matrix] - local) if owner == rank else 2 * local
-        assert result["comm_bytes_per_step"] == 8 * total
+                total += (inputs + STEPS) * ((NUMEL[matrix] - local) if owner == rank else local)
+        assert result["comm_bytes_per_step"] == 8 * total / STEPS
 
 
 @pytest.mark.distributed
@@ -310,6 +319,28 @@ def test_other_dtensor_layouts(runs) -> None:
         optimizer.step()
     for rank in range(2):
         layouts = runs[rank]["layouts"]
+        for label in ("shard1-split", "shard1-replicate", "replicated-replicate"):
+            for got, expected in zip(layouts[label], params, strict=True):
+                assert _rel(got, expected.detach()) <= 1e-14, label
+        assert "ValueError" in layouts["replicated-split"] and "replicate" in layouts["replicated-split"]
+
+
+@pytest.mark.distributed
+def test_other_dtensor_layouts_kl_shampoo(runs) -> None:
+    """The same layouts for KL-Shampoo's (M, G) inputs: initialisation step, an update with a refresh, one more."""
+    from _dist_common import layout_problem
+    from _dist_worker import make_kl_layout_optimizer
+
+    weights, grads = layout_problem()
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    optimizer = make_kl_layout_optimizer(params)
+    for step in range(3):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g * (step + 1)
+        optimizer.step()
+    assert all(not torch.equal(p.detach(), w) for p, w in zip(params, weights, strict=True))  # it moved
+    for rank in range(2):
+        layouts = runs[rank]["layouts-KLShampoo"]
         for label in ("shard1-split", "shard1-replicate", "replicated-replicate"):
             for got, expected in zip(layouts[label], params, strict=True):
                 assert _rel(got, expected.detach()) <= 1e-14, label

@@ -24,13 +24,15 @@ Two modes, chosen per parameter group by the option ``distributed_mode``:
     ``all_to_all``), the owner assembles the whole matrix, steps, and sends each rank its shard
     of the new value (a second ``all_to_all``), as Dion and Distributed Shampoo do.
 
-Optimizers that split their matrix step into phases (:func:`is_phased`: Muon, HTMuon) take a
-leaner FSDP2 path: the momentum stays sharded (a DTensor like the parameter, updated on each
-rank's shard), only the direction ``U`` is moved to where the map runs (all ranks in replicate
-mode, the owner in split mode), only ``O`` comes back (split), and each rank applies its shard of
-``O`` to its shard of the parameter; the parameter itself does not travel. For the other methods
-(SOAP, KL-Shampoo, KL-SOAP, Pro-KLShampoo) the matrix state (momentum, factors, bases) is
-full-size on the owner (split) or on every rank (replicate); the AdamW state is sharded for all.
+Optimizers that split their matrix step into phases (:func:`is_phased`: Muon, HTMuon, KL-Shampoo,
+Pro-KLShampoo) take a leaner FSDP2 path: the momentum stays sharded (a DTensor like the parameter,
+updated on each rank's shard), only what the map needs is moved to where it runs (all ranks in
+replicate mode, the owner in split mode): the direction ``U`` for Muon/HTMuon, the momentum and
+the raw gradient ``(M, G)`` for the KL methods; only the update ``O`` comes back (split), and each
+rank applies its shard of ``O`` to its shard of the parameter; the parameter itself does not
+travel. For the other methods (SOAP, REKLS, KL-SOAP: first moment in the rotated eigenbasis) the
+matrix state (momentum, factors, bases) is full-size on the owner (split) or on every rank
+(replicate); the AdamW state is sharded for all.
 Checkpoints go through DCP (:func:`save_checkpoint`, :func:`load_checkpoint`): sharded state is
 saved shard-wise, every whole-matrix state once, keyed by the parameter's name, so a checkpoint
 loads into either mode and any world size.
@@ -282,7 +284,7 @@ def owners_of(optimizer: Any, group: Mapping[str, Any]) -> dict[int, int] | None
 def holds_state(optimizer: Any, group: Mapping[str, Any], param: Tensor) -> bool:
     """Whether this rank keeps the matrix state of ``param`` (False for another owner's matrix).
 
-    Under FSDP2 a phased optimizer's elementwise state (:func:`elementwise_keys`) is on every rank anyway.
+    Under FSDP2 a phased group's elementwise state (:func:`elementwise_keys`) is on every rank anyway.
     """
     owners = owners_of(optimizer, group)
     if owners is None:
@@ -323,7 +325,7 @@ def matrix_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], gra
     """Run ``optimizer._matrix_step`` on ``params`` in the group's ``distributed_mode``."""
     owners = owners_of(optimizer, group)
     sharded = [i for i, p in enumerate(params) if is_sharded(p)]
-    if sharded and is_phased(optimizer):
+    if sharded and is_phased(optimizer, group):
         plain = [i for i, p in enumerate(params) if not is_sharded(p)]
         if plain:  # plain tensors in the group take the ordinary path (each parameter's step is independent)
             matrix_step(optimizer, group, [params[i] for i in plain], [grads[i] for i in plain])
@@ -346,23 +348,43 @@ def matrix_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], gra
 PHASES = ("_direction_phase", "_map_phase", "_apply_phase")
 
 
-def is_phased(optimizer: Any) -> bool:
-    """Whether ``optimizer`` splits its matrix step into the three phases of the sharded protocol.
+def is_phased(optimizer: Any, group: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``optimizer`` (for ``group``; ``None``: for all its groups) runs the three phases of the
+    sharded protocol.
 
-    ``_direction_phase(group, params, grads) -> directions`` (elementwise: runs on shards),
-    ``_map_phase(group, params, directions) -> updates`` (on whole, parameter-shaped directions;
-    ``params`` only key the state; updates no wider in dtype than the directions) and
-    ``_apply_phase(group, params, updates)`` (elementwise), with ``_matrix_step`` = the three in
-    sequence. The state entries named in the class attribute ``elementwise_state`` belong to the
-    elementwise phases and live on every rank (under FSDP2 as DTensors sharded like the parameter);
-    all other state is the map's, whole, on the rank(s) that run it.
+    ``_direction_phase(group, params, grads) -> inputs`` (elementwise: runs on shards) returns per
+    parameter what the map needs, shaped like the parameter: one tensor (Muon: ``U``) or a tuple of
+    tensors of one dtype (KL-Shampoo: ``(M, G)``, or ``(G,)`` on its initialisation step), the same
+    structure on every rank; ``_map_phase(group, params, inputs) -> updates`` (on the whole inputs,
+    in the same structure; ``params`` only key the state; parameter-shaped updates no wider in dtype
+    than the inputs) and ``_apply_phase(group, params, updates)`` (elementwise), with ``_matrix_step``
+    = the three in sequence. The state entries named in the class attribute ``elementwise_state``
+    belong to the elementwise phases and live on every rank (under FSDP2 as DTensors sharded like the
+    parameter); all other state is the map's, whole, on the rank(s) that run it. An optimizer that
+    supports the phases for some groups only says so with ``phased_group(group) -> bool`` (KL-SOAP's
+    groups take the gather path).
     """
-    return all(callable(getattr(optimizer, name, None)) for name in PHASES)
+    if not all(callable(getattr(optimizer, name, None)) for name in PHASES):
+        return False
+    check = getattr(optimizer, "phased_group", None)
+    if not callable(check):
+        return True
+    groups = [group] if group is not None else optimizer.param_groups
+    return all(bool(check(g)) for g in groups)
 
 
-def elementwise_keys(optimizer: Any) -> frozenset[str]:
-    """State keys a phased optimizer keeps on every rank (empty for the others)."""
-    return frozenset(getattr(optimizer, "elementwise_state", ())) if is_phased(optimizer) else frozenset()
+def elementwise_keys(optimizer: Any, group: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """State keys a phased optimizer (group) keeps on every rank (empty for the others)."""
+    return frozenset(getattr(optimizer, "elementwise_state", ())) if is_phased(optimizer, group) else frozenset()
+
+
+def gathered_tensors(optimizer: Any, group: Mapping[str, Any] | None = None) -> int:
+    """Parameter-sized tensors per matrix that travel to the whole-matrix work under FSDP2 (traffic model).
+
+    Phased: the map's inputs (class attribute ``map_inputs``, default 1: Muon's ``U``; KL-Shampoo's
+    ``(M, G)``: 2); the gather path: ``(param, grad)``, 2. One tensor (``O`` or the new value) comes back.
+    """
+    return int(getattr(optimizer, "map_inputs", 1)) if is_phased(optimizer, group) else 2
 
 
 def _chunk_layout(params: Sequence[Tensor], me: int, world: int) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -396,19 +418,29 @@ def _counted_all_to_all(
     return _all_to_all(pg, send, recv, dtype, device)
 
 
+def _as_parts(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """A phase's per-parameter value as a tuple of tensors (one tensor is a 1-tuple)."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _like(inputs: Tensor | tuple[Tensor, ...], parts: Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
+    """``parts`` in the structure of ``inputs`` (a tensor stays a tensor, a tuple a tuple)."""
+    return tuple(parts) if isinstance(inputs, tuple) else parts[0]
+
+
 def _phased_sharded_step(
     optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], owners: dict[int, int] | None
 ) -> None:
     """FSDP2 for a phased optimizer (:func:`is_phased`): the elementwise phases run on the shards.
 
-    Each rank forms the direction ``U`` on its shard (the momentum is a DTensor sharded like the
-    parameter), and only ``U`` travels. Replicate mode: every rank receives every other rank's
-    ``U`` shards (one ``all_to_all`` per dtype, the bytes of an all-gather), maps all whole
-    matrices, and keeps its own slice of each ``O``. Split mode: the ``U`` shards go to each
-    matrix's owner (one ``all_to_all``), the owner maps it, and each rank gets its shard of ``O``
-    back (a second one). Every rank then applies its shard of ``O`` to its shard of the parameter.
-    DTensors outside the FSDP2 layout (replicated, 2-D meshes; replicate mode only) gather ``U``
-    with ``full_tensor`` and slice ``O`` locally.
+    Each rank forms the map's inputs on its shard (the momentum is a DTensor sharded like the
+    parameter): ``U`` for Muon/HTMuon, ``(M, G)`` for KL-Shampoo; only those travel. Replicate mode:
+    every rank receives every other rank's shards of them (one ``all_to_all`` per dtype, the bytes
+    of an all-gather), maps all whole matrices, and keeps its own slice of each ``O``. Split mode:
+    the shards go to each matrix's owner (one ``all_to_all``), the owner maps them, and each rank
+    gets its shard of ``O`` back (a second one). Every rank then applies its shard of ``O`` to its
+    shard of the parameter. DTensors outside the FSDP2 layout (replicated, 2-D meshes; replicate
+    mode only) gather the inputs with ``full_tensor`` and slice ``O`` locally.
     """
     meshes = [p.device_mesh for p in params]
     if owners is not None:
@@ -419,16 +451,24 @@ def _phased_sharded_step(
         pg = None
     if pg is not None:  # check the layout before any state changes
         layout = _chunk_layout(params, dist.get_rank(pg), dist.get_world_size(pg))
-    directions = optimizer._direction_phase(group, params, grads)
+    inputs = optimizer._direction_phase(group, params, grads)
+    parts = [_as_parts(x) for x in inputs]
+    for p, ts in zip(params, parts, strict=True):
+        if len({t.dtype for t in ts}) != 1:
+            raise RuntimeError(
+                f"_direction_phase returned tensors of dtypes {[t.dtype for t in ts]} for a {tuple(p.shape)} "
+                "parameter; the map's inputs of one parameter must share one dtype"
+            )
     stats = comm_stats(optimizer)
     if pg is None:
         whole = []
-        for p, U in zip(params, directions, strict=True):
-            full = U.full_tensor() if is_sharded(U) else U
+        for p, x, ts in zip(params, inputs, parts, strict=True):
+            full = [t.full_tensor() if is_sharded(t) else t for t in ts]
             world = p.device_mesh.size()
-            nbytes = full.numel() * full.element_size()
-            stats.add("all_gather", nbytes // world, nbytes - nbytes // world)
-            whole.append(full)
+            for t in full:
+                nbytes = t.numel() * t.element_size()
+                stats.add("all_gather", nbytes // world, nbytes - nbytes // world)
+            whole.append(_like(x, full))
         mapped = optimizer._map_phase(group, params, whole)
         # every rank holds the same whole O: slice locally, no communication
         updates = [distribute_tensor(O, p.device_mesh, p.placements, src_data_rank=None)
@@ -442,15 +482,15 @@ def _phased_sharded_step(
     def owned_by(i: int, rank: int) -> bool:
         return owners is None or owners[id(params[i])] == rank
 
-    for dtype in sorted({U.dtype for U in directions}, key=str):
-        idx = [i for i, U in enumerate(directions) if U.dtype == dtype]
+    for dtype in sorted({ts[0].dtype for ts in parts}, key=str):
+        idx = [i for i, ts in enumerate(parts) if ts[0].dtype == dtype]
         mine = [i for i in idx if owned_by(i, me)]
-        # 1. my shard of U of every matrix to its owner(s)
-        send = [[directions[i].to_local() for i in idx if owned_by(i, rank)] for rank in range(world)]
-        recv = [sum(_shard_numel(params[i], layout[i], s) for i in mine) for s in range(world)]
+        # 1. my shard of the map's inputs of every matrix to its owner(s)
+        send = [[t.to_local() for i in idx if owned_by(i, rank) for t in parts[i]] for rank in range(world)]
+        recv = [sum(len(parts[i]) * _shard_numel(params[i], layout[i], s) for i in mine) for s in range(world)]
         got = _counted_all_to_all(stats, pg, send, recv, dtype, device)
-        # 2. assemble whole directions on the owner and map them there
-        pieces: dict[int, list[Tensor]] = {i: [] for i in mine}
+        # 2. assemble the whole inputs on the owner and map them there
+        pieces: dict[int, list[list[Tensor]]] = {i: [[] for _ in parts[i]] for i in mine}
         for s in range(world):
             offset = 0
             for i in mine:
@@ -458,15 +498,15 @@ def _phased_sharded_step(
                 shape = list(params[i].shape)
                 shape[dim] = bounds[s][1]
                 k = _shard_numel(params[i], layout[i], s)
-                pieces[i].append(got[s][offset : offset + k].view(shape))
-                offset += k
-        mapped = optimizer._map_phase(
-            group, [params[i] for i in mine], [torch.cat(pieces[i], dim=layout[i][0]) for i in mine]
-        ) if mine else []  # fmt: skip
+                for j in range(len(parts[i])):
+                    pieces[i][j].append(got[s][offset : offset + k].view(shape))
+                    offset += k
+        whole = [_like(inputs[i], [torch.cat(chunks, dim=layout[i][0]) for chunks in pieces[i]]) for i in mine]
+        mapped = optimizer._map_phase(group, [params[i] for i in mine], whole) if mine else []
         for O in mapped:
             if torch.promote_types(O.dtype, dtype) != dtype:
-                raise RuntimeError(f"_map_phase returned a {O.dtype} update for a {dtype} direction; it must not be"
-                                   " wider (the update travels in the direction's dtype)")  # fmt: skip
+                raise RuntimeError(f"_map_phase returned a {O.dtype} update for {dtype} inputs; it must not be"
+                                   " wider (the update travels in the inputs' dtype)")  # fmt: skip
         if owners is None:  # replicate: every rank has every whole O, keep my slice
             for i, O in zip(mine, mapped, strict=True):
                 local[i] = O.narrow(layout[i][0], *layout[i][1][me])
@@ -725,7 +765,6 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     }
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     needed = _matrix_params_needed(optimizer)
-    elementwise = elementwise_keys(optimizer)
     state: dict[str, dict[str, Any]] = {}
     for flat_key, obj_path in metadata.planner_data.items():
         if len(obj_path) != 4 or obj_path[0] != "optim" or obj_path[1] != "state":
@@ -734,8 +773,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         param = named.get(fqn)
         if param is None:
             continue
-        # a phased optimizer's elementwise state of a sharded matrix (momentum, counter) lives on every rank
-        spread = is_sharded(param) and bool(group_of[id(param)].get("use_matrix")) and key in elementwise
+        # a phased group's elementwise state of a sharded matrix (momentum, counter) lives on every rank
+        group = group_of[id(param)]
+        spread = is_sharded(param) and bool(group.get("use_matrix")) and key in elementwise_keys(optimizer, group)
         if id(param) not in needed and not spread:
             continue
         md = metadata.state_dict_metadata[flat_key]
@@ -743,7 +783,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
             dtype = md.properties.dtype
             elementwise_tensor = spread or not group_of[id(param)].get("use_matrix")
             if is_sharded(param) and elementwise_tensor and tuple(md.size) == tuple(param.shape):
-                # AdamW state, Muon's momentum: a DTensor like the param (DCP reshards it)
+                # AdamW state, a phased group's momentum: a DTensor like the param (DCP reshards it)
                 value: Any = torch.empty_like(param.detach(), dtype=dtype)
             else:
                 device = param.to_local().device if is_sharded(param) else param.device

@@ -90,7 +90,7 @@ class KLFactored(WhitenOptimizer):
 
     State per parameter with a ``m x n`` work view: ``"L"``, ``"R"`` (factors), ``"Q_L"``, ``"Q_R"``
     (eigenbases, columns in the order of the first eigendecomposition, descending), ``"lam_L"``, ``"lam_R"``
-    (EMA eigenvalues), ``"exp_avg"`` (momentum: parameter basis for KL-Shampoo, eigenbasis for KL-SOAP),
+    (EMA eigenvalues), ``"exp_avg"`` (momentum: parameter basis and shape for KL-Shampoo, eigenbasis for KL-SOAP),
     ``"exp_avg_sq"`` (KL-SOAP only, eigenbasis) and ``"step"`` (int, 0 after the initialisation step). 3-D
     parameters use ``"F0", "F1", "F2"``, ``"Q_F0"``, ..., ``"lam_F0"``, ... for dimensions 0, 1, 2. A
     dimension larger than ``max_precond_dim`` has no entries (identity factor, unit eigenvalues).
@@ -107,18 +107,85 @@ class KLFactored(WhitenOptimizer):
         "preconditioner": opt.choice("kl", "adam"),
     }
 
+    # The step in three phases for KL-Shampoo (whiten.optim.distributed.is_phased): under FSDP2 the momentum
+    # (elementwise in the parameter basis) stays sharded; the map gets the whole (M, G) of each matrix.
+    # KL-SOAP's momentum lives in the rotated eigenbasis, so its groups take the gather path (phased_group).
+    elementwise_state: ClassVar[tuple[str, ...]] = ("exp_avg", "step")
+    map_inputs: ClassVar[int] = 2  # (M, G) per matrix travel to the map (whiten.optim.distributed.gathered_tensors)
+
+    def phased_group(self, group: dict[str, Any]) -> bool:
+        """Whether ``group`` runs as the three phases: KL-Shampoo (``"kl"``) yes, KL-SOAP (``"adam"``) no."""
+        return group["preconditioner"] == "kl"
+
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        for p, g in zip(params, grads, strict=True):
+        if self.phased_group(group):
+            inputs = self._direction_phase(group, params, grads)
+            self._apply_phase(group, params, self._map_phase(group, params, inputs))
+            return
+        for p, g in zip(params, grads, strict=True):  # KL-SOAP: Adam in the eigenbasis, all in one piece
             state = self.state[p]
             G = work_view(g).to(stat_dtype(p))
             if "exp_avg" not in state:
-                self._kl_init(group, G, state)  # the reference's initialisation step: no update
+                self._kl_init(group, G, state, momentum=True)  # the reference's initialisation step: no update
                 continue
             update = self._kl_step(group, G, state)
             apply_update_(p, update.reshape(p.shape), group["lr"], group["weight_decay"], decay_first=False)
 
+    def _direction_phase(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> list[tuple[Tensor, ...]]:
+        """Elementwise: ``step += 1``, ``M <- lerp(M, G, 1 - b1)``; returns ``(M, G)`` per parameter.
+
+        On a parameter's first step (the reference's initialisation step) it only creates ``M = 0`` and
+        ``step = 0`` and returns ``(G,)``: the momentum is not fed and the map builds the factors from ``G``.
+        ``G`` is the gradient in the statistics dtype, shaped like the parameter (whole, shard or DTensor).
+        """
+        beta1 = group["betas"][0]
+        inputs: list[tuple[Tensor, ...]] = []
+        for p, g in zip(params, grads, strict=True):
+            state = self.state[p]
+            G = g.to(stat_dtype(p))
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+                state["step"] = 0
+                inputs.append((G,))
+                continue
+            if state["exp_avg"].shape != G.shape:  # a checkpoint that kept a >= 4-D parameter's momentum flattened
+                state["exp_avg"] = state["exp_avg"].reshape(G.shape)
+            state["step"] += 1
+            state["exp_avg"].lerp_(G, 1.0 - beta1)
+            inputs.append((state["exp_avg"], G))
+        return inputs
+
+    def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        """Whole-matrix: factor statistics, eigenvalue EMAs and refreshes from ``G``, the update from ``M``.
+
+        ``inputs`` are the whole ``(M, G)`` (or ``(G,)`` on the initialisation step, which builds the factors
+        and returns a zero update that :meth:`_apply_phase` skips). ``params`` only key the state.
+        Returns the update direction shaped like each parameter, in the statistics dtype.
+        """
+        updates = []
+        for p, parts in zip(params, inputs, strict=True):
+            state = self.state[p]
+            G = work_view(parts[-1])
+            if len(parts) == 1:
+                self._kl_init(group, G, state)
+                updates.append(torch.zeros_like(parts[-1]))
+                continue
+            updates.append(self._kl_step(group, G, state, work_view(parts[0])).reshape(p.shape))
+        return updates
+
+    def _apply_phase(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:
+        """Elementwise: ``W <- (W - lr U)(1 - lr wd)`` (decay after the step); nothing on the initialisation step."""
+        for p, update in zip(params, updates, strict=True):
+            if self.state[p]["step"] == 0:
+                continue
+            apply_update_(p, update, group["lr"], group["weight_decay"], decay_first=False)
+
     # -- the full-factor path --------------------------------------------------------------------
-    def _kl_init(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> None:
+    def _kl_init(self, group: dict[str, Any], G: Tensor, state: dict[str, Any], momentum: bool = False) -> None:
+        """Factors from the first gradient (no update); ``momentum``: also create the moments and ``step``
+        (KL-SOAP; KL-Shampoo's direction phase creates its momentum)."""
         beta = shampoo_beta(group)
         fdtype = factor_dtype(group, G.dtype)
         numel = G.numel()
@@ -132,32 +199,38 @@ class KLFactored(WhitenOptimizer):
             state[name] = factor.to(fdtype)
             state[f"Q_{name}"] = Q
             state[f"lam_{name}"] = torch.full((d,), float(group["init_factor"]), dtype=G.dtype, device=G.device)
-        state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
-        if group["preconditioner"] == "adam":
-            state["exp_avg_sq"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
-        state["step"] = 0
+        if momentum:
+            state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+            if group["preconditioner"] == "adam":
+                state["exp_avg_sq"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+            state["step"] = 0
 
-    def _kl_step(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> Tensor:
-        """One KL-Shampoo / KL-SOAP step for ``G`` (work view); returns the update direction."""
+    def _kl_step(self, group: dict[str, Any], G: Tensor, state: dict[str, Any], M: Tensor | None = None) -> Tensor:
+        """One KL-Shampoo / KL-SOAP step for ``G`` (work view); returns the update direction.
+
+        KL-Shampoo passes its momentum ``M`` (work view), already fed and counted by the direction phase;
+        KL-SOAP (``M=None``) counts the step and keeps its moments in the eigenbasis here.
+        """
         names = side_names(G.ndim)
         bases: list[Tensor | None] = [state.get(f"Q_{nm}") for nm in names]
         lams: list[Tensor | None] = [state.get(f"lam_{nm}") for nm in names]
         beta1, beta2 = group["betas"]
         beta = shampoo_beta(group)
         eps = group["eps"]
-        state["step"] += 1
+        if M is None:
+            state["step"] += 1
         step = state["step"]
 
         # (1) direction from the OLD basis and eigenvalues
         if group["preconditioner"] == "kl":
-            exp_avg = state["exp_avg"]
-            exp_avg.lerp_(G, 1.0 - beta1)
+            if M is None:
+                raise ValueError("KL-Shampoo's _kl_step needs the momentum M from its direction phase")
             denom = None
             for k, lam in enumerate(lams):
                 if lam is not None:
                     root = lam.sqrt().view([-1 if j == k else 1 for j in range(G.ndim)])
                     denom = root if denom is None else denom * root
-            D = rotate_all(exp_avg, bases)
+            D = rotate_all(M, bases)
             precond = D if denom is None else D / (denom + eps)
         else:
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]

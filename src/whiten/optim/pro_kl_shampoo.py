@@ -45,8 +45,6 @@ from whiten.linalg import (
 )
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
-from whiten.optim._adamw import apply_update_
-from whiten.optim.base import stat_dtype
 from whiten.optim.kl_shampoo import KLFactored, _defaults, ema_factor_, factor_dtype, shampoo_beta, work_view
 
 COMPLEMENTS = ("left_whitened_orth", "orth")
@@ -212,25 +210,35 @@ class ProKLShampoo(KLFactored):
         return tracked_rank(group) < n and max(shape) <= group["max_precond_dim"]
 
     # -- stepping --------------------------------------------------------------------------------
-    def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        full_p, full_g, pending = [], [], []
-        for p, g in zip(params, grads, strict=True):
+    def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        """Whole-matrix part (the direction and apply phases are KL-Shampoo's: ``M <- lerp(M, G, 1 - b1)``,
+        ``W <- (W - lr U)(1 - lr wd)``): the spike-and-flat update from ``M`` and the statistics from ``G``,
+        with Newton–Schulz batched over matrices; full KL-Shampoo for the others (:meth:`uses_projection`)."""
+        updates: list[Tensor | None] = [None] * len(params)
+        full, pending = [], []
+        for i, (p, parts) in enumerate(zip(params, inputs, strict=True)):
             state = self.state[p]
-            G = work_view(g)
-            projected = "U" in state if "exp_avg" in state else self.uses_projection(group, G.shape)
-            if not projected:
-                full_p.append(p)
-                full_g.append(g)
+            G = work_view(parts[-1])
+            initial = len(parts) == 1  # the initialisation step: no update, momentum not fed
+            if not ("U" in state if not initial else self.uses_projection(group, G.shape)):
+                full.append(i)
                 continue
-            G = G.to(stat_dtype(p))
-            if "exp_avg" not in state:
+            if initial:
                 self._pro_init(group, G, state)
+                updates[i] = torch.zeros_like(parts[-1])
                 continue
-            pending.append((p, G, self._pro_direction(group, G, state)))
-        if full_p:
-            super()._matrix_step(group, full_p, full_g)
-        if not pending:
-            return
+            pending.append((i, G, self._pro_direction(group, work_view(parts[0]), state)))
+        if full:
+            mapped = super()._map_phase(group, [params[i] for i in full], [inputs[i] for i in full])
+            for i, update in zip(full, mapped, strict=True):
+                updates[i] = update
+        if pending:
+            for (i, _, _), update in zip(pending, self._pro_updates(group, pending), strict=True):
+                updates[i] = update.reshape(params[i].shape)
+        return [u for u in updates if u is not None]
+
+    def _pro_updates(self, group: dict[str, Any], pending: list[tuple[int, Tensor, dict[str, Any]]]) -> list[Tensor]:
+        """Finish the spike-and-flat steps of ``pending`` ``(index, G, direction context)``; returns the updates."""
         # Newton–Schulz on the complement coordinates, batched over matrices of the same shape. A wide X
         # ("gram" / "spectral") gets K with NS(X) = K X from its m x m Gram matrix (see ns_factor).
         steps, coefficients = group["ns_steps"], group["ns_coefficients"]
@@ -248,9 +256,7 @@ class ProKLShampoo(KLFactored):
                 else:
                     m = out.shape[-2]
                     pending[i][2]["K"], pending[i][2]["P"] = out[:, :m], out[:, m:]
-        for p, G, ctx in pending:
-            update = self._pro_finish(group, G, self.state[p], ctx)
-            apply_update_(p, update.reshape(p.shape), group["lr"], group["weight_decay"], decay_first=False)
+        return [self._pro_finish(group, G, ctx["state"], ctx) for _, G, ctx in pending]
 
     def _pro_init(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> None:
         """Initialisation step (no update): full left factor as KL-Shampoo, ``U`` = top right singular vectors."""
@@ -277,17 +283,11 @@ class ProKLShampoo(KLFactored):
         state["Lam"] = torch.full((R,), init, dtype=G.dtype, device=G.device)
         state["sigma"] = torch.full((), init, dtype=G.dtype, device=G.device)
         state["Y_sketch"] = U * init
-        state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
         state["rank"] = min(group["rank"], R)
-        state["step"] = 0
 
-    def _pro_direction(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> dict[str, Tensor]:
-        """Momentum, the subspace term and the complement coordinates ``X`` (NS is applied afterwards)."""
-        beta1 = group["betas"][0]
-        state["step"] += 1
-        exp_avg = state["exp_avg"]
-        exp_avg.lerp_(G, 1.0 - beta1)
-        Mw = exp_avg.mT if state["transposed"] else exp_avg
+    def _pro_direction(self, group: dict[str, Any], M: Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """The subspace term and the complement coordinates ``X`` of the momentum ``M`` (NS is applied afterwards)."""
+        Mw = M.mT if state["transposed"] else M
         r = state["rank"]
         U = state["U"]
         U_r = U if r == U.shape[-1] else U[:, :r]
@@ -302,7 +302,7 @@ class ProKLShampoo(KLFactored):
             whitened_norm = torch.linalg.matrix_norm(X)
         else:
             whitened_norm = torch.linalg.matrix_norm(X * inv_root) if group["complement_scale"] == "kl_norm" else None
-        return {"sub": sub, "U_r": U_r, "X": X, "whitened_norm": whitened_norm}
+        return {"sub": sub, "U_r": U_r, "X": X, "whitened_norm": whitened_norm, "state": state}
 
     def _pro_finish(self, group: dict[str, Any], G: Tensor, state: dict[str, Any], ctx: dict[str, Any]) -> Tensor:
         """Combine the two terms, update the statistics (raw ``G``, OLD values), refresh, adapt the rank."""
