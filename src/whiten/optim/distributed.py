@@ -407,6 +407,32 @@ def _shard_numel(p: Tensor, layout: tuple[int, list[tuple[int, int]]], rank: int
     return bounds[rank][1] * (p.numel() // size) if size else 0
 
 
+def _assemble_whole(
+    received: Sequence[Tensor],
+    mine: Sequence[int],
+    params: Sequence[Tensor],
+    layout: Sequence[tuple[int, list[tuple[int, int]]]],
+    counts: Mapping[int, int],
+) -> dict[int, list[Tensor]]:
+    """Whole tensors of the matrices ``mine`` from the flat buffers of an ``all_to_all``.
+
+    ``received[s]`` holds, for each ``i`` in ``mine`` in order, ``counts[i]`` consecutive shards of rank
+    ``s`` (shaped like ``params[i]``'s shard on ``s``). Returns, per matrix, the ``counts[i]`` whole tensors.
+    """
+    pieces: dict[int, list[list[Tensor]]] = {i: [[] for _ in range(counts[i])] for i in mine}
+    for s, buffer in enumerate(received):
+        offset = 0
+        for i in mine:
+            dim, bounds = layout[i]
+            shape = list(params[i].shape)
+            shape[dim] = bounds[s][1]
+            k = _shard_numel(params[i], layout[i], s)
+            for chunks in pieces[i]:
+                chunks.append(buffer[offset : offset + k].view(shape))
+                offset += k
+    return {i: [torch.cat(chunks, dim=layout[i][0]) for chunks in pieces[i]] for i in mine}
+
+
 def _counted_all_to_all(
     stats: CommStats, pg: Any, send: list[list[Tensor]], recv: list[int], dtype: torch.dtype, device: Any
 ) -> list[Tensor]:
@@ -490,18 +516,8 @@ def _phased_sharded_step(
         recv = [sum(len(parts[i]) * _shard_numel(params[i], layout[i], s) for i in mine) for s in range(world)]
         got = _counted_all_to_all(stats, pg, send, recv, dtype, device)
         # 2. assemble the whole inputs on the owner and map them there
-        pieces: dict[int, list[list[Tensor]]] = {i: [[] for _ in parts[i]] for i in mine}
-        for s in range(world):
-            offset = 0
-            for i in mine:
-                dim, bounds = layout[i]
-                shape = list(params[i].shape)
-                shape[dim] = bounds[s][1]
-                k = _shard_numel(params[i], layout[i], s)
-                for j in range(len(parts[i])):
-                    pieces[i][j].append(got[s][offset : offset + k].view(shape))
-                    offset += k
-        whole = [_like(inputs[i], [torch.cat(chunks, dim=layout[i][0]) for chunks in pieces[i]]) for i in mine]
+        assembled = _assemble_whole(got, mine, params, layout, {i: len(parts[i]) for i in mine})
+        whole = [_like(inputs[i], assembled[i]) for i in mine]
         mapped = optimizer._map_phase(group, [params[i] for i in mine], whole) if mine else []
         for O in mapped:
             if torch.promote_types(O.dtype, dtype) != dtype:
@@ -646,19 +662,9 @@ def _split_sharded_step(
                     send[rank] += [params[i].to_local().detach(), grads[i].to_local()]
         got = exchange(send, [2 * sum(rows(i, s) for i in mine) for s in range(world)], dtype)
         # 2. assemble whole matrices on the owner and step there
-        pieces: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for i in mine}
-        for s in range(world):
-            offset = 0
-            for i in mine:
-                dim, bounds = layout[i]
-                shape = list(params[i].shape)
-                shape[dim] = bounds[s][1]
-                k = rows(i, s)
-                pieces[i][0].append(got[s][offset : offset + k].view(shape))
-                pieces[i][1].append(got[s][offset + k : offset + 2 * k].view(shape))
-                offset += 2 * k
-        full_params = [torch.cat(pieces[i][0], dim=layout[i][0]) for i in mine]
-        full_grads = [torch.cat(pieces[i][1], dim=layout[i][0]).to(grads[i].dtype) for i in mine]
+        assembled = _assemble_whole(got, mine, params, layout, dict.fromkeys(mine, 2))
+        full_params = [assembled[i][0] for i in mine]
+        full_grads = [assembled[i][1].to(grads[i].dtype) for i in mine]
         if mine:
             owned = [params[i] for i in mine]
             with _state_moved_to(optimizer.state, owned, full_params):
