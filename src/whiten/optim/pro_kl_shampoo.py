@@ -235,7 +235,10 @@ class ProKLShampoo(KLFactored):
         if pending:
             for (i, _, _), update in zip(pending, self._pro_updates(group, pending), strict=True):
                 updates[i] = update.reshape(params[i].shape)
-        return [u for u in updates if u is not None]
+        missing = [i for i, u in enumerate(updates) if u is None]
+        if missing:  # every matrix is initialised, fully preconditioned or projected: never reached
+            raise RuntimeError(f"Pro-KLShampoo produced no update for matrices {missing}")
+        return updates  # type: ignore[return-value]
 
     def _pro_updates(self, group: dict[str, Any], pending: list[tuple[int, Tensor, dict[str, Any]]]) -> list[Tensor]:
         """Finish the spike-and-flat steps of ``pending`` ``(index, G, direction context)``; returns the updates."""
