@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks docs
+	$(PY) -m ruff format --check src tests benchmarks docs
 	$(PY) -m pytest -q -x tests
 
 bench: $(STAMP)
@@ -31,7 +32,8 @@ bench-step: $(STAMP)
 	$(PY) benchmarks/step_bench.py --out results/step-bench
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks docs
+	$(PY) -m ruff format --check src tests benchmarks docs
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for meta in metas:
         rate = meta["matmul_rate"]
-        out.append(f"- {meta['command']}: {meta['device']}, threads {meta['threads']}, clock {meta['clock']}, "
-                   f"matmul fp32 {rate['float32'] / 1e9:.0f} / bf16 {rate['bfloat16'] / 1e9:.0f} GFLOP/s")
+        out.append(
+            f"- {meta['command']}: {meta['device']}, threads {meta['threads']}, clock {meta['clock']}, "
+            f"matmul fp32 {rate['float32'] / 1e9:.0f} / bf16 {rate['bfloat16'] / 1e9:.0f} GFLOP/s"
+        )
     out.append("")
     for config, rows in by_config.items():
         add_ratios(rows)
@@ -69,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         if not before:
-            header = ["| method | ms (IQR) | state MiB | GFLOP/s | % of peak | vs reference | vs fastest peer |",
-                      "|---|---|---|---|---|---|---|"]
+            header = [
+                "| method | ms (IQR) | state MiB | GFLOP/s | % of peak | vs reference | vs fastest peer |",
+                "|---|---|---|---|---|---|---|",
+            ]
         out += [f"### {config}", "", *header]
         for r in rows:
             if r["status"] != "ok":

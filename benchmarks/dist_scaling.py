@@ -76,36 +76,45 @@ def model_table(shapes: list[tuple[int, int]], worlds: list[int], itemsize: int 
         for world in worlds:
             owners = wd.assign_owners(costs, world)
             load = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(world)]
-            own_bytes = [sum(m * n for (m, n), o in zip(shapes, owners, strict=True) if o == r) * itemsize
-                         for r in range(world)]
+            own_bytes = [
+                sum(m * n for (m, n), o in zip(shapes, owners, strict=True) if o == r) * itemsize for r in range(world)
+            ]
             busiest = max(range(world), key=lambda r: load[r])
             p_own = own_bytes[busiest]
             frac = (world - 1) / world
-            rows.append({
-                "optimizer": name,
-                "world": world,
-                "total_gflop": sum(costs) / 1e9,
-                "split_gflop_busiest_rank": load[busiest] / 1e9,
-                "split_speedup_bound": sum(costs) / load[busiest],
-                "bytes_ddp_replicate": 0,
-                "bytes_ddp_split": total_bytes - p_own if world > 1 else 0,
-                "bytes_fsdp_replicate": round(gathered * total_bytes * frac),
-                "bytes_fsdp_split": round(gathered * p_own * frac + (total_bytes - p_own) / world) if world > 1 else 0,
-                "bytes_data_parallel": round(2 * total_bytes * frac),
-                "max_owned_fraction": max(own_bytes) / total_bytes,
-            })
+            rows.append(
+                {
+                    "optimizer": name,
+                    "world": world,
+                    "total_gflop": sum(costs) / 1e9,
+                    "split_gflop_busiest_rank": load[busiest] / 1e9,
+                    "split_speedup_bound": sum(costs) / load[busiest],
+                    "bytes_ddp_replicate": 0,
+                    "bytes_ddp_split": total_bytes - p_own if world > 1 else 0,
+                    "bytes_fsdp_replicate": round(gathered * total_bytes * frac),
+                    "bytes_fsdp_split": round(gathered * p_own * frac + (total_bytes - p_own) / world)
+                    if world > 1
+                    else 0,
+                    "bytes_data_parallel": round(2 * total_bytes * frac),
+                    "max_owned_fraction": max(own_bytes) / total_bytes,
+                }
+            )
     return rows
 
 
 def print_model(rows: list[dict]) -> None:
     mib = 2**20
-    print(f"{'optimizer':13s} {'N':>3s} {'GF/step':>8s} {'split GF busiest':>16s} {'speedup':>7s} "
-          f"{'ddp-split MiB':>13s} {'fsdp-rep MiB':>12s} {'fsdp-split MiB':>14s} {'DP MiB':>7s}")
+    print(
+        f"{'optimizer':13s} {'N':>3s} {'GF/step':>8s} {'split GF busiest':>16s} {'speedup':>7s} "
+        f"{'ddp-split MiB':>13s} {'fsdp-rep MiB':>12s} {'fsdp-split MiB':>14s} {'DP MiB':>7s}"
+    )
     for r in rows:
-        print(f"{r['optimizer']:13s} {r['world']:3d} {r['total_gflop']:8.1f} {r['split_gflop_busiest_rank']:16.2f} "
-              f"{r['split_speedup_bound']:7.1f} {r['bytes_ddp_split'] / mib:13.1f} "
-              f"{r['bytes_fsdp_replicate'] / mib:12.1f} {r['bytes_fsdp_split'] / mib:14.1f} "
-              f"{r['bytes_data_parallel'] / mib:7.1f}")
+        print(
+            f"{r['optimizer']:13s} {r['world']:3d} {r['total_gflop']:8.1f} {r['split_gflop_busiest_rank']:16.2f} "
+            f"{r['split_speedup_bound']:7.1f} {r['bytes_ddp_split'] / mib:13.1f} "
+            f"{r['bytes_fsdp_replicate'] / mib:12.1f} {r['bytes_fsdp_split'] / mib:14.1f} "
+            f"{r['bytes_data_parallel'] / mib:7.1f}"
+        )
 
 
 # -- measurement -----------------------------------------------------------------------------------------
@@ -129,8 +138,11 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
     rank, world, _ = wd.init_distributed(device="cpu", timeout_s=600)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(64, 128, generator=gen), torch.randn(64, 128, generator=gen)
-    kinds = [("single", "replicate")] if world == 1 else [
-        ("ddp", "replicate"), ("ddp", "split"), ("fsdp", "replicate"), ("fsdp", "split")]
+    kinds = (
+        [("single", "replicate")]
+        if world == 1
+        else [("ddp", "replicate"), ("ddp", "split"), ("fsdp", "replicate"), ("fsdp", "split")]
+    )
     results = []
     for name in names:
         for kind, mode in kinds:
@@ -158,11 +170,19 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
                     times.append(time.perf_counter() - start)
                     cpu.append(step_cpu)
             stats = wd.comm_stats(optimizer)
-            results.append({"optimizer": name, "kind": kind, "mode": mode, "world": world, "rank": rank,
-                            "step_ms_median": 1e3 * statistics.median(times),
-                            "step_cpu_ms_median": 1e3 * statistics.median(cpu),
-                            "bytes_received_per_step": stats.received / steps,
-                            "bytes_sent_per_step": stats.sent / steps})
+            results.append(
+                {
+                    "optimizer": name,
+                    "kind": kind,
+                    "mode": mode,
+                    "world": world,
+                    "rank": rank,
+                    "step_ms_median": 1e3 * statistics.median(times),
+                    "step_cpu_ms_median": 1e3 * statistics.median(cpu),
+                    "bytes_received_per_step": stats.received / steps,
+                    "bytes_sent_per_step": stats.sent / steps,
+                }
+            )
     (out / f"measure-n{world}-rank{rank}.json").write_text(json.dumps(results, indent=1))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -171,8 +191,22 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
 def measure(out: Path, names: list[str], steps: int, warmup: int) -> list[dict]:
     rows = []
     for nproc in (1, 2):
-        code = wd.launch(nproc, [os.path.abspath(__file__), "--worker", "--out", str(out), "--steps", str(steps),
-                                 "--warmup", str(warmup), "--optimizers", *names], module=False)
+        code = wd.launch(
+            nproc,
+            [
+                os.path.abspath(__file__),
+                "--worker",
+                "--out",
+                str(out),
+                "--steps",
+                str(steps),
+                "--warmup",
+                str(warmup),
+                "--optimizers",
+                *names,
+            ],
+            module=False,
+        )
         if code != 0:
             raise SystemExit(f"measurement with {nproc} processes failed (exit {code})")
         for rank in range(nproc):
@@ -181,8 +215,10 @@ def measure(out: Path, names: list[str], steps: int, warmup: int) -> list[dict]:
 
 
 def check_and_print_measurement(rows: list[dict]) -> None:
-    print(f"\n{'optimizer':13s} {'setup':16s} {'N':>2s} {'step ms (rank 0)':>16s} {'CPU ms r0':>9s} {'CPU ms r1':>9s} "
-          f"{'recv B/step':>11s} {'model B':>8s}")
+    print(
+        f"\n{'optimizer':13s} {'setup':16s} {'N':>2s} {'step ms (rank 0)':>16s} {'CPU ms r0':>9s} {'CPU ms r1':>9s} "
+        f"{'recv B/step':>11s} {'model B':>8s}"
+    )
     mismatches: list[str] = []
     cpu_of = {(r["optimizer"], r["kind"], r["mode"], r["world"], r["rank"]): r["step_cpu_ms_median"] for r in rows}
     total = sum(m * n for m, n in MEASURE_SHAPES) * 4
@@ -196,17 +232,24 @@ def check_and_print_measurement(rows: list[dict]) -> None:
             owners = wd.assign_owners([wd.matrix_flops(optimizer, s, group) for s in MEASURE_SHAPES], 2)
             own = sum(m * n for (m, n), o in zip(MEASURE_SHAPES, owners, strict=True) if o == 0) * 4
             gathered = wd.gathered_tensors(optimizer, group)  # U (Muon, HTMuon), (M, G) (KL), or (param, grad)
-            model_bytes = {("ddp", "replicate"): 0, ("ddp", "split"): total - own,
-                           ("fsdp", "replicate"): gathered * total / 2,
-                           ("fsdp", "split"): gathered * own / 2 + (total - own) / 2}[(r["kind"], r["mode"])]
+            model_bytes = {
+                ("ddp", "replicate"): 0,
+                ("ddp", "split"): total - own,
+                ("fsdp", "replicate"): gathered * total / 2,
+                ("fsdp", "split"): gathered * own / 2 + (total - own) / 2,
+            }[(r["kind"], r["mode"])]
             r["model_bytes_received"] = model_bytes
             if r["bytes_received_per_step"] != model_bytes:
-                mismatches.append(f"{r['optimizer']} {r['kind']}/{r['mode']}: measured "
-                                  f"{r['bytes_received_per_step']:.0f} B, model {model_bytes:.0f} B")
+                mismatches.append(
+                    f"{r['optimizer']} {r['kind']}/{r['mode']}: measured "
+                    f"{r['bytes_received_per_step']:.0f} B, model {model_bytes:.0f} B"
+                )
         other = cpu_of.get((r["optimizer"], r["kind"], r["mode"], r["world"], 1))
-        print(f"{r['optimizer']:13s} {r['kind'] + '/' + r['mode']:16s} {r['world']:2d} {r['step_ms_median']:16.2f} "
-              f"{r['step_cpu_ms_median']:9.2f} {'' if other is None else f'{other:9.2f}':>9s} "
-              f"{r['bytes_received_per_step']:11.0f} {'' if model_bytes is None else f'{model_bytes:8.0f}'}")
+        print(
+            f"{r['optimizer']:13s} {r['kind'] + '/' + r['mode']:16s} {r['world']:2d} {r['step_ms_median']:16.2f} "
+            f"{r['step_cpu_ms_median']:9.2f} {'' if other is None else f'{other:9.2f}':>9s} "
+            f"{r['bytes_received_per_step']:11.0f} {'' if model_bytes is None else f'{model_bytes:8.0f}'}"
+        )
     if mismatches:
         raise SystemExit("measured traffic differs from the model:\n" + "\n".join(mismatches))
     print("measured traffic of rank 0 = the model in every setup")

@@ -134,8 +134,13 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         )
     shapes = sorted({r["shape"] for r in results})
     if len(shapes) > 1:  # one of each shape, e.g. the four matrices of a GPT-2-small block
-        lines += ["", f"Sum over the shapes {', '.join(shapes)}:", "", "| method | step ms | state MiB | time / KL |",
-                  "|---|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            f"Sum over the shapes {', '.join(shapes)}:",
+            "",
+            "| method | step ms | state MiB | time / KL |",
+            "|---|---:|---:|---:|",
+        ]
         kl_total = sum(r[f"{clock}_step_ms"] for r in results if r["method"] == "KLShampoo")
         for method in dict.fromkeys(r["method"] for r in results):
             rows = [r for r in results if r["method"] == method and not r.get("unavailable")]

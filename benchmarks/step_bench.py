@@ -170,8 +170,14 @@ def _find_class(module: str, name: str) -> type:
     return cls
 
 
-_WHITEN_MODULES = ("whiten", "whiten.optim", "whiten.optim.muon", "whiten.optim.soap", "whiten.optim.kl_shampoo",
-                   "whiten.optim.pro_kl_shampoo")
+_WHITEN_MODULES = (
+    "whiten",
+    "whiten.optim",
+    "whiten.optim.muon",
+    "whiten.optim.soap",
+    "whiten.optim.kl_shampoo",
+    "whiten.optim.pro_kl_shampoo",
+)
 
 
 def _whiten_class(name: str) -> type:
@@ -216,7 +222,10 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
     # --- AdamW floor -------------------------------------------------------------------------
     methods.append(
         Method(
-            "torch.optim.AdamW", "torch", "adamw", "betas (0.9, 0.95), foreach default",
+            "torch.optim.AdamW",
+            "torch",
+            "adamw",
+            "betas (0.9, 0.95), foreach default",
             lambda mats, others: Stepper(torch.optim.AdamW(mats + others, lr=LR, betas=(0.9, 0.95))),
             flops.adamw,
         )
@@ -227,8 +236,15 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
         return Stepper(cls([{"params": mats + others, "use_matrix": False}], lr=LR, adamw_lr=LR))
 
     methods.append(
-        Method("whiten AdamW fallback", "whiten", "adamw", "every parameter in a use_matrix=False group",
-               whiten_adamw, flops.adamw, reference="torch.optim.AdamW")
+        Method(
+            "whiten AdamW fallback",
+            "whiten",
+            "adamw",
+            "every parameter in a use_matrix=False group",
+            whiten_adamw,
+            flops.adamw,
+            reference="torch.optim.AdamW",
+        )
     )
 
     # --- Muon ----------------------------------------------------------------------------------
@@ -249,9 +265,15 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
         return Stepper(opt, _torch_adamw(others))
 
     methods.append(
-        Method("heavyball.Muon", "heavyball", "muon",
-               "NS5 with HeavyBall's own per-step coefficients, bf16 NS with stochastic rounding (fixed)",
-               hb_muon, flops.muon, bf16=True)
+        Method(
+            "heavyball.Muon",
+            "heavyball",
+            "muon",
+            "NS5 with HeavyBall's own per-step coefficients, bf16 NS with stochastic rounding (fixed)",
+            hb_muon,
+            flops.muon,
+            bf16=True,
+        )
     )
 
     def po_muon(mats: list[Tensor], others: list[Tensor]) -> Stepper:
@@ -259,13 +281,29 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
         groups = [{"params": mats, "use_muon": True}]
         if others:
             groups.append({"params": others, "use_muon": False})
-        opt = cls(groups, lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True, ns_steps=5,
-                  ns_coeffs="original", adamw_lr=LR, foreach=True)
+        opt = cls(
+            groups,
+            lr=0.02,
+            momentum=0.95,
+            weight_decay=0.1,
+            nesterov=True,
+            ns_steps=5,
+            ns_coeffs="original",
+            adamw_lr=LR,
+            foreach=True,
+        )
         return Stepper(opt)
 
     methods.append(
-        Method("pytorch_optimizer.Muon", "pytorch_optimizer", "muon",
-               "NS5 Keller, bf16 NS (fixed), foreach + same-shape stacking, own AdamW", po_muon, flops.muon, bf16=True)
+        Method(
+            "pytorch_optimizer.Muon",
+            "pytorch_optimizer",
+            "muon",
+            "NS5 Keller, bf16 NS (fixed), foreach + same-shape stacking, own AdamW",
+            po_muon,
+            flops.muon,
+            bf16=True,
+        )
     )
 
     for dtype in ("bfloat16", "float32"):
@@ -273,27 +311,41 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
 
         def ours_muon(mats: list[Tensor], others: list[Tensor], dtype: str = dtype) -> Stepper:
             cls = _whiten_class("Muon")
-            return Stepper(cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, compile_ns=compile_ns,
-                               **muon_common))
+            return Stepper(
+                cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, compile_ns=compile_ns, **muon_common)
+            )
 
         methods.append(
-            Method(f"whiten.Muon[{short}]", "whiten", "muon",
-                   f"NS5 Keller, ns_dtype={dtype}" + (", ns_method=auto (Gram NS if long side >= 1.5x)"
-                                                      if dtype == "float32" else ""),
-                   ours_muon, flops.muon if dtype == "bfloat16" else flops.muon_auto,
-                   reference="torch.optim.Muon", bf16=dtype == "bfloat16")
+            Method(
+                f"whiten.Muon[{short}]",
+                "whiten",
+                "muon",
+                f"NS5 Keller, ns_dtype={dtype}"
+                + (", ns_method=auto (Gram NS if long side >= 1.5x)" if dtype == "float32" else ""),
+                ours_muon,
+                flops.muon if dtype == "bfloat16" else flops.muon_auto,
+                reference="torch.optim.Muon",
+                bf16=dtype == "bfloat16",
+            )
         )
 
     def ours_muon_gram(mats: list[Tensor], others: list[Tensor]) -> Stepper:
         cls = _whiten_class("Muon")
-        return Stepper(cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype="bfloat16", ns_method="gram",
-                           **muon_common))
+        return Stepper(
+            cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype="bfloat16", ns_method="gram", **muon_common)
+        )
 
     methods.append(
-        Method("whiten.Muon[bf16,gram]", "whiten", "muon",
-               "opt-in ns_method=gram in bf16 (same polynomial, ~3x the bf16 rounding error of direct)",
-               ours_muon_gram, lambda m, n: flops.newton_schulz(m, n, 5, gram=True),
-               reference="torch.optim.Muon", bf16=True)
+        Method(
+            "whiten.Muon[bf16,gram]",
+            "whiten",
+            "muon",
+            "opt-in ns_method=gram in bf16 (same polynomial, ~3x the bf16 rounding error of direct)",
+            ours_muon_gram,
+            lambda m, n: flops.newton_schulz(m, n, 5, gram=True),
+            reference="torch.optim.Muon",
+            bf16=True,
+        )
     )
 
     # --- HTMuon --------------------------------------------------------------------------------
@@ -305,8 +357,15 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
             return Stepper(cls(_whiten_groups(mats, others), lr=0.03, power=0.125, spectral_map=kind, adamw_lr=LR))
 
         methods.append(
-            Method(f"whiten.HTMuon[{kind}]", "whiten", "htmuon", f"p=0.125, spectral_map={kind}", ours_ht,
-                   ht_flops[kind], reference="whiten.Muon[fp32]")
+            Method(
+                f"whiten.HTMuon[{kind}]",
+                "whiten",
+                "htmuon",
+                f"p=0.125, spectral_map={kind}",
+                ours_ht,
+                ht_flops[kind],
+                reference="whiten.Muon[fp32]",
+            )
         )
 
     # --- SOAP ----------------------------------------------------------------------------------
@@ -314,13 +373,31 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
 
     def ours_soap(mats: list[Tensor], others: list[Tensor]) -> Stepper:
         cls = _whiten_class("SOAP")
-        opt = _construct(cls, _whiten_groups(mats, others), soap_notes, lr=LR, betas=(0.9, 0.95), shampoo_beta=0.95,
-                         weight_decay=0.01, precondition_frequency=T, max_precond_dim=4096, adamw_lr=LR)
+        opt = _construct(
+            cls,
+            _whiten_groups(mats, others),
+            soap_notes,
+            lr=LR,
+            betas=(0.9, 0.95),
+            shampoo_beta=0.95,
+            weight_decay=0.01,
+            precondition_frequency=T,
+            max_precond_dim=4096,
+            adamw_lr=LR,
+        )
         return Stepper(opt)
 
     methods.append(
-        Method("whiten.SOAP", "whiten", "soap", f"QR refresh every {T}, fp32, plain factors", ours_soap,
-               lambda m, n: flops.soap(m, n, T), period=T, notes=soap_notes)
+        Method(
+            "whiten.SOAP",
+            "whiten",
+            "soap",
+            f"QR refresh every {T}, fp32, plain factors",
+            ours_soap,
+            lambda m, n: flops.soap(m, n, T),
+            period=T,
+            notes=soap_notes,
+        )
     )
 
     hb_notes: list[str] = []
@@ -328,15 +405,33 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
     def hb_kron(name: str) -> Builder:
         def build(mats: list[Tensor], others: list[Tensor]) -> Stepper:
             cls = _find_class("heavyball", name)
-            opt = _construct(cls, mats, hb_notes, lr=LR, betas=(0.9, 0.95), shampoo_beta=0.95, weight_decay=0.01,
-                             precondition_frequency=T, use_precond_schedule=False, max_precond_dim=4096)
+            opt = _construct(
+                cls,
+                mats,
+                hb_notes,
+                lr=LR,
+                betas=(0.9, 0.95),
+                shampoo_beta=0.95,
+                weight_decay=0.01,
+                precondition_frequency=T,
+                use_precond_schedule=False,
+                max_precond_dim=4096,
+            )
             return Stepper(opt, _torch_adamw(others))
 
         return build
 
     methods.append(
-        Method("heavyball.SOAP", "heavyball", "soap", f"precondition_frequency={T}, no schedule, max_precond_dim 4096",
-               hb_kron("SOAP"), lambda m, n: flops.soap(m, n, T), period=T, notes=hb_notes)
+        Method(
+            "heavyball.SOAP",
+            "heavyball",
+            "soap",
+            f"precondition_frequency={T}, no schedule, max_precond_dim 4096",
+            hb_kron("SOAP"),
+            lambda m, n: flops.soap(m, n, T),
+            period=T,
+            notes=hb_notes,
+        )
     )
 
     def po_soap(mats: list[Tensor], others: list[Tensor]) -> Stepper:
@@ -345,8 +440,15 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
         return Stepper(opt, _torch_adamw(others))
 
     methods.append(
-        Method("pytorch_optimizer.SOAP", "pytorch_optimizer", "soap", f"precondition_frequency={T}", po_soap,
-               lambda m, n: flops.soap(m, n, T), period=T)
+        Method(
+            "pytorch_optimizer.SOAP",
+            "pytorch_optimizer",
+            "soap",
+            f"precondition_frequency={T}",
+            po_soap,
+            lambda m, n: flops.soap(m, n, T),
+            period=T,
+        )
     )
 
     # --- KL-Shampoo ------------------------------------------------------------------------------
@@ -358,13 +460,28 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
         return Stepper(opt)
 
     methods.append(
-        Method("whiten.KLShampoo", "whiten", "kl_shampoo", f"QR refresh every {T}, fp32", ours_kl,
-               lambda m, n: flops.kl_shampoo(m, n, T), period=T, notes=kl_notes)
+        Method(
+            "whiten.KLShampoo",
+            "whiten",
+            "kl_shampoo",
+            f"QR refresh every {T}, fp32",
+            ours_kl,
+            lambda m, n: flops.kl_shampoo(m, n, T),
+            period=T,
+            notes=kl_notes,
+        )
     )
     methods.append(
-        Method("heavyball.KLShampoo", "heavyball", "kl_shampoo",
-               f"precondition_frequency={T}, no schedule, max_precond_dim 4096", hb_kron("KLShampoo"),
-               lambda m, n: flops.kl_shampoo(m, n, T), period=T, notes=hb_notes)
+        Method(
+            "heavyball.KLShampoo",
+            "heavyball",
+            "kl_shampoo",
+            f"precondition_frequency={T}, no schedule, max_precond_dim 4096",
+            hb_kron("KLShampoo"),
+            lambda m, n: flops.kl_shampoo(m, n, T),
+            period=T,
+            notes=hb_notes,
+        )
     )
 
     # --- Pro-KLShampoo ---------------------------------------------------------------------------
@@ -373,14 +490,23 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
 
         def ours_pro(mats: list[Tensor], others: list[Tensor], r: int = r) -> Stepper:
             cls = _whiten_class("ProKLShampoo")
-            opt = _construct(cls, _whiten_groups(mats, others), pro_notes, lr=LR, rank=r, precondition_frequency=T,
-                             adamw_lr=LR)
+            opt = _construct(
+                cls, _whiten_groups(mats, others), pro_notes, lr=LR, rank=r, precondition_frequency=T, adamw_lr=LR
+            )
             return Stepper(opt)
 
         methods.append(
-            Method(f"whiten.ProKLShampoo[r={r}]", "whiten", "pro_kl_shampoo", f"rank {r}, refresh every {T}",
-                   ours_pro, lambda m, n, r=r: flops.pro_kl_shampoo(m, n, r, T), period=T,
-                   reference="whiten.KLShampoo", notes=pro_notes)
+            Method(
+                f"whiten.ProKLShampoo[r={r}]",
+                "whiten",
+                "pro_kl_shampoo",
+                f"rank {r}, refresh every {T}",
+                ours_pro,
+                lambda m, n, r=r: flops.pro_kl_shampoo(m, n, r, T),
+                period=T,
+                reference="whiten.KLShampoo",
+                notes=pro_notes,
+            )
         )
     return methods
 
@@ -499,9 +625,16 @@ def run_config(
 
     def new_row(method: Method) -> dict[str, Any]:
         return {
-            "config": name, "method": method.label, "impl": method.impl, "family": method.family,
-            "settings": method.settings, "period": method.period, "reference": method.reference,
-            "bf16": method.bf16, "notes": method.notes, "status": "ok",
+            "config": name,
+            "method": method.label,
+            "impl": method.impl,
+            "family": method.family,
+            "settings": method.settings,
+            "period": method.period,
+            "reference": method.reference,
+            "bf16": method.bf16,
+            "notes": method.notes,
+            "status": "ok",
         }
 
     def prepare(method: Method) -> tuple[Case | None, dict[str, Any]]:
@@ -532,8 +665,10 @@ def run_config(
         row["flop_rate"] = row["matmul_flops"] / med if med > 0 else 0.0
         row["frac_fp32_peak"] = row["flop_rate"] / rates["float32"]
         row["frac_bf16_peak"] = row["flop_rate"] / rates["bfloat16"] if rates.get("bfloat16") else None
-        log(f"  {method.label:32s} {med * 1e3:10.2f} ms  state {row['state_bytes'] / 2**20:9.1f} MiB  "
-            f"{row['flop_rate'] / 1e9:7.1f} GFLOP/s")
+        log(
+            f"  {method.label:32s} {med * 1e3:10.2f} ms  state {row['state_bytes'] / 2**20:9.1f} MiB  "
+            f"{row['flop_rate'] / 1e9:7.1f} GFLOP/s"
+        )
         case.release()
 
     windows = max(args.kron_windows, math.ceil(steps / args.period))
@@ -678,28 +813,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="results/step-bench", help="output folder (step_bench.json, step_bench.md)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default=None,
-                    help="'process' (CPU time of this process; default on CPU: robust on a shared machine, "
-                    "meaningful with --threads 1) or 'wall' (default on CUDA)")
+    ap.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default=None,
+        help="'process' (CPU time of this process; default on CPU: robust on a shared machine, "
+        "meaningful with --threads 1) or 'wall' (default on CUDA)",
+    )
     ap.add_argument("--quick", action="store_true", help="two shapes, fewer steps, no whole model")
     ap.add_argument("--configs", nargs="*", help=f"subset of {', '.join(FULL_CONFIGS)}")
-    ap.add_argument("--kron-configs", nargs="*", help="configs for SOAP / KL-Shampoo / Pro-KLShampoo "
-                    "(default: all on CUDA; the three distinct shapes on CPU)")
-    ap.add_argument("--whole-families", nargs="*", default=None,
-                    help=f"method families run on gpt2-small (default {' '.join(WHOLE_FAMILIES)} on CPU, all on CUDA)")
+    ap.add_argument(
+        "--kron-configs",
+        nargs="*",
+        help="configs for SOAP / KL-Shampoo / Pro-KLShampoo (default: all on CUDA; the three distinct shapes on CPU)",
+    )
+    ap.add_argument(
+        "--whole-families",
+        nargs="*",
+        default=None,
+        help=f"method families run on gpt2-small (default {' '.join(WHOLE_FAMILIES)} on CPU, all on CUDA)",
+    )
     ap.add_argument("--methods", default=None, help="regular expression on method labels")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="timed steps per method (default 10; refresh methods: rounded up to whole periods)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per method (default 10; refresh methods: rounded up to whole periods)",
+    )
     ap.add_argument("--whole-steps", type=int, default=None, help="timed steps on gpt2-small")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds for the small configs")
     ap.add_argument("--period", type=int, default=10, help="preconditioner refresh period T of the Kron methods")
-    ap.add_argument("--kron-windows", type=int, default=2,
-                    help="timed refresh windows (of --period steps) per refresh method (default 2)")
+    ap.add_argument(
+        "--kron-windows",
+        type=int,
+        default=2,
+        help="timed refresh windows (of --period steps) per refresh method (default 2)",
+    )
     ap.add_argument("--ranks", type=int, nargs="*", default=[32, 64, 128, 256], help="Pro-KLShampoo ranks")
     ap.add_argument("--interleave-numel", type=float, default=1.5e8, help=argparse.SUPPRESS)
     ap.add_argument("--compile-peers", action="store_true", help="let HeavyBall torch.compile its kernels")
-    ap.add_argument("--compile", action="store_true",
-                    help="our Muon rows with compile_ns=True (NS through torch.compile; compile time excluded)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="our Muon rows with compile_ns=True (NS through torch.compile; compile time excluded)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--list", action="store_true", help="print configs and methods and exit")
     args = ap.parse_args(argv)
@@ -760,13 +917,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_lines.append(line)
 
     size = 4096 if device.type == "cuda" else 2048
-    rates = {dt: max(matmul_rate(device, getattr(torch, dt), size, 5) for _ in range(2))
-             for dt in ("float32", "bfloat16")}
+    rates = {
+        dt: max(matmul_rate(device, getattr(torch, dt), size, 5) for _ in range(2)) for dt in ("float32", "bfloat16")
+    }
     log(f"matmul rate {size}^3: fp32 {rates['float32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:.1f} GFLOP/s")
     meta = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
@@ -776,13 +935,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "matmul_rate": rates,
         "command": "python " + " ".join([os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "steps": args.steps, "whole_steps": args.whole_steps, "rounds": args.rounds, "period": args.period,
+        "steps": args.steps,
+        "whole_steps": args.whole_steps,
+        "rounds": args.rounds,
+        "period": args.period,
     }
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for config in args.configs:
         chosen = [
-            m for m in methods
+            m
+            for m in methods
             if (m.family not in KRON_FAMILIES or config in kron_configs)
             and (config != "gpt2-small" or m.family in whole_families)
         ]

@@ -67,14 +67,19 @@ def htmuon_stream(m: int, n: int) -> float:
 def soap(m: int, n: int, period: int = 10) -> float:
     """SOAP (plain factors, QR refresh): Grams, rotate in and out; refresh rotates the moment and iterates."""
     per_step = (
-        _mm(m, n, m) + _mm(n, m, n)  # L, R statistics
-        + _mm(m, m, n) + _mm(m, n, n)  # G' = Q_L^T G Q_R
-        + _mm(m, m, n) + _mm(m, n, n)  # U = Q_L X Q_R^T
+        _mm(m, n, m)
+        + _mm(n, m, n)  # L, R statistics
+        + _mm(m, m, n)
+        + _mm(m, n, n)  # G' = Q_L^T G Q_R
+        + _mm(m, m, n)
+        + _mm(m, n, n)  # U = Q_L X Q_R^T
     )
     refresh = (
         2 * (_mm(m, m, n) + _mm(m, n, n))  # exp_avg out of and back into the basis
-        + _mm(m, m, m) + _mm(n, n, n)  # K Q for the Rayleigh reordering
-        + _mm(m, m, m) + _mm(n, n, n)  # power step K Q before QR
+        + _mm(m, m, m)
+        + _mm(n, n, n)  # K Q for the Rayleigh reordering
+        + _mm(m, m, m)
+        + _mm(n, n, n)  # power step K Q before QR
     )
     return per_step + refresh / period
 
@@ -83,8 +88,10 @@ def kl_shampoo(m: int, n: int, period: int = 10) -> float:
     """KL-Shampoo (§4): precondition (4 products), KL statistics (5 products); refresh ``K Q`` before QR."""
     precondition = 2 * (_mm(m, m, n) + _mm(m, n, n))
     statistics = (
-        _mm(m, n, n) + _mm(m, n, m)  # G Q_R, then (G Q_R) diag (G Q_R)^T
-        + _mm(m, m, n) + _mm(n, m, n)  # Q_L^T G, then (Q_L^T G)^T diag (Q_L^T G)
+        _mm(m, n, n)
+        + _mm(m, n, m)  # G Q_R, then (G Q_R) diag (G Q_R)^T
+        + _mm(m, m, n)
+        + _mm(n, m, n)  # Q_L^T G, then (Q_L^T G)^T diag (Q_L^T G)
         + _mm(m, n, n)  # E = (Q_L^T G) Q_R
     )
     refresh = _mm(m, m, m) + _mm(n, n, n)
@@ -117,11 +124,13 @@ def pro_kl_shampoo(
     else:
         direction += newton_schulz(s, l, ns_steps) + _mm(s, r, l) + _mm(s, s, l)  # O, sub U^T, Q_L coords
     statistics = (
-        _mm(s, l, r) + _mm(s, l, s)  # G U, G G^T
+        _mm(s, l, r)
+        + _mm(s, l, s)  # G U, G G^T
         + 2 * _mm(s, r, s)  # in-span Gram and GU GU^T
         + _mm(s, s, s)  # (G G^T) Q_L
         + _mm(s, s, r)  # Q_L^T (G U)
-        + _mm(s, s, r) + _mm(l, s, r)  # sketch
+        + _mm(s, s, r)
+        + _mm(l, s, r)  # sketch
     )
     refresh = _mm(s, s, s)
     return direction + statistics + refresh / period

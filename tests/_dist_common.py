@@ -66,7 +66,9 @@ def _factories() -> dict[str, Callable[[Any], Any]]:
         "KLShampoo": ("whiten.optim.kl_shampoo", "KLShampoo", dict(lr=0.01, precondition_frequency=3)),
         "KLSOAP": ("whiten.optim.kl_shampoo", "KLSOAP", dict(lr=0.01, precondition_frequency=3)),
         "ProKLShampoo": (
-            "whiten.optim.pro_kl_shampoo", "ProKLShampoo", dict(lr=0.01, rank=2, precondition_frequency=3)
+            "whiten.optim.pro_kl_shampoo",
+            "ProKLShampoo",
+            dict(lr=0.01, rank=2, precondition_frequency=3),
         ),
     }
     out = {}

@@ -180,8 +180,12 @@ def other_layouts(make: Any = make_layout_optimizer) -> dict:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     weights, grads = layout_problem()
     out: dict = {}
-    cases = [("shard1-split", (Shard(1),), "split"), ("shard1-replicate", (Shard(1),), "replicate"),
-             ("replicated-replicate", (Replicate(),), "replicate"), ("replicated-split", (Replicate(),), "split")]
+    cases = [
+        ("shard1-split", (Shard(1),), "split"),
+        ("shard1-replicate", (Shard(1),), "replicate"),
+        ("replicated-replicate", (Replicate(),), "replicate"),
+        ("replicated-split", (Replicate(),), "split"),
+    ]
     for label, placements, mode in cases:
         params = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, placements)) for w in weights]
         optimizer = make(params, mode)

@@ -29,8 +29,13 @@ def test_adamw_fallback_matches_torch_adamw():
     torch.manual_seed(0)
     b = nn.Parameter(torch.randn(10))
     ref = nn.Parameter(b.detach().clone())
-    ours = Muon([{"params": [b], "use_matrix": False}], adamw_lr=3e-3, adamw_betas=(0.9, 0.99), adamw_eps=1e-8,
-                adamw_weight_decay=0.1)
+    ours = Muon(
+        [{"params": [b], "use_matrix": False}],
+        adamw_lr=3e-3,
+        adamw_betas=(0.9, 0.99),
+        adamw_eps=1e-8,
+        adamw_weight_decay=0.1,
+    )
     theirs = torch.optim.AdamW([ref], lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     for _ in range(15):
         g = torch.randn(10)
@@ -69,10 +74,17 @@ def test_invalid_options_name_the_option(kwargs, message):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"spectral_map": "qr"}, "spectral_map"), ({"interval": 0}, "interval"), ({"power": -0.5}, "power"),
-     ({"spectral_map": "ns", "power": 2.0}, "power"), ({"normuon_beta2": 1.0}, "normuon_beta2"),
-     ({"power": float("nan")}, "power"), ({"normuon": "yes"}, "normuon"), ({"ns_ridge": -1.0}, "ns_ridge"),
-     ({"interval": 1.5}, "interval")],
+    [
+        ({"spectral_map": "qr"}, "spectral_map"),
+        ({"interval": 0}, "interval"),
+        ({"power": -0.5}, "power"),
+        ({"spectral_map": "ns", "power": 2.0}, "power"),
+        ({"normuon_beta2": 1.0}, "normuon_beta2"),
+        ({"power": float("nan")}, "power"),
+        ({"normuon": "yes"}, "normuon"),
+        ({"ns_ridge": -1.0}, "ns_ridge"),
+        ({"interval": 1.5}, "interval"),
+    ],
 )
 def test_htmuon_invalid_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -175,8 +187,10 @@ def test_no_gradient_is_modified_and_maximize_flips_both_halves(maximize, dtype)
     shapes = [(6, 4), (3, 2, 2, 2), (4,), ()]
     params = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
     grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    for make in (lambda ps, mx: Muon(ps, lr=0.02, maximize=mx), lambda ps, mx: HTMuon(ps, lr=0.02, maximize=mx,
-                                                                                       normuon=True)):
+    for make in (
+        lambda ps, mx: Muon(ps, lr=0.02, maximize=mx),
+        lambda ps, mx: HTMuon(ps, lr=0.02, maximize=mx, normuon=True),
+    ):
         ps = [nn.Parameter(p.detach().clone()) for p in params]
         ref = [nn.Parameter(p.detach().clone()) for p in params]
         opt, opt_ref = make(ps, maximize), make(ref, False)

@@ -23,8 +23,19 @@ from whiten.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a small model and a handful of steps: every test here runs in a few seconds
-TINY = ["--model", "gpt-tiny", "--ctx", "16", "--batch-size", "8", "--eval-batches", "2", "--eval-every", "4",
-        "--no-progress"]
+TINY = [
+    "--model",
+    "gpt-tiny",
+    "--ctx",
+    "16",
+    "--batch-size",
+    "8",
+    "--eval-batches",
+    "2",
+    "--eval-every",
+    "4",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -182,15 +193,34 @@ def test_list_names_and_the_real_entry_point(capsys):
     assert main(["bench", "--list"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert {"adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r32"} <= set(names)
-    bad = subprocess.run([sys.executable, "-m", "whiten", "bench", "--optimizers", "nope", "--no-progress"],
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "whiten", "bench", "--optimizers", "nope", "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown optimizer 'nope'" in bad.stderr
 
 
 def test_sweep_reports_best_lr_per_optimizer(corpus, tmp_path, capsys):
     out = tmp_path / "sw"
-    code = main(["sweep", "--data", str(corpus), *TINY, "--out", str(out), "--optimizers", "adamw,muon",
-                 "--steps", "10", "--grid", "adamw=1e-4:1e-2", "--factors", "0.1,1"])  # fmt: skip
+    code = main(
+        [
+            "sweep",
+            "--data",
+            str(corpus),
+            *TINY,
+            "--out",
+            str(out),
+            "--optimizers",
+            "adamw,muon",
+            "--steps",
+            "10",
+            "--grid",
+            "adamw=1e-4:1e-2",
+            "--factors",
+            "0.1,1",
+        ]
+    )
     assert code == 0
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["grid"]["adamw"] == [1e-4, 1e-2]
@@ -213,8 +243,9 @@ def test_record_hook_calls_diagnostics_outside_the_clock(corpus, tmp_path, monke
         calls.append(("alpha", type(model).__name__))
         raise RuntimeError("boom")  # a failing recorder is logged, not fatal
 
-    monkeypatch.setattr(runner, "find_recorders", lambda: {"record_spectra": record_spectra,
-                                                           "weight_alpha": weight_alpha})  # fmt: skip
+    monkeypatch.setattr(
+        runner, "find_recorders", lambda: {"record_spectra": record_spectra, "weight_alpha": weight_alpha}
+    )
     out = tmp_path / "rec"
     assert _bench(corpus, out, "--optimizers", "muon", "--steps", "6", "--record-every", "3") == 0
     entries = runner.read_jsonl(out / "runs" / "muon-s0" / "diagnostics.jsonl")
@@ -236,9 +267,11 @@ def test_schedule_shapes():
 
 
 def test_time_to_target_interpolates_between_evaluations():
-    vals = [{"step": 0, "tokens": 0, "time_s": 0.0, "cpu_s": 0.0, "val_loss": 5.0},
-            {"step": 10, "tokens": 100, "time_s": 2.0, "cpu_s": 1.0, "val_loss": 3.0},
-            {"step": 20, "tokens": 200, "time_s": 4.0, "cpu_s": 3.0, "val_loss": 2.0}]  # fmt: skip
+    vals = [
+        {"step": 0, "tokens": 0, "time_s": 0.0, "cpu_s": 0.0, "val_loss": 5.0},
+        {"step": 10, "tokens": 100, "time_s": 2.0, "cpu_s": 1.0, "val_loss": 3.0},
+        {"step": 20, "tokens": 200, "time_s": 4.0, "cpu_s": 3.0, "val_loss": 2.0},
+    ]
     hit = time_to_target(vals, 2.5)
     assert hit == {"step": 15.0, "tokens": 150.0, "seconds": 3.0, "cpu_seconds": 2.0}
     assert time_to_target(vals, 1.0) is None and time_to_target(vals, 6.0)["seconds"] == 0.0

@@ -227,8 +227,9 @@ def _trained_optimizer(cls_name: str, **options):
     return model, opt
 
 
-@pytest.mark.parametrize(("cls_name", "sides"), [("SOAP", {"L", "R"}), ("KLShampoo", {"L", "R"}),
-                                                 ("ProKLShampoo", {"L", "U"})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cls_name", "sides"), [("SOAP", {"L", "R"}), ("KLShampoo", {"L", "R"}), ("ProKLShampoo", {"L", "U"})]
+)
 def test_factor_spectra_from_live_optimizer_and_state_dict(cls_name: str, sides: set[str]) -> None:
     options = {"rank": 4, "precondition_frequency": 1} if cls_name == "ProKLShampoo" else {}
     model, opt = _trained_optimizer(cls_name, **options)
@@ -264,8 +265,16 @@ def test_chosen_rank_is_pro_kl_shampoo_adaptive_rank(tol: float) -> None:
     # a 16 x 32 parameter whose column spectrum has 5 graded directions over a flat tail
     gen = torch.Generator().manual_seed(0)
     W = torch.zeros(16, 32, requires_grad=True)
-    opt = whiten.ProKLShampoo([W], lr=1e-3, rank=2, max_rank=10, adaptive_rank=True, rank_update_interval=1,
-                              rank_tolerance=tol, precondition_frequency=1)  # fmt: skip
+    opt = whiten.ProKLShampoo(
+        [W],
+        lr=1e-3,
+        rank=2,
+        max_rank=10,
+        adaptive_rank=True,
+        rank_update_interval=1,
+        rank_tolerance=tol,
+        precondition_frequency=1,
+    )
     scales = torch.tensor([10.0, 6.0, 4.0, 3.0, 2.0] + [1.0] * 27)
     for _ in range(12):
         W.grad = torch.randn(16, 32, generator=gen) * scales
@@ -293,8 +302,14 @@ def test_factor_spectra_bad_input() -> None:
 
 def test_spike_tables_and_precision_and_init_behaviour() -> None:
     torch.set_num_threads(1)
-    res = run_spike_experiment(steps=30, spike_at=14, shape=(48, 24), optimizers=("rekls",),
-                               precisions=("high", "highest"), kl_inits=("safe", "peer"))  # fmt: skip
+    res = run_spike_experiment(
+        steps=30,
+        spike_at=14,
+        shape=(48, 24),
+        optimizers=("rekls",),
+        precisions=("high", "highest"),
+        kl_inits=("safe", "peer"),
+    )
     data = res.to_json()
     assert len(data["runs"]) == 4
     runs = {(r["kl_init"], r["precision"]): r for r in data["runs"]}
@@ -361,17 +376,54 @@ def test_cli_spectra_alpha_spike(tmp_path, capsys) -> None:
     # the bench's diagnostics.jsonl: {"step", "record_spectra": snapshot, "weight_alpha": [...]} per line
     lines = [{"step": s, "record_spectra": record_spectra(opt, model), "weight_alpha": []} for s in (2, 4)]
     (tmp_path / "diagnostics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
-    assert main(["diagnose", "spectra", str(tmp_path / "diagnostics.jsonl"), "--out", str(tmp_path / "j"),
-                 "--no-plots"]) == 0  # fmt: skip
+    assert (
+        main(["diagnose", "spectra", str(tmp_path / "diagnostics.jsonl"), "--out", str(tmp_path / "j"), "--no-plots"])
+        == 0
+    )
     assert [r["step"] for r in json.loads((tmp_path / "j" / "spectra.json").read_text())] == [2, 4]
     big = nn.Sequential(nn.Linear(40, 60), nn.Linear(60, 30))
     torch.save(big.state_dict(), tmp_path / "w.pt")
-    assert main(["diagnose", "alpha", f"a={tmp_path / 'w.pt'}", "--xmin", "median", "--out", str(tmp_path / "a"),
-                 "--no-plots"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "diagnose",
+                "alpha",
+                f"a={tmp_path / 'w.pt'}",
+                "--xmin",
+                "median",
+                "--out",
+                str(tmp_path / "a"),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     out = json.loads((tmp_path / "a" / "alpha.json").read_text())
     assert out["a"]["layers"][0]["xmin_rule"] == "median"
-    assert main(["diagnose", "spike", "--steps", "25", "--spike-at", "12", "--offsets", "1,2", "--shape", "24x12",
-                 "--optimizers", "soap", "--precisions", "highest", "--out", str(tmp_path / "k"), "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                "spike",
+                "--steps",
+                "25",
+                "--spike-at",
+                "12",
+                "--offsets",
+                "1,2",
+                "--shape",
+                "24x12",
+                "--optimizers",
+                "soap",
+                "--precisions",
+                "highest",
+                "--out",
+                str(tmp_path / "k"),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "k" / "spike.json").read_text())["runs"][0]["tables"]["Q_L"]
     assert main(["diagnose", "spectra", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -388,9 +440,35 @@ def test_bench_record_every_then_diagnose_the_results_folder(tmp_path, capsys) -
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) for _ in range(800)) + "\n")
     out = tmp_path / "bench"
-    assert main(["bench", "--data", str(corpus), "--model", "gpt-tiny", "--ctx", "16", "--batch-size", "4",
-                 "--eval-batches", "1", "--eval-every", "4", "--no-progress", "--optimizers", "kl-shampoo,muon",
-                 "--steps", "4", "--record-every", "2", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "--data",
+                str(corpus),
+                "--model",
+                "gpt-tiny",
+                "--ctx",
+                "16",
+                "--batch-size",
+                "4",
+                "--eval-batches",
+                "1",
+                "--eval-every",
+                "4",
+                "--no-progress",
+                "--optimizers",
+                "kl-shampoo,muon",
+                "--steps",
+                "4",
+                "--record-every",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     entries = [json.loads(line) for line in (out / "runs" / "kl-shampoo-s0" / "diagnostics.jsonl").open()]
     assert [e["step"] for e in entries] == [2, 4]
     assert entries[-1]["record_spectra"]["factors"] and entries[-1]["weight_alpha"][0]["xmin_rule"] == "ks"
@@ -419,15 +497,17 @@ def test_plots_are_written(tmp_path) -> None:
     from whiten.diagnostics.plots import plot_alpha, plot_spectra, plot_spike_angles, plot_spike_eigenvalues
 
     torch.set_num_threads(1)
-    data = run_spike_experiment(steps=14, spike_at=11, shape=(12, 6), offsets=(1, 2), top_k=2,
-                                optimizers=("rekls", "proklshampoo"), rank=2).to_json()  # fmt: skip
+    data = run_spike_experiment(
+        steps=14, spike_at=11, shape=(12, 6), offsets=(1, 2), top_k=2, optimizers=("rekls", "proklshampoo"), rank=2
+    ).to_json()
     model, opt = _trained_optimizer("KLShampoo")
     paths = [
         plot_spike_angles(data, tmp_path / "angles.png"),
         plot_spike_eigenvalues(data, tmp_path / "eigs.png"),
         plot_spectra([record_spectra(opt, model, step=4, rank=2)], tmp_path / "spectra.png"),
-        plot_alpha({"a": weight_alpha(nn.Sequential(nn.Linear(40, 60), nn.Linear(60, 30)), "median")},
-                   tmp_path / "alpha.png"),
-    ]  # fmt: skip
+        plot_alpha(
+            {"a": weight_alpha(nn.Sequential(nn.Linear(40, 60), nn.Linear(60, 30)), "median")}, tmp_path / "alpha.png"
+        ),
+    ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

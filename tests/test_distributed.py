@@ -257,8 +257,9 @@ def test_split_volume_matches_the_model(runs) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["replicate", "split"])
-@pytest.mark.parametrize("setup", [f"{name}/fsdp" for name in PHASED] + [f"{name}/fsdp-units" for name in PHASED
-                                                                          if name in UNITS])
+@pytest.mark.parametrize(
+    "setup", [f"{name}/fsdp" for name in PHASED] + [f"{name}/fsdp-units" for name in PHASED if name in UNITS]
+)
 def test_fsdp_momentum_is_sharded_on_every_rank(runs, setup: str, mode: str) -> None:
     """The phased methods under FSDP2: each rank's momentum (Muon's momentum_buffer, KL-Shampoo's exp_avg)
     has exactly its parameter shard's elements (uneven 4/3-row shards of the 7- and 5-row matrices), and
@@ -574,8 +575,14 @@ def test_bench_nproc_2_matches_one_process(tmp_path) -> None:
     args = ["bench", "--steps", "3", "--optimizers", "muon", "--eval-batches", "2", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "n1")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "whiten", *args, "--nproc", "2", "--out", str(tmp_path / "n2")], check=True,
-                   env=env, timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
-    finals = [json.loads((tmp_path / n / "runs" / "muon-s0" / "result.json").read_text())["final_val_loss"]
-              for n in ("n1", "n2")]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "whiten", *args, "--nproc", "2", "--out", str(tmp_path / "n2")],
+        check=True,
+        env=env,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+    finals = [
+        json.loads((tmp_path / n / "runs" / "muon-s0" / "result.json").read_text())["final_val_loss"]
+        for n in ("n1", "n2")
+    ]
     assert finals[0] == pytest.approx(finals[1], rel=1e-5)

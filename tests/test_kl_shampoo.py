@@ -141,8 +141,9 @@ def test_max_precond_dim_leaves_large_side_unpreconditioned():
     W0 = torch.randn(4, 9, dtype=F64)
     _, first, _ = run_optimizer(KLShampoo, grads[:1], W0, max_precond_dim=8, **HYPER)
     W_ref, ref = reference_kl(grads, W0, wd=0.0, T=4, precond_right=False, init_bases=(first["Q_L"], None), **HYPER)
-    W, state, _ = run_optimizer(KLShampoo, grads, W0, weight_decay=0.0, precondition_frequency=4, max_precond_dim=8,
-                                **HYPER)  # fmt: skip
+    W, state, _ = run_optimizer(
+        KLShampoo, grads, W0, weight_decay=0.0, precondition_frequency=4, max_precond_dim=8, **HYPER
+    )
     assert {"R", "Q_R", "lam_R"}.isdisjoint(state) and state["Q_L"].shape == (4, 4)
     torch.testing.assert_close(W, W_ref, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(state["lam_L"], ref["lam_L"], rtol=1e-9, atol=1e-12)
@@ -186,7 +187,11 @@ def test_three_dimensional_parameter_state_and_progress():
         losses.append(loss.item())
     state = opt.state[W]
     assert {k: tuple(state[k].shape) for k in ("F0", "F1", "F2", "lam_F1")} == {
-        "F0": (3, 3), "F1": (6, 6), "F2": (5, 5), "lam_F1": (6,)}  # fmt: skip
+        "F0": (3, 3),
+        "F1": (6, 6),
+        "F2": (5, 5),
+        "lam_F1": (6,),
+    }
     assert "L" not in state
     assert losses[-1] < 0.5 * losses[1]
     # a 4-D conv weight is flattened to (out, in*kh*kw)

@@ -189,8 +189,12 @@ def test_power_maps_batch_over_leading_dims(shape):
     """Stacked same-shape matrices (what map_batched does on accelerators) give the per-matrix results."""
     gen = torch.Generator().manual_seed(7)
     X = torch.randn(shape, dtype=torch.float64, generator=gen)
-    for fn in (lambda M: schatten_power_svd(M, 0.125), lambda M: schatten_power_ns(M, 0.125),
-               lambda M: newton_schulz(M, 5, "polar_express", compute_dtype=torch.float64), polar_svd):
+    for fn in (
+        lambda M: schatten_power_svd(M, 0.125),
+        lambda M: schatten_power_ns(M, 0.125),
+        lambda M: newton_schulz(M, 5, "polar_express", compute_dtype=torch.float64),
+        polar_svd,
+    ):
         batched = fn(X)
         for i in range(shape[0]):
             torch.testing.assert_close(batched[i], fn(X[i]), atol=1e-12, rtol=1e-12)

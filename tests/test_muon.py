@@ -128,8 +128,9 @@ def test_htmuon_ns_map_is_the_reference_procedure_and_honours_ns_dtype():
     gen = torch.Generator().manual_seed(3)
     G = torch.randn(6, 14, dtype=torch.float64, generator=gen)
     W = torch.nn.Parameter(torch.zeros(6, 14, dtype=torch.float64))
-    opt = HTMuon([W], lr=0.5, weight_decay=0.0, momentum=0.0, nesterov=False, spectral_map="ns", power=0.25,
-                 ns_ridge=1e-4)
+    opt = HTMuon(
+        [W], lr=0.5, weight_decay=0.0, momentum=0.0, nesterov=False, spectral_map="ns", power=0.25, ns_ridge=1e-4
+    )
     W.grad = G.clone()
     opt.step()
     torch.testing.assert_close(-W.detach() / 0.5, schatten_power_ns(G, 0.25, ridge=1e-4), atol=1e-12, rtol=0)
@@ -180,8 +181,7 @@ def test_normuon_rows_are_balanced_and_norm_preserved():
     outs = {}
     for normuon in (False, True):
         W = torch.nn.Parameter(torch.zeros(8, 16, dtype=torch.float64))
-        opt = HTMuon([W], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, normuon=normuon,
-                     normuon_beta2=0.0)
+        opt = HTMuon([W], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, normuon=normuon, normuon_beta2=0.0)
         W.grad = G.clone()
         opt.step()
         outs[normuon] = -W.detach()
@@ -209,11 +209,13 @@ def _train(make_opt, steps=150):
     opt = make_opt(model)
     first = None
     for _ in range(steps):
+
         def closure():
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(X), Y)
             loss.backward()
             return loss
+
         loss = opt.step(closure)
         first = float(loss.detach()) if first is None else first
     with torch.no_grad():
@@ -237,12 +239,33 @@ def test_muon_and_htmuon_train_and_beat_sgd():
     "make",
     [
         lambda ps: Muon(ps, lr=0.02, nesterov=False, ns_coefficients="polar_express", ns_steps=6),
-        lambda ps: Muon(ps, lr=0.02, momentum=0.9, weight_decay=0.05, ns_dtype="bfloat16", ns_method="direct",
-                        adjust_lr_fn="match_rms_adamw", eps=1e-6, adamw_lr=1e-3, adamw_betas=(0.8, 0.9),
-                        adamw_eps=1e-9, adamw_weight_decay=0.01, maximize=True, nonfinite="raise"),
+        lambda ps: Muon(
+            ps,
+            lr=0.02,
+            momentum=0.9,
+            weight_decay=0.05,
+            ns_dtype="bfloat16",
+            ns_method="direct",
+            adjust_lr_fn="match_rms_adamw",
+            eps=1e-6,
+            adamw_lr=1e-3,
+            adamw_betas=(0.8, 0.9),
+            adamw_eps=1e-9,
+            adamw_weight_decay=0.01,
+            maximize=True,
+            nonfinite="raise",
+        ),
         lambda ps: HTMuon(ps, lr=0.03, spectral_map="stream", interval=3, normuon=True, normuon_beta2=0.9),
-        lambda ps: HTMuon(ps, lr=0.03, spectral_map="ns", power=0.25, ns_ridge=1e-5, ns_coefficients=(3.0, -3.2, 1.2),
-                          ns_steps=7, interval=2),
+        lambda ps: HTMuon(
+            ps,
+            lr=0.03,
+            spectral_map="ns",
+            power=0.25,
+            ns_ridge=1e-5,
+            ns_coefficients=(3.0, -3.2, 1.2),
+            ns_steps=7,
+            interval=2,
+        ),
     ],
 )
 def test_state_dict_round_trip_is_bit_exact(make):
@@ -284,8 +307,9 @@ def test_bf16_and_fp64_parameters_keep_wide_statistics():
     assert opt.state[W16]["momentum_buffer"].dtype == torch.float32
     assert opt.state[W64]["momentum_buffer"].dtype == torch.float64
     assert W16.dtype == torch.bfloat16
-    restored = HTMuon([torch.nn.Parameter(W16.detach().clone()), torch.nn.Parameter(W64.detach().clone())], lr=0.01,
-                      normuon=True)
+    restored = HTMuon(
+        [torch.nn.Parameter(W16.detach().clone()), torch.nn.Parameter(W64.detach().clone())], lr=0.01, normuon=True
+    )
     restored.load_state_dict(opt.state_dict())
     p16 = restored.param_groups[0]["params"][0]
     assert restored.state[p16]["momentum_buffer"].dtype == torch.float32

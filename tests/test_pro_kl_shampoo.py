@@ -263,8 +263,19 @@ def test_step_matches_dense_reconstruction(complement, scale_kind, transpose, sh
             Vt = torch.linalg.svd(grads[0]).Vh[:r].T
             assert principal_angles(state["U"], Vt).max() < 1e-6
             init = (state["L"].clone(), state["Q_L"].clone(), state["U"].clone())
-    W_ref, ref = reference_pro(grads, W0, init, lr=0.05, beta1=0.9, beta=0.95, wd=0.1, T=3, init_factor=0.1,
-                               complement=complement, scale_kind=scale_kind)  # fmt: skip
+    W_ref, ref = reference_pro(
+        grads,
+        W0,
+        init,
+        lr=0.05,
+        beta1=0.9,
+        beta=0.95,
+        wd=0.1,
+        T=3,
+        init_factor=0.1,
+        complement=complement,
+        scale_kind=scale_kind,
+    )
     state = opt.state[W]
     assert state["transposed"] is transpose and state["step"] == 10
     torch.testing.assert_close(W.detach().T if transpose else W.detach(), W_ref, rtol=1e-9, atol=1e-11)
@@ -307,8 +318,16 @@ def test_state_memory_is_m_squared_plus_n_r():
         W.grad = torch.randn(m, n)
         opt.step()
     shapes = {k: tuple(v.shape) for k, v in opt.state[W].items() if isinstance(v, torch.Tensor)}
-    assert shapes == {"L": (m, m), "Q_L": (m, m), "lam_L": (m,), "U": (n, r), "Lam": (r,), "sigma": (),
-                      "Y_sketch": (n, r), "exp_avg": (m, n)}  # fmt: skip
+    assert shapes == {
+        "L": (m, m),
+        "Q_L": (m, m),
+        "lam_L": (m,),
+        "U": (n, r),
+        "Lam": (r,),
+        "sigma": (),
+        "Y_sketch": (n, r),
+        "exp_avg": (m, n),
+    }
     assert max(math.prod(s) for s in shapes.values()) < n * n
     # "auto" restricts the larger side: a tall matrix keeps its (small) column factor in full
     T = torch.nn.Parameter(torch.randn(n, m))

@@ -347,8 +347,11 @@ def test_safe_kl_basis_follows_a_rotated_distribution_peer_stays_frozen(use_eigh
     m, n, switch_at, steps = 24, 12, 20, 60
     grads, old_axis, new_axis = _rotated_gradients(m, n, steps, switch_at)
     alignment, soon = {}, {}
-    for name, options in {"safe": {"use_kl_shampoo": True, "kl_init": "safe"},
-                          "peer": {"use_kl_shampoo": True, "kl_init": "peer"}, "plain": {}}.items():  # fmt: skip
+    for name, options in {
+        "safe": {"use_kl_shampoo": True, "kl_init": "safe"},
+        "peer": {"use_kl_shampoo": True, "kl_init": "peer"},
+        "plain": {},
+    }.items():
         p = torch.zeros(m, n, requires_grad=True)
         opt = SOAP([p], lr=1e-3, weight_decay=0.0, use_eigh=use_eigh, **options)
         for t, g in enumerate(grads):

@@ -50,8 +50,10 @@ def train(optimizer_name: str, steps: int, out: Path, save_at: tuple[int, ...] =
         loss.backward()
         opt.step()
         if step in save_at:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "param_names": names},
-                       out / f"{optimizer_name.lower()}_step{step}.pt")  # fmt: skip
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "param_names": names},
+                out / f"{optimizer_name.lower()}_step{step}.pt",
+            )
     print(f"{optimizer_name}: final train loss {float(loss.detach()):.4f}")
     torch.save({"model": model.state_dict(), "step": steps}, out / f"{optimizer_name.lower()}_final.pt")
     return model
@@ -71,10 +73,31 @@ def main() -> int:
     run = [sys.executable, "-m", "whiten", "diagnose"]
     ckpts = [str(args.out / f"klshampoo_step{s}.pt") for s in stages]
     subprocess.run([*run, "spectra", *ckpts, "--rank", "8", "--out", str(args.out)], check=True)
-    subprocess.run([*run, "alpha", f"Muon={args.out / 'muon_final.pt'}", f"HTMuon={args.out / 'htmuon_final.pt'}",
-                    "--out", str(args.out)], check=True)  # fmt: skip
-    subprocess.run([*run, "alpha", f"Muon={args.out / 'muon_final.pt'}", f"HTMuon={args.out / 'htmuon_final.pt'}",
-                    "--xmin", "median", "--out", str(args.out / "median"), "--no-plots"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            *run,
+            "alpha",
+            f"Muon={args.out / 'muon_final.pt'}",
+            f"HTMuon={args.out / 'htmuon_final.pt'}",
+            "--out",
+            str(args.out),
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [
+            *run,
+            "alpha",
+            f"Muon={args.out / 'muon_final.pt'}",
+            f"HTMuon={args.out / 'htmuon_final.pt'}",
+            "--xmin",
+            "median",
+            "--out",
+            str(args.out / "median"),
+            "--no-plots",
+        ],
+        check=True,
+    )
     return 0
 
 

@@ -30,37 +30,87 @@ from whiten.optim.distributed import init_distributed, is_main_process, launched
 
 _MAIN_OPTIMIZERS = ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16"]
 _PAPER_OPTIMIZERS = ["adamw", "muon", "soap", "kl-shampoo", "pro-kls-r32", "pro-kls-r64", "pro-kls-r128"]
-_PAPER_SCALE = {"ctx": 1024, "batch_size": 32, "steps": 5000, "eval_batches": 20, "tokenizer": "gpt2",
-                "seeds": [0, 1, 2], "optimizers": _PAPER_OPTIMIZERS, "threads": None, "weight_decay": 0.1}
+_PAPER_SCALE = {
+    "ctx": 1024,
+    "batch_size": 32,
+    "steps": 5000,
+    "eval_batches": 20,
+    "tokenizer": "gpt2",
+    "seeds": [0, 1, 2],
+    "optimizers": _PAPER_OPTIMIZERS,
+    "threads": None,
+    "weight_decay": 0.1,
+}
 _TINY = {"ctx": 64, "batch_size": 16, "steps": 500, "eval_batches": 8, "threads": 1}
 
 # warmup (5%), eval_every (steps/24) and checkpoint_every (steps/6) scale with --steps unless given
 PRESETS: dict[str, dict[str, Any]] = {
     # `make bench`: ~0.2M-parameter GPT on bytes, a few minutes on 2 shared CPU cores
     "default": {"model": "gpt-tiny", **_TINY, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS},
-    "tiny-3seeds": {"model": "gpt-tiny", **_TINY, "seeds": [0, 1, 2],
-                    "optimizers": [*_MAIN_OPTIMIZERS, "pro-kls-r32", "pro-kls-r64"]},
+    "tiny-3seeds": {
+        "model": "gpt-tiny",
+        **_TINY,
+        "seeds": [0, 1, 2],
+        "optimizers": [*_MAIN_OPTIMIZERS, "pro-kls-r32", "pro-kls-r64"],
+    },
     "llama-tiny": {"model": "llama-tiny", **_TINY, "seeds": [0], "optimizers": _MAIN_OPTIMIZERS},
     # ~0.84M parameters (d 128, 4 layers, ctx 128): the larger preset measured on the CPU (docs/bench.md)
     # its lrs: best of `whiten sweep --preset mini --seeds 0` (lr x 1/3, 1, 3 around the tiny defaults)
-    "mini": {"model": "gpt-mini", "ctx": 128, "batch_size": 8, "steps": 400, "eval_batches": 8, "threads": 1,
-             "seeds": [0, 1, 2], "optimizers": ["adamw", "muon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32"],
-             "lrs": {"adamw": 1e-3, "muon": 4e-2, "kl-shampoo": 3e-2, "pro-kls-r16": 3e-3, "pro-kls-r32": 3.33e-3}},
+    "mini": {
+        "model": "gpt-mini",
+        "ctx": 128,
+        "batch_size": 8,
+        "steps": 400,
+        "eval_batches": 8,
+        "threads": 1,
+        "seeds": [0, 1, 2],
+        "optimizers": ["adamw", "muon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32"],
+        "lrs": {"adamw": 1e-3, "muon": 4e-2, "kl-shampoo": 3e-2, "pro-kls-r16": 3e-3, "pro-kls-r32": 3.33e-3},
+    },
     # ~10.7M parameters: hours on a CPU; minutes on a GPU
-    "small": {"model": "gpt-small", "ctx": 256, "batch_size": 32, "steps": 2000, "eval_batches": 16,
-              "seeds": [0, 1, 2], "threads": None,
-              "optimizers": ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32", "pro-kls-r64"]},
+    "small": {
+        "model": "gpt-small",
+        "ctx": 256,
+        "batch_size": 32,
+        "steps": 2000,
+        "eval_batches": 16,
+        "seeds": [0, 1, 2],
+        "threads": None,
+        "optimizers": ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32", "pro-kls-r64"],
+    },
     # paper-like settings (GPT-2 BPE, 1024 context); point --data at a corpus much larger than Shakespeare
     "gpt2-124m": {"model": "gpt2-124m", **_PAPER_SCALE},
     "gpt2-350m": {"model": "gpt2-350m", **_PAPER_SCALE},
     "llama-134m": {"model": "llama-134m", **_PAPER_SCALE},
     "llama-450m": {"model": "llama-450m", **_PAPER_SCALE},
-}  # fmt: skip
+}
 
 # CLI option -> BenchConfig field (options that map 1:1)
-_FIELDS = ("model", "ctx", "batch_size", "steps", "warmup", "schedule", "min_lr_ratio", "decay_fraction",
-           "weight_decay", "seeds", "embed_lr", "tokenizer", "data", "eval_every", "eval_batches", "targets",
-           "checkpoint_every", "record_every", "device", "threads", "optimizers", "lrs", "options")  # fmt: skip
+_FIELDS = (
+    "model",
+    "ctx",
+    "batch_size",
+    "steps",
+    "warmup",
+    "schedule",
+    "min_lr_ratio",
+    "decay_fraction",
+    "weight_decay",
+    "seeds",
+    "embed_lr",
+    "tokenizer",
+    "data",
+    "eval_every",
+    "eval_batches",
+    "targets",
+    "checkpoint_every",
+    "record_every",
+    "device",
+    "threads",
+    "optimizers",
+    "lrs",
+    "options",
+)
 
 
 def _csv(kind: type) -> Any:
@@ -111,10 +161,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="training steps per run")
     p.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (model init and data order)")
     p.add_argument("--device", help="cpu (default) or cuda[:i]")
-    p.add_argument("--lr", dest="lrs", type=_name_values, action="append",
-                   help="per-optimizer learning rate NAME=VALUE[,NAME=VALUE] (repeatable)")
-    p.add_argument("--option", dest="option_items", type=_option, action="append",
-                   help="extra constructor option OPTIMIZER.KEY=VALUE, e.g. pro-kls-r32.complement_scale=kl_norm")
+    p.add_argument(
+        "--lr",
+        dest="lrs",
+        type=_name_values,
+        action="append",
+        help="per-optimizer learning rate NAME=VALUE[,NAME=VALUE] (repeatable)",
+    )
+    p.add_argument(
+        "--option",
+        dest="option_items",
+        type=_option,
+        action="append",
+        help="extra constructor option OPTIMIZER.KEY=VALUE, e.g. pro-kls-r32.complement_scale=kl_norm",
+    )
     p.add_argument("--embed-lr", type=float, help="AdamW lr of embeddings/head/gains, every optimizer (default 1e-2)")
     p.add_argument("--batch-size", type=int, help="sequences per step")
     p.add_argument("--ctx", type=int, help="tokens per sequence")
@@ -128,8 +188,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
     p.add_argument("--targets", type=_csv(float), help="absolute target val losses (default: AdamW final x factors)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (for --resume)")
-    p.add_argument("--record-every", type=int,
-                   help="call whiten.diagnostics record_spectra/weight_alpha every N steps (0 = off)")
+    p.add_argument(
+        "--record-every", type=int, help="call whiten.diagnostics record_spectra/weight_alpha every N steps (0 = off)"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default preset: 1, steadier on a shared CPU)")
     p.add_argument("--resume", action="store_true", help="continue the runs saved in --out from their checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -137,25 +198,39 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser("bench", help="LM pre-training comparison of optimizers",
-                                  description="Train the same model on the same data with each optimizer and "
-                                              "compare validation loss vs tokens and wall-clock.")  # fmt: skip
+    bench = subparsers.add_parser(
+        "bench",
+        help="LM pre-training comparison of optimizers",
+        description="Train the same model on the same data with each optimizer and "
+        "compare validation loss vs tokens and wall-clock.",
+    )
     _add_common(bench)
     bench.add_argument("--out", help="results folder (default: results/bench-<preset>)")
     bench.add_argument("--list", action="store_true", help="print the accepted optimizer names and exit")
-    bench.add_argument("--nproc", type=int, default=1,
-                       help="data-parallel processes on this machine (torchrun; gloo on CPU, nccl on CUDA): "
-                            "DDP, each process an equal slice of every batch, rank 0 writes the results")  # fmt: skip
+    bench.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (torchrun; gloo on CPU, nccl on CUDA): "
+        "DDP, each process an equal slice of every batch, rank 0 writes the results",
+    )
     bench.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     bench.set_defaults(func=cmd_bench)
 
-    sweep = subparsers.add_parser("sweep", help="learning-rate sweep per optimizer (picks the bench defaults)",
-                                  description="Train each optimizer at several learning rates on the same "
-                                              "data and seeds; report the final val loss per lr.")  # fmt: skip
+    sweep = subparsers.add_parser(
+        "sweep",
+        help="learning-rate sweep per optimizer (picks the bench defaults)",
+        description="Train each optimizer at several learning rates on the same "
+        "data and seeds; report the final val loss per lr.",
+    )
     _add_common(sweep)
     sweep.add_argument("--out", help="results folder (default: results/sweep-<preset>)")
-    sweep.add_argument("--grid", action="append", type=_grid,
-                       help="lrs for one optimizer NAME=V1:V2:V3 (repeatable); others get default lr x --factors")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        type=_grid,
+        help="lrs for one optimizer NAME=V1:V2:V3 (repeatable); others get default lr x --factors",
+    )
     sweep.add_argument("--factors", type=_csv(float), help="multipliers of the default lr (default 1/3,1,3)")
     sweep.set_defaults(func=cmd_sweep)
 
@@ -246,8 +321,10 @@ def _prepare(args: argparse.Namespace, kind: str) -> tuple[BenchConfig, list[str
             if key in ("device", "threads"):
                 setattr(cfg, key, value)  # where and how fast it runs may change on resume
             elif getattr(cfg, key) != value:
-                raise ValueError(f"--resume: --{key.replace('_', '-')} {value} differs from the saved run "
-                                 f"({getattr(cfg, key)}); drop the flag or use another --out")  # fmt: skip
+                raise ValueError(
+                    f"--resume: --{key.replace('_', '-')} {value} differs from the saved run "
+                    f"({getattr(cfg, key)}); drop the flag or use another --out"
+                )
         cfg.validate()
         return cfg, [], out
     cfg, skipped = build_config(args)
@@ -271,22 +348,35 @@ def _load(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
     mcfg = model_config(cfg.model, vocab_size=tokenizer.vocab_size, ctx=cfg.ctx)
     info = {
         "model": {**mcfg.to_dict(), "name": cfg.model, "parameters": count_parameters(mcfg)},
-        "data": {"source": data.source, "documents": data.documents, "train_tokens": data.train.numel(),
-                 "val_tokens": data.val.numel(), "train_chars": data.train_chars, "val_chars": data.val_chars,
-                 "tokenizer": cfg.tokenizer, "split": "last ~10% of every document (cut at a line break) -> val"},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": cfg.device,
-                        "threads": torch.get_num_threads() if cfg.threads is None else cfg.threads,
-                        "cpu": platform.processor() or platform.machine()},
-    }  # fmt: skip
+        "data": {
+            "source": data.source,
+            "documents": data.documents,
+            "train_tokens": data.train.numel(),
+            "val_tokens": data.val.numel(),
+            "train_chars": data.train_chars,
+            "val_chars": data.val_chars,
+            "tokenizer": cfg.tokenizer,
+            "split": "last ~10% of every document (cut at a line break) -> val",
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": cfg.device,
+            "threads": torch.get_num_threads() if cfg.threads is None else cfg.threads,
+            "cpu": platform.processor() or platform.machine(),
+        },
+    }
     return data, mcfg, info
 
 
 def _header(cfg: BenchConfig, info: dict[str, Any], skipped: list[str], out: Path) -> None:
     m, d = info["model"], info["data"]
-    print(f"whiten {cfg.preset or ''}: {cfg.model} ({m['parameters'] / 1e6:.2f}M params), {d['source']}: "
-          f"{d['train_tokens']:,} train / {d['val_tokens']:,} val {cfg.tokenizer} tokens; "
-          f"{cfg.steps} steps x {cfg.batch_size}x{cfg.ctx}; seeds {cfg.seeds}; device {cfg.device}; out {out}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"whiten {cfg.preset or ''}: {cfg.model} ({m['parameters'] / 1e6:.2f}M params), {d['source']}: "
+        f"{d['train_tokens']:,} train / {d['val_tokens']:,} val {cfg.tokenizer} tokens; "
+        f"{cfg.steps} steps x {cfg.batch_size}x{cfg.ctx}; seeds {cfg.seeds}; device {cfg.device}; out {out}",
+        file=sys.stderr,
+    )
     for note in skipped:
         print(f"  skipped (not available): {note}", file=sys.stderr)
 
@@ -319,8 +409,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _header(cfg, info, skipped, out)
     specs = [RunSpec(name, cfg.lr_for(name), seed, name) for seed in cfg.seeds for name in cfg.optimizers]
     # seeds outer so a partial run has every optimizer at seed 0 first; labels group them again
-    results, complete = run_all(cfg, specs, mcfg, data, out, resume=args.resume, progress=not args.no_progress,
-                                stop_after=args.stop_after, on_result=_print_run)  # fmt: skip
+    results, complete = run_all(
+        cfg,
+        specs,
+        mcfg,
+        data,
+        out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        stop_after=args.stop_after,
+        on_result=_print_run,
+    )
     if not is_main_process():
         shutil.rmtree(out, ignore_errors=True)
         return 0
@@ -328,8 +427,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"stopped; continue with: whiten bench --out {out} --resume", file=sys.stderr)
         return 130
     results.sort(key=lambda r: (cfg.optimizers.index(r["label"]), r["seed"]))
-    summary = summarize(out, cfg.to_dict(), results, {"model": info["model"], "data": info["data"],
-                                                      "environment": info["environment"], "skipped": skipped})
+    summary = summarize(
+        out,
+        cfg.to_dict(),
+        results,
+        {"model": info["model"], "data": info["data"], "environment": info["environment"], "skipped": skipped},
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = markdown_table(summary)
     (out / "results.md").write_text(table + "\n")
@@ -351,9 +454,12 @@ def _start_processes(args: argparse.Namespace) -> int | None:
 
 
 def _print_run(result: dict[str, Any]) -> None:
-    print(f"  {result['label']} seed {result['seed']}: final val loss {result['final_val_loss']:.4f}, "
-          f"{result['train_time_s']:.1f} s training, {result['optimizer_state_bytes'] / 2**20:.3f} MiB state"
-          + (" (diverged)" if result["diverged"] else ""), file=sys.stderr)  # fmt: skip
+    print(
+        f"  {result['label']} seed {result['seed']}: final val loss {result['final_val_loss']:.4f}, "
+        f"{result['train_time_s']:.1f} s training, {result['optimizer_state_bytes'] / 2**20:.3f} MiB state"
+        + (" (diverged)" if result["diverged"] else ""),
+        file=sys.stderr,
+    )
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -385,13 +491,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     data, mcfg, info = _load(cfg)
     if not args.resume:
         _fresh_out(out)
-    (out / "config.json").write_text(json.dumps({"bench": cfg.to_dict(), "grid": grid, **info, "skipped": skipped},
-                                                indent=2))  # fmt: skip
+    (out / "config.json").write_text(
+        json.dumps({"bench": cfg.to_dict(), "grid": grid, **info, "skipped": skipped}, indent=2)
+    )
     _header(cfg, info, skipped, out)
-    specs = [RunSpec(name, lr, seed, f"{name}@{lr:g}") for name in cfg.optimizers for lr in grid[name]
-             for seed in cfg.seeds]  # fmt: skip
-    results, complete = run_all(cfg, specs, mcfg, data, out, resume=args.resume, progress=not args.no_progress,
-                                stop_after=args.stop_after, on_result=_print_run)  # fmt: skip
+    specs = [
+        RunSpec(name, lr, seed, f"{name}@{lr:g}") for name in cfg.optimizers for lr in grid[name] for seed in cfg.seeds
+    ]
+    results, complete = run_all(
+        cfg,
+        specs,
+        mcfg,
+        data,
+        out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        stop_after=args.stop_after,
+        on_result=_print_run,
+    )
     if not complete:
         print(f"stopped; continue with: whiten sweep --out {out} --resume", file=sys.stderr)
         return 130
@@ -400,20 +517,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for lr in grid[name]:
             mine = [r for r in results if r["optimizer"] == name and r["lr"] == lr]
             finals = [r["final_val_loss"] for r in mine if math.isfinite(r["final_val_loss"])]
-            table.setdefault(name, []).append({
-                "lr": lr,
-                "final_val_loss": statistics.fmean(finals) if len(finals) == len(mine) else None,
-                "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                "diverged": len(mine) - len(finals),
-                "train_time_s": statistics.fmean(r["train_time_s"] for r in mine),
-            })  # fmt: skip
+            table.setdefault(name, []).append(
+                {
+                    "lr": lr,
+                    "final_val_loss": statistics.fmean(finals) if len(finals) == len(mine) else None,
+                    "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                    "diverged": len(mine) - len(finals),
+                    "train_time_s": statistics.fmean(r["train_time_s"] for r in mine),
+                }
+            )
     best = {}
     for name, rows in table.items():
         ok = [r for r in rows if r["final_val_loss"] is not None]
         best[name] = min(ok, key=lambda r: r["final_val_loss"])["lr"] if ok else None
     edge = {name: best[name] in (min(grid[name]), max(grid[name])) for name in best if best[name] is not None}
-    sweep = {"config": cfg.to_dict(), "grid": grid, "results": table, "best_lr": best, "best_on_grid_edge": edge,
-             "model": info["model"], "data": info["data"], "environment": info["environment"]}  # fmt: skip
+    sweep = {
+        "config": cfg.to_dict(),
+        "grid": grid,
+        "results": table,
+        "best_lr": best,
+        "best_on_grid_edge": edge,
+        "model": info["model"],
+        "data": info["data"],
+        "environment": info["environment"],
+    }
     (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
     lines = ["| optimizer | " + "lr -> final val loss" + " | best lr |", "|---|---|---|"]
     for name, rows in table.items():

@@ -72,12 +72,17 @@ def _pro_kls_default_lr(rank: int) -> float:
         if rank <= swept_rank:
             return lr
     return _PRO_KLS_RANK_LRS[-1][1]
+
+
 _PRO_KLS_PATTERN = re.compile(r"pro-kls-r(\d+)$")
 
 
 def _pro_kls_spec(name: str, rank: int) -> OptimizerSpec:
     return OptimizerSpec(
-        name, "ProKLShampoo", _pro_kls_default_lr(rank), f"Pro-KLShampoo, tracked subspace rank {rank}",
+        name,
+        "ProKLShampoo",
+        _pro_kls_default_lr(rank),
+        f"Pro-KLShampoo, tracked subspace rank {rank}",
         {"rank": rank},
     )
 

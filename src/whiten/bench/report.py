@@ -34,8 +34,10 @@ def time_to_target(vals: list[dict[str, Any]], target: float) -> dict[str, float
             drop = before["val_loss"] - record["val_loss"]
             w = (before["val_loss"] - target) / drop if drop > 0 else 1.0
             keys = [("step", "step"), ("tokens", "tokens"), ("seconds", "time_s"), ("cpu_seconds", "cpu_s")]
-            return {key: before[src] + w * (record[src] - before[src]) if src in record and src in before else None
-                    for key, src in keys}  # fmt: skip
+            return {
+                key: before[src] + w * (record[src] - before[src]) if src in record and src in before else None
+                for key, src in keys
+            }
     return None
 
 
@@ -68,8 +70,12 @@ def resolve_targets(results: list[dict[str, Any]], targets: list[float] | None, 
         name, values = max(finals.items(), key=lambda kv: statistics.fmean(kv[1]))
         reference = statistics.fmean(values)
     losses = [reference * f for f in sorted(factors, reverse=True)]
-    return {"losses": losses, "factors": sorted(factors, reverse=True), "reference": reference,
-            "rule": f"{name}'s mean final val loss x factors"}  # fmt: skip
+    return {
+        "losses": losses,
+        "factors": sorted(factors, reverse=True),
+        "reference": reference,
+        "rule": f"{name}'s mean final val loss x factors",
+    }
 
 
 def summarize(out: Path, config: dict[str, Any], results: list[dict[str, Any]], extra: dict | None = None) -> dict:
@@ -107,14 +113,18 @@ def summarize(out: Path, config: dict[str, Any], results: list[dict[str, Any]], 
         for i, target in enumerate(targets["losses"]):
             hits = [r["to_target"][i] for r in mine]
             reached = [h for h in hits if h["seconds"] is not None]
-            entry["to_target"].append({
-                "target": target,
-                "reached": f"{len(reached)}/{len(hits)}",
-                # a mean is only meaningful when every seed got there
-                "seconds": _stats([h["seconds"] for h in reached]) if len(reached) == len(hits) else None,
-                "steps": _stats([h["step"] for h in reached]) if len(reached) == len(hits) else None,
-                "cpu_seconds": _stats([h.get("cpu_seconds") for h in reached]) if len(reached) == len(hits) else None,
-            })  # fmt: skip
+            entry["to_target"].append(
+                {
+                    "target": target,
+                    "reached": f"{len(reached)}/{len(hits)}",
+                    # a mean is only meaningful when every seed got there
+                    "seconds": _stats([h["seconds"] for h in reached]) if len(reached) == len(hits) else None,
+                    "steps": _stats([h["step"] for h in reached]) if len(reached) == len(hits) else None,
+                    "cpu_seconds": _stats([h.get("cpu_seconds") for h in reached])
+                    if len(reached) == len(hits)
+                    else None,
+                }
+            )
         aggregate[label] = entry
     if "adamw" in aggregate and targets["losses"]:
         last = len(targets["losses"]) - 1
@@ -186,8 +196,9 @@ def load_summary(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _curves(out: Path, runs: list[dict[str, Any]], label: str, x_key: str) -> tuple[list[float], list[float],
-                                                                                    list[float], list[float]]:
+def _curves(
+    out: Path, runs: list[dict[str, Any]], label: str, x_key: str
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """Mean, min and max val loss over the seeds of ``label`` on the shared evaluation steps."""
     per_seed = []
     for r in runs:
@@ -222,8 +233,10 @@ def plot(out: Path, summary: dict[str, Any] | None = None) -> list[Path]:
     title = f"{cfg['model']}, {cfg['steps']} steps x {cfg['batch_size']}x{cfg['ctx']} tokens, seeds {cfg['seeds']}"
     paths = []
     targets = summary["targets"]["losses"]
-    for name, x_key, xlabel in (("val_loss_vs_tokens.png", "tokens", "training tokens"),
-                                ("val_loss_vs_time.png", "time_s", "training wall-clock (s, eval excluded)")):
+    for name, x_key, xlabel in (
+        ("val_loss_vs_tokens.png", "tokens", "training tokens"),
+        ("val_loss_vs_time.png", "time_s", "training wall-clock (s, eval excluded)"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         floor = math.inf
         for label in labels:

@@ -96,9 +96,14 @@ class BenchConfig:
                 raise ValueError(f"--lr {name}={lr} is not valid; the learning rate must be a number > 0")
         if not (isinstance(self.embed_lr, float | int) and math.isfinite(self.embed_lr) and self.embed_lr > 0):
             raise ValueError(f"--embed-lr {self.embed_lr} is not valid; it must be > 0")
-        for name, value in (("steps", self.steps), ("batch-size", self.batch_size), ("ctx", self.ctx),
-                            ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
-                            ("checkpoint-every", self.checkpoint_every)):  # fmt: skip
+        for name, value in (
+            ("steps", self.steps),
+            ("batch-size", self.batch_size),
+            ("ctx", self.ctx),
+            ("eval-every", self.eval_every),
+            ("eval-batches", self.eval_batches),
+            ("checkpoint-every", self.checkpoint_every),
+        ):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"--{name} {value} is not valid; it must be an integer >= 1")
         if not (isinstance(self.warmup, int) and 0 <= self.warmup < self.steps):
@@ -347,9 +352,13 @@ def run_one(
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     model = build_model(model_config, seed=spec.seed, device=device)
     optimizer = build_optimizer(
-        get_spec(spec.optimizer), model, lr=spec.lr, weight_decay=cfg.weight_decay,
-        embed_lr=cfg.embed_lr_value(), extra_options=cfg.options.get(spec.optimizer),
-    )  # fmt: skip
+        get_spec(spec.optimizer),
+        model,
+        lr=spec.lr,
+        weight_decay=cfg.weight_decay,
+        embed_lr=cfg.embed_lr_value(),
+        extra_options=cfg.options.get(spec.optimizer),
+    )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     # whiten bench --nproc N: gradients all-reduced over the processes, each with a slice of the batch
     train_model = DistributedDataParallel(model) if launched() else model
@@ -370,21 +379,37 @@ def run_one(
     recorders = find_recorders() if cfg.record_every else {}
 
     def save_checkpoint() -> None:
-        state = {"step": step, "clock": clock, "peak_rss": max(peak_rss, memory.peak_rss),
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict()}  # fmt: skip
+        state = {
+            "step": step,
+            "clock": clock,
+            "peak_rss": max(peak_rss, memory.peak_rss),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        }
         _atomic_save(state, ckpt_path)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, desc=spec.label, disable=not progress, leave=False,
-               dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc=spec.label,
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     log = log_path.open("a")
     memory = PeakMemory(device)
     try:
         with memory:
             if step == 0:
-                log.write(json.dumps({"step": 0, "tokens": 0, "time_s": 0.0, "cpu_s": 0.0,
-                                      "val_loss": evaluate(model, val, device)}) + "\n")  # fmt: skip
+                log.write(
+                    json.dumps(
+                        {"step": 0, "tokens": 0, "time_s": 0.0, "cpu_s": 0.0, "val_loss": evaluate(model, val, device)}
+                    )
+                    + "\n"
+                )
             model.train()
             while step < cfg.steps:
                 if stop.requested or (stop_after is not None and step >= stop_after):
@@ -412,17 +437,32 @@ def run_one(
                 clock["opt_s"] += t2 - t1
                 step += 1
                 train_loss = loss.item()
-                record: dict[str, Any] = {"step": step, "tokens": step * tokens_per_step, "time_s": clock["train_s"],
-                                          "cpu_s": clock["cpu_s"], "train_loss": train_loss,
-                                          "lr_factor": factor}  # fmt: skip
+                record: dict[str, Any] = {
+                    "step": step,
+                    "tokens": step * tokens_per_step,
+                    "time_s": clock["train_s"],
+                    "cpu_s": clock["cpu_s"],
+                    "train_loss": train_loss,
+                    "lr_factor": factor,
+                }
                 log.write(json.dumps(record) + "\n")
                 if not math.isfinite(train_loss):
                     diverged = True
                     break
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     val_loss = evaluate(model, val, device)
-                    log.write(json.dumps({"step": step, "tokens": step * tokens_per_step, "time_s": clock["train_s"],
-                                          "cpu_s": clock["cpu_s"], "val_loss": val_loss}) + "\n")  # fmt: skip
+                    log.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "tokens": step * tokens_per_step,
+                                "time_s": clock["train_s"],
+                                "cpu_s": clock["cpu_s"],
+                                "val_loss": val_loss,
+                            }
+                        )
+                        + "\n"
+                    )
                     bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", refresh=False)
                 if cfg.record_every and recorders and step % cfg.record_every == 0:
                     entry = _record(recorders, optimizer, model, step)
@@ -486,8 +526,17 @@ def run_all(
     stop = StopFlag()
     with stop.installed():
         for spec in specs:
-            result = run_one(cfg, spec, model_config, data, out / "runs" / spec.run_id, resume=resume,
-                             progress=progress, stop=stop, stop_after=stop_after)  # fmt: skip
+            result = run_one(
+                cfg,
+                spec,
+                model_config,
+                data,
+                out / "runs" / spec.run_id,
+                resume=resume,
+                progress=progress,
+                stop=stop,
+                stop_after=stop_after,
+            )
             if result is None:
                 return results, False
             results.append(result)

@@ -192,9 +192,7 @@ def _named_matrices(
     elif isinstance(source, Mapping):
         items = [(n, v) for n, v in source.items() if isinstance(v, Tensor)]
     else:
-        raise ValueError(
-            f"weight_alpha needs an nn.Module or a state_dict mapping, got {type(source).__name__}"
-        )
+        raise ValueError(f"weight_alpha needs an nn.Module or a state_dict mapping, got {type(source).__name__}")
     wanted = None if include is None else tuple(include)
     out = []
     for name, tensor in items:

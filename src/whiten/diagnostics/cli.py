@@ -38,8 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inner = diagnose.add_subparsers(dest="instrument", metavar="INSTRUMENT")
     diagnose.set_defaults(func=lambda args: (diagnose.print_help(), 2)[1])
 
-    spike = inner.add_parser("spike", help="eigenbasis rotation around a gradient spike (seed notebook 003)",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    spike = inner.add_parser(
+        "spike",
+        help="eigenbasis rotation around a gradient spike (seed notebook 003)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     d = SpikeConfig()
     spike.add_argument("--shape", type=_shape, default=d.shape, help="parameter shape MxN")
     spike.add_argument("--seed", type=int, default=d.seed)
@@ -48,43 +51,75 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spike.add_argument("--steps", type=int, default=d.steps)
     spike.add_argument("--optimizers", type=_csv(), default=d.optimizers, help=f"comma list of {sorted(OPTIMIZERS)}")
     spike.add_argument("--precisions", type=_csv(), default=d.precisions, help=f"comma list of {PRECISIONS}")
-    spike.add_argument("--kl-init", type=_csv(), default=d.kl_inits,
-                       help=f"comma list of {KL_INIT_CHOICES} (SOAP/REKLS); 'safe,peer' shows both")  # fmt: skip
+    spike.add_argument(
+        "--kl-init",
+        type=_csv(),
+        default=d.kl_inits,
+        help=f"comma list of {KL_INIT_CHOICES} (SOAP/REKLS); 'safe,peer' shows both",
+    )
     spike.add_argument("--top-k", type=int, default=d.top_k)
     spike.add_argument("--offsets", type=_csv(int), default=d.offsets)
     spike.add_argument("--rank", type=int, default=d.rank, help="Pro-KLShampoo tracked rank")
-    spike.add_argument("--precondition-frequency", type=int, default=d.precondition_frequency,
-                       help="KL-Shampoo / Pro-KLShampoo basis refresh interval")  # fmt: skip
-    spike.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="cuda uses real TF32; cpu emulates it")  # fmt: skip
+    spike.add_argument(
+        "--precondition-frequency",
+        type=int,
+        default=d.precondition_frequency,
+        help="KL-Shampoo / Pro-KLShampoo basis refresh interval",
+    )
+    spike.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda uses real TF32; cpu emulates it"
+    )
     spike.add_argument("--threads", type=int, default=1, help="torch CPU threads (small matrices: 1 is fastest)")
     spike.add_argument("--out", type=Path, help="write spike.json and PNGs here")
     spike.add_argument("--no-plots", action="store_true")
     spike.set_defaults(func=cmd_spike)
 
-    spectra = inner.add_parser("spectra", help="spike-and-flat spectra of Kronecker factors from checkpoints",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    spectra.add_argument("inputs", nargs="+", type=Path,
-                         help="torch.save'd optimizer state_dicts / checkpoints (one per training stage), a bench "
-                              "diagnostics.jsonl or JSON list of record_spectra snapshots, or a bench run folder or "
-                              "results folder (whiten bench --record-every N)")  # fmt: skip
+    spectra = inner.add_parser(
+        "spectra",
+        help="spike-and-flat spectra of Kronecker factors from checkpoints",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    spectra.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        help="torch.save'd optimizer state_dicts / checkpoints (one per training stage), a bench "
+        "diagnostics.jsonl or JSON list of record_spectra snapshots, or a bench run folder or "
+        "results folder (whiten bench --record-every N)",
+    )
     spectra.add_argument("--rank", type=int, default=16, help="r at which energy, AM/GM and KL gap are reported")
-    spectra.add_argument("--tol", type=float, default=0.5,
-                         help="KL tolerance (nats per column, Pro-KLShampoo's rank_tolerance) for the chosen rank")
-    spectra.add_argument("--use", choices=FACTOR_SOURCES, default="factor",
-                         help="'factor': eigenvalues of stored L/R; 'lam': KL-Shampoo's EMA eigenvalues")
+    spectra.add_argument(
+        "--tol",
+        type=float,
+        default=0.5,
+        help="KL tolerance (nats per column, Pro-KLShampoo's rank_tolerance) for the chosen rank",
+    )
+    spectra.add_argument(
+        "--use",
+        choices=FACTOR_SOURCES,
+        default="factor",
+        help="'factor': eigenvalues of stored L/R; 'lam': KL-Shampoo's EMA eigenvalues",
+    )
     spectra.add_argument("--max-panels", type=int, default=12)
     spectra.add_argument("--trusted", action="store_true", help="allow pickled objects (torch.load weights_only=False)")
-    spectra.add_argument("--out", type=Path,
-                         help="write spectra.json and spectra.png (several runs: spectra_RUN.png each) here")
+    spectra.add_argument(
+        "--out", type=Path, help="write spectra.json and spectra.png (several runs: spectra_RUN.png each) here"
+    )
     spectra.add_argument("--no-plots", action="store_true")
     spectra.set_defaults(func=cmd_spectra)
 
-    alpha = inner.add_parser("alpha", help="power-law alpha of weight-matrix ESDs (HT-SR)",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    alpha.add_argument("inputs", nargs="+", help="model state_dicts / checkpoints, bench diagnostics.jsonl, or a bench "
-                       "run or results folder (one run per run folder); LABEL=PATH names a run "
-                       "(e.g. muon=runs/muon/ckpt.pt)")  # fmt: skip
+    alpha = inner.add_parser(
+        "alpha",
+        help="power-law alpha of weight-matrix ESDs (HT-SR)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    alpha.add_argument(
+        "inputs",
+        nargs="+",
+        help="model state_dicts / checkpoints, bench diagnostics.jsonl, or a bench "
+        "run or results folder (one run per run folder); LABEL=PATH names a run "
+        "(e.g. muon=runs/muon/ckpt.pt)",
+    )
     alpha.add_argument("--xmin", choices=XMIN_RULES, default="ks", help="x_min rule: KS minimiser or median")
     alpha.add_argument("--min-tail", type=int, default=10)
     alpha.add_argument("--include", type=_csv(), help="only parameters whose name contains one of these")
@@ -104,10 +139,20 @@ def cmd_spike(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     config = SpikeConfig(
-        shape=args.shape, seed=args.seed, spike_at=args.spike_at, spike_scale=args.spike_scale, steps=args.steps,
-        optimizers=args.optimizers, precisions=args.precisions, kl_inits=args.kl_init, top_k=args.top_k,
-        offsets=args.offsets, rank=args.rank, precondition_frequency=args.precondition_frequency, device=args.device,
-    )  # fmt: skip
+        shape=args.shape,
+        seed=args.seed,
+        spike_at=args.spike_at,
+        spike_scale=args.spike_scale,
+        steps=args.steps,
+        optimizers=args.optimizers,
+        precisions=args.precisions,
+        kl_inits=args.kl_init,
+        top_k=args.top_k,
+        offsets=args.offsets,
+        rank=args.rank,
+        precondition_frequency=args.precondition_frequency,
+        device=args.device,
+    )
     result = run_spike_experiment(config, progress=lambda line: print(line, flush=True))
     data = result.to_json()
     print(result.format_tables())
@@ -131,8 +176,11 @@ def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dic
         if not path.is_file():
             raise FileNotFoundError(f"{str(path)!r} does not exist")
         text = path.read_text()
-        items = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else (
-            json.loads(text))  # fmt: skip
+        items = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
+            else (json.loads(text))
+        )
         items = items if isinstance(items, list) else [items]
         records = []
         for item in items:
@@ -141,11 +189,22 @@ def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dic
                 # the bench hook stores the step next to the snapshot, not inside it
                 step = rec.get("step") if rec.get("step") is not None else item.get("step")
                 factors = [_restat(f, args.rank, args.tol) for f in rec["factors"]]
-                records.append({**rec, "step": step, "rank": args.rank, "tol": args.tol, "run": run,
-                                "source": str(path), "factors": factors})  # fmt: skip
+                records.append(
+                    {
+                        **rec,
+                        "step": step,
+                        "rank": args.rank,
+                        "tol": args.tol,
+                        "run": run,
+                        "source": str(path),
+                        "factors": factors,
+                    }
+                )
         if not records:
-            raise NoFactorsError(f"{str(path)!r} holds no record_spectra snapshots with factors (entries with "
-                             "'factors'; an optimizer without Kronecker factors, e.g. Muon or AdamW, records none)")
+            raise NoFactorsError(
+                f"{str(path)!r} holds no record_spectra snapshots with factors (entries with "
+                "'factors'; an optimizer without Kronecker factors, e.g. Muon or AdamW, records none)"
+            )
         return records
     checkpoint = load_checkpoint(path, trusted=args.trusted)
     step = checkpoint.get("step") if isinstance(checkpoint, dict) else None
@@ -155,8 +214,16 @@ def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dic
             f"{str(path)!r} holds no Kronecker factor (expected per-parameter keys 'L'/'R' or 'U'/'Lam'/'sigma', "
             "as SOAP, KL-Shampoo and Pro-KLShampoo keep); was the optimizer stepped?"
         )
-    return [{"step": step if step is not None else path.stem, "rank": args.rank, "tol": args.tol, "run": run,
-             "source": str(path), "factors": [f.as_dict() for f in factors]}]  # fmt: skip
+    return [
+        {
+            "step": step if step is not None else path.stem,
+            "rank": args.rank,
+            "tol": args.tol,
+            "run": run,
+            "source": str(path),
+            "factors": [f.as_dict() for f in factors],
+        }
+    ]
 
 
 def _restat(factor: dict[str, Any], rank: int, tol: float | None) -> dict[str, Any]:
@@ -201,8 +268,9 @@ def cmd_spectra(args: argparse.Namespace) -> int:
                 # one figure per run: the panels are (layer, side), the lines training stages
                 name = "spectra.png" if len(runs) == 1 else f"spectra_{_file_name(run)}.png"
                 title = f"run {run}: " if len(runs) > 1 else ""
-                plot_spectra([r for r in records if r["run"] == run], args.out / name, max_panels=args.max_panels,
-                             title=title)  # fmt: skip
+                plot_spectra(
+                    [r for r in records if r["run"] == run], args.out / name, max_panels=args.max_panels, title=title
+                )
                 written.append(name)
         print(f"\nwrote {args.out}/spectra.json" + (f" and {', '.join(written)}" if written else ""))
     return 0
@@ -244,8 +312,10 @@ def cmd_alpha(args: argparse.Namespace) -> int:
         means = mean_by_type(layers)
         print("\nmean per module type:")
         for key, m in means.items():
-            print(f"  {key:<24} n={m['count']:<3} alpha={m['alpha']:.3f}  stable_rank={m['stable_rank']:.2f}  "
-                  f"||W||2={m['spectral_norm']:.3f}")  # fmt: skip
+            print(
+                f"  {key:<24} n={m['count']:<3} alpha={m['alpha']:.3f}  stable_rank={m['stable_rank']:.2f}  "
+                f"||W||2={m['spectral_norm']:.3f}"
+            )
         out[label] = {"layers": [r.as_dict() for r in layers], "mean_by_type": means}
     if args.out:
         _write_json(out, args.out / "alpha.json")

@@ -12,9 +12,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "plots need matplotlib: pip install 'whiten[bench]' (or pass --no-plots)"
-        ) from err
+        raise ModuleNotFoundError("plots need matplotlib: pip install 'whiten[bench]' (or pass --no-plots)") from err
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -57,8 +55,14 @@ def plot_spike_angles(result: Mapping[str, Any], path: str | Path, *, k: int | N
             wide = run["precision"] == "highest"
             color = colors.get(run["precision"])
             ax.plot(steps, curves["top1"], lw=2.2 if wide else 1.0, color=color, label=f"{run['precision']} top-1")
-            ax.plot(steps, curves[f"top{topk}"], lw=2.2 if wide else 1.0, ls="--", color=color,
-                    label=f"{run['precision']} top-{topk}")  # fmt: skip
+            ax.plot(
+                steps,
+                curves[f"top{topk}"],
+                lw=2.2 if wide else 1.0,
+                ls="--",
+                color=color,
+                label=f"{run['precision']} top-{topk}",
+            )
         ax.axvline(spike_at, color="k", lw=0.8, ls=":")
         ax.set_title(title, fontsize=9)
         ax.set_ylim(-3, 93)
@@ -66,11 +70,14 @@ def plot_spike_angles(result: Mapping[str, Any], path: str | Path, *, k: int | N
         ax.set_ylabel("angle to Q(spike-1) (deg)", fontsize=8)
         ax.set_xlabel("iteration (0-based)", fontsize=8)
     handles, labels = next(iter(axes.flat)).get_legend_handles_labels()
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(f"Eigenbasis rotation around a {result['config']['spike_scale']:g}x gradient spike at iteration "
-                 f"{spike_at} (dotted); reference = basis at iteration {spike_at - 1}", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"Eigenbasis rotation around a {result['config']['spike_scale']:g}x gradient spike at iteration "
+        f"{spike_at} (dotted); reference = basis at iteration {spike_at - 1}",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, plt, path)
 
@@ -90,8 +97,9 @@ def plot_spike_eigenvalues(result: Mapping[str, Any], path: str | Path) -> Path:
         if not top:
             continue
         color = cmap(names.index(_run_name(run)) % 10)
-        style = dict(lw=1.1, color=color, ls=styles.get(run["precision"], "-"),
-                     label=f"{_run_name(run)} ({run['precision']})")  # fmt: skip
+        style = dict(
+            lw=1.1, color=color, ls=styles.get(run["precision"], "-"), label=f"{_run_name(run)} ({run['precision']})"
+        )
         axes[0].semilogy([t[0] for t in top], **style)
         axes[1].plot([t[0] / t[1] if len(t) > 1 and t[1] > 0 else math.nan for t in top], **style)
     spike_at = result["config"]["spike_at"]
@@ -137,8 +145,13 @@ def plot_spectra(
                 eigs = f["eigenvalues"]
                 chosen = f.get("chosen_rank")
                 extra = f", r(tol)={chosen}" if chosen is not None else ""
-                ax.semilogy(range(1, len(eigs) + 1), eigs, color=color, lw=1.1,
-                            label=f"step {rec.get('step')}: AM/GM {f['tail_am_gm']:.3f}{extra}")  # fmt: skip
+                ax.semilogy(
+                    range(1, len(eigs) + 1),
+                    eigs,
+                    color=color,
+                    lw=1.1,
+                    label=f"step {rec.get('step')}: AM/GM {f['tail_am_gm']:.3f}{extra}",
+                )
                 if chosen is not None and 1 <= chosen <= len(eigs):
                     ax.plot([chosen], [eigs[chosen - 1]], "o", color=color, ms=5, mec="k", mew=0.5)
                 rank = f["rank"]
@@ -147,10 +160,13 @@ def plot_spectra(
         ax.set_title(f"{key[0]} [{key[1]}]  (r = {rank} dashed, AM/GM of the tail after r)", fontsize=8)
         ax.set_xlabel("eigenvalue index (descending)", fontsize=8)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
-    fig.suptitle(f"{title}Kronecker-factor spectra (spike-and-flat: a few large eigenvalues, then a flat tail); "
-                 "dots: rank chosen by the KL tolerance", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"{title}Kronecker-factor spectra (spike-and-flat: a few large eigenvalues, then a flat tail); "
+        "dots: rank chosen by the KL tolerance",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -164,8 +180,9 @@ def plot_alpha(runs: Mapping[str, Sequence[Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(max(12, 0.28 * len(names) + 7), 4.6))
     types: list[str] = []
     for label, layers in runs.items():
-        axes[0].plot([names.index(r.name) for r in layers], [r.alpha for r in layers], marker="o", ms=3, lw=1,
-                     label=label)  # fmt: skip
+        axes[0].plot(
+            [names.index(r.name) for r in layers], [r.alpha for r in layers], marker="o", ms=3, lw=1, label=label
+        )
         for key in mean_by_type(layers):
             if key not in types:
                 types.append(key)

@@ -83,8 +83,12 @@ def _factor_eigs(state: Mapping[str, Any], use: str) -> list[tuple[str, Tensor, 
         sig = float(sigma) if not isinstance(sigma, Tensor) else float(sigma.detach().double().cpu().reshape(-1)[0])
         # as ProKLShampoo's adaptive rank reads them: tracked Lam, then sigma for the other dim - r (inf -> 0)
         lam = Lam.detach().double().cpu().reshape(-1)
-        eigs = torch.cat([lam.masked_fill(lam.isinf(), 0.0),
-                          torch.full((dim - r,), 0.0 if math.isinf(sig) else sig, dtype=torch.float64)])  # fmt: skip
+        eigs = torch.cat(
+            [
+                lam.masked_fill(lam.isinf(), 0.0),
+                torch.full((dim - r,), 0.0 if math.isinf(sig) else sig, dtype=torch.float64),
+            ]
+        )
         out.append(("U", eigs, dim, r))
     return out
 

@@ -53,8 +53,12 @@ class OptimizerSpec:
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "soap": OptimizerSpec(
-        "SOAP (KL)", "whiten.optim.soap", "SOAP",
-        {"use_kl_shampoo": True, "use_eigh": False, "power_iter_steps": 1}, ("Q_L",), True,
+        "SOAP (KL)",
+        "whiten.optim.soap",
+        "SOAP",
+        {"use_kl_shampoo": True, "use_eigh": False, "power_iter_steps": 1},
+        ("Q_L",),
+        True,
     ),
     "rekls": OptimizerSpec("REKLS", "whiten.optim.soap", "REKLS", {}, ("Q_L",), True),
     "klshampoo": OptimizerSpec("KL-Shampoo", "whiten.optim.kl_shampoo", "KLShampoo", {}, ("Q_L",), False),
@@ -62,7 +66,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "proklshampoo": OptimizerSpec(
         "Pro-KLShampoo", "whiten.optim.pro_kl_shampoo", "ProKLShampoo", {}, ("Q_L", "U"), False
     ),
-}  # fmt: skip
+}
 
 KL_INIT_CHOICES = ("safe", "peer")
 
@@ -107,8 +111,9 @@ class SpikeConfig:
             raise ValueError(f"spike_at must be in [1, steps - 1] = [1, {self.steps - 1}], got {self.spike_at}")
         if any(o < 1 for o in self.offsets):
             raise ValueError(f"offsets must be >= 1, got {self.offsets}")
-        if self.offsets and (self.spike_at - 1 - max(self.offsets) < 0 or self.spike_at - 1 + max(self.offsets)
-                             >= self.steps):  # fmt: skip
+        if self.offsets and (
+            self.spike_at - 1 - max(self.offsets) < 0 or self.spike_at - 1 + max(self.offsets) >= self.steps
+        ):
             raise ValueError(
                 f"offset {max(self.offsets)} reaches outside the run (spike_at={self.spike_at}, steps={self.steps}); "
                 "use smaller offsets, a later spike or more steps"
@@ -143,8 +148,11 @@ def _build(spec: OptimizerSpec, param: Tensor, config: SpikeConfig, precision: s
 
     options: dict[str, Any] = {"lr": config.lr, "betas": config.betas, "weight_decay": config.weight_decay}
     options.update(spec.options)
-    for name, value in (("shampoo_beta", config.shampoo_beta), ("precondition_frequency",
-                        config.precondition_frequency), ("rank", config.rank)):  # fmt: skip
+    for name, value in (
+        ("shampoo_beta", config.shampoo_beta),
+        ("precondition_frequency", config.precondition_frequency),
+        ("rank", config.rank),
+    ):
         if accepts(name):
             options[name] = value
     if spec.kl_init:
@@ -231,11 +239,15 @@ def rotation_curves(trajectory: Tensor, spike_at: int, top_k: int) -> dict[str, 
     pre, post = trajectory[spike_at - 1], trajectory[spike_at]
     return {
         "k": k,
-        "angles_to_pre": {"top1": angle_trajectory_deg(trajectory, pre, 1),
-                          f"top{top_k}": angle_trajectory_deg(trajectory, pre, k)},
-        "angles_to_post": {"top1": angle_trajectory_deg(trajectory, post, 1),
-                           f"top{top_k}": angle_trajectory_deg(trajectory, post, k)},
-    }  # fmt: skip
+        "angles_to_pre": {
+            "top1": angle_trajectory_deg(trajectory, pre, 1),
+            f"top{top_k}": angle_trajectory_deg(trajectory, pre, k),
+        },
+        "angles_to_post": {
+            "top1": angle_trajectory_deg(trajectory, post, 1),
+            f"top{top_k}": angle_trajectory_deg(trajectory, post, k),
+        },
+    }
 
 
 def offset_table(run: SpikeRun | dict[str, Any], basis: str, config: SpikeConfig) -> list[dict[str, float]]:
@@ -246,11 +258,15 @@ def offset_table(run: SpikeRun | dict[str, Any], basis: str, config: SpikeConfig
     rows = []
     for n in config.offsets:
         before, after = config.spike_at - 1 - n, config.spike_at - 1 + n
-        rows.append({
-            "N": n,
-            "before_top1": curves["top1"][before], "before_topk": curves[topk][before],
-            "after_top1": curves["top1"][after], "after_topk": curves[topk][after],
-        })  # fmt: skip
+        rows.append(
+            {
+                "N": n,
+                "before_top1": curves["top1"][before],
+                "before_topk": curves[topk][before],
+                "after_top1": curves["top1"][after],
+                "after_topk": curves[topk][after],
+            }
+        )
     return rows
 
 
@@ -262,11 +278,14 @@ def eigenvalue_table(run: SpikeRun, config: SpikeConfig) -> list[dict[str, Any]]
         if not 0 <= i < len(run.top_eigenvalues):
             continue
         eigs = run.top_eigenvalues[i]
-        rows.append({
-            "step": i + 1, "spike": i == s,
-            "eig": {str(j): eigs[j] for j in (0, 1, 4, 9) if j < len(eigs)},
-            "top_over_2nd": eigs[0] / eigs[1] if len(eigs) > 1 and eigs[1] > 0 else math.inf,
-        })  # fmt: skip
+        rows.append(
+            {
+                "step": i + 1,
+                "spike": i == s,
+                "eig": {str(j): eigs[j] for j in (0, 1, 4, 9) if j < len(eigs)},
+                "top_over_2nd": eigs[0] / eigs[1] if len(eigs) > 1 and eigs[1] > 0 else math.inf,
+            }
+        )
     return rows
 
 
@@ -298,23 +317,35 @@ def format_spike_tables(result: dict[str, Any]) -> str:
         for run in (r for r in result["runs"] if r["precision"] == prec):
             for basis, rows in run["tables"].items():
                 emu = ", CPU TF32/bf16 emulation" if run["emulated"] else ""
-                title = (f"{run['label']} - {basis}: principal angle to pre-spike basis "
-                         f"(iteration {s - 1}, 0-based), degrees [{run['device']}{emu}]")  # fmt: skip
+                title = (
+                    f"{run['label']} - {basis}: principal angle to pre-spike basis "
+                    f"(iteration {s - 1}, 0-based), degrees [{run['device']}{emu}]"
+                )
                 rule = "-" * len(title)
-                out += ["", title, rule, f" {'':>3} | {'BEFORE spike':^21} | {'AFTER spike':^21}",
-                        f" {'N':>3} | {'top-1':>10} {topk:>10} | {'top-1':>10} {topk:>10}", rule]  # fmt: skip
+                out += [
+                    "",
+                    title,
+                    rule,
+                    f" {'':>3} | {'BEFORE spike':^21} | {'AFTER spike':^21}",
+                    f" {'N':>3} | {'top-1':>10} {topk:>10} | {'top-1':>10} {topk:>10}",
+                    rule,
+                ]
                 for r in rows:
-                    out.append(f" {r['N']:>3} | {r['before_top1']:>9.3f}° {r['before_topk']:>9.3f}° | "
-                               f"{r['after_top1']:>9.3f}° {r['after_topk']:>9.3f}°")  # fmt: skip
+                    out.append(
+                        f" {r['N']:>3} | {r['before_top1']:>9.3f}° {r['before_topk']:>9.3f}° | "
+                        f"{r['after_top1']:>9.3f}° {r['after_topk']:>9.3f}°"
+                    )
                 out.append(rule)
-    out += ["", "Eigenvalues of L around the spike (steps 1-based; the spike is ingested at step "
-            f"{s + 1})"]  # fmt: skip
+    out += ["", f"Eigenvalues of L around the spike (steps 1-based; the spike is ingested at step {s + 1})"]
     for run in result["runs"]:
         if not run["eigenvalue_table"]:
             continue
-        out += ["", f"{run['label']} ({run['precision']})",
-                f"{'step':>5} {'eig[0]':>12} {'eig[1]':>12} {'eig[4]':>12} {'eig[9]':>12} {'top/2nd':>9}",
-                "-" * 68]  # fmt: skip
+        out += [
+            "",
+            f"{run['label']} ({run['precision']})",
+            f"{'step':>5} {'eig[0]':>12} {'eig[1]':>12} {'eig[4]':>12} {'eig[9]':>12} {'top/2nd':>9}",
+            "-" * 68,
+        ]
         for r in run["eigenvalue_table"]:
             e = [f"{r['eig'].get(j, math.nan):>12.4g}" for j in ("0", "1", "4", "9")]
             mark = "  <-- spike" if r["spike"] else ""

@@ -192,4 +192,3 @@ def spike_flat_statistics(
     # C U = (1/m) G^T Q_L diag(1/lam_L) Q_L^T G U
     sketch = G.mT @ (Q_L @ (DqU / lam_L.unsqueeze(-1))) / m
     return SpikeFlatStatistics(left, lam_left, Lam_target, sigma_target, sketch)
-

@@ -158,7 +158,6 @@ def newton_schulz(
     return X.mT if transposed else X
 
 
-
 @functools.cache
 def compiled_newton_schulz() -> Callable[..., Tensor]:
     """:func:`newton_schulz` through ``torch.compile`` (``dynamic=False``), built once per process.
@@ -169,6 +168,7 @@ def compiled_newton_schulz() -> Callable[..., Tensor]:
     Needs a working ``torch.compile`` backend (a C++ compiler on CPU, Triton on CUDA).
     """
     return torch.compile(newton_schulz, dynamic=False)
+
 
 def newton_schulz_left_factor(
     X: Tensor,

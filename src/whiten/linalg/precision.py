@@ -68,8 +68,16 @@ def round_mantissa(x: Tensor, bits: int) -> Tensor:
 
 
 _MATMUL_FUNCS = {
-    torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.bmm,
-    torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.linalg.matmul, torch.tensordot,
+    torch.matmul,
+    torch.mm,
+    torch.bmm,
+    torch.Tensor.matmul,
+    torch.Tensor.mm,
+    torch.Tensor.bmm,
+    torch.Tensor.__matmul__,
+    torch.Tensor.__rmatmul__,
+    torch.linalg.matmul,
+    torch.tensordot,
 }
 _ADD_MATMUL_FUNCS = {torch.addmm, torch.baddbmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
 

@@ -132,6 +132,17 @@ def adamw_foreach_(
     for (device, _, step), (ps, gs, ms, vs) in buckets.items():
         step_t = torch.tensor(float(step), dtype=torch.float32, device=device)
         torch._fused_adamw_(
-            ps, gs, ms, vs, [], [step_t] * len(ps),
-            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+            ps,
+            gs,
+            ms,
+            vs,
+            [],
+            [step_t] * len(ps),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
         )

@@ -111,8 +111,13 @@ def matrix_flops(optimizer: Any, shape: Sequence[int], group: Mapping[str, Any])
     kron = 2.0 * (m * m * n + m * n * n)  # one two-sided product Q_L^T X Q_R, or G G^T plus G^T G
     interval = max(1, int(group.get("precondition_frequency", 1) or 1))
     if family in ("Muon", "HTMuon"):
-        ns = _ns_flops(m, n, int(group.get("ns_steps", 5)), str(group.get("ns_method", "direct")),
-                       low_precision=group.get("ns_dtype") == "bfloat16")  # fmt: skip
+        ns = _ns_flops(
+            m,
+            n,
+            int(group.get("ns_steps", 5)),
+            str(group.get("ns_method", "direct")),
+            low_precision=group.get("ns_dtype") == "bfloat16",
+        )
         power = float(group.get("power", 0.0) or 0.0)
         if power == 0.0:
             return ns
@@ -141,9 +146,7 @@ def matrix_flops(optimizer: Any, shape: Sequence[int], group: Mapping[str, Any])
         a, b = min(m, n), max(m, n)
         left = 2.0 * a * a * b  # products with the full left factor / basis (short side)
         ns = _ns_flops(a, b, int(group.get("ns_steps", 5)), str(group.get("ns_method", "spectral")))
-        return 4.0 * left + 8.0 * a * b * r + ns + (
-            _qr_refresh_flops(a) + 4.0 * b * r * r
-        ) / interval
+        return 4.0 * left + 8.0 * a * b * r + ns + (_qr_refresh_flops(a) + 4.0 * b * r * r) / interval
     # unknown method: a Kronecker-factored default (statistics, two rotations, QR refresh)
     return 3.0 * kron + (_qr_refresh_flops(m) + _qr_refresh_flops(n)) / interval
 
@@ -300,8 +303,9 @@ def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
     device = local[0].device
     norms = torch.stack(
         [
-            torch.linalg.vector_norm(g.detach(), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
-            .to(device, torch.float64)
+            torch.linalg.vector_norm(g.detach(), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(
+                device, torch.float64
+            )
             for g in local
         ]
     )
@@ -497,8 +501,10 @@ def _phased_sharded_step(
             whole.append(_like(x, full))
         mapped = optimizer._map_phase(group, params, whole)
         # every rank holds the same whole O: slice locally, no communication
-        updates = [distribute_tensor(O, p.device_mesh, p.placements, src_data_rank=None)
-                   for p, O in zip(params, mapped, strict=True)]  # fmt: skip
+        updates = [
+            distribute_tensor(O, p.device_mesh, p.placements, src_data_rank=None)
+            for p, O in zip(params, mapped, strict=True)
+        ]
         optimizer._apply_phase(group, params, updates)
         return
     me, world = dist.get_rank(pg), dist.get_world_size(pg)
@@ -521,15 +527,18 @@ def _phased_sharded_step(
         mapped = optimizer._map_phase(group, [params[i] for i in mine], whole) if mine else []
         for O in mapped:
             if torch.promote_types(O.dtype, dtype) != dtype:
-                raise RuntimeError(f"_map_phase returned a {O.dtype} update for {dtype} inputs; it must not be"
-                                   " wider (the update travels in the inputs' dtype)")  # fmt: skip
+                raise RuntimeError(
+                    f"_map_phase returned a {O.dtype} update for {dtype} inputs; it must not be"
+                    " wider (the update travels in the inputs' dtype)"
+                )
         if owners is None:  # replicate: every rank has every whole O, keep my slice
             for i, O in zip(mine, mapped, strict=True):
                 local[i] = O.narrow(layout[i][0], *layout[i][1][me])
             continue
         # 3. each rank's shard of O back from the owner
-        back = [[O.narrow(layout[i][0], *layout[i][1][s]) for i, O in zip(mine, mapped, strict=True)]
-                for s in range(world)]  # fmt: skip
+        back = [
+            [O.narrow(layout[i][0], *layout[i][1][s]) for i, O in zip(mine, mapped, strict=True)] for s in range(world)
+        ]
         recv_back = [sum(_shard_numel(params[i], layout[i], me) for i in idx if owned_by(i, s)) for s in range(world)]
         got = _counted_all_to_all(stats, pg, back, recv_back, dtype, device)
         for s in range(world):
@@ -542,8 +551,9 @@ def _phased_sharded_step(
     updates = []
     for p, u in zip(params, local, strict=True):
         assert u is not None
-        updates.append(DTensor.from_local(u, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                          stride=p.stride()))  # fmt: skip
+        updates.append(
+            DTensor.from_local(u, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        )
     optimizer._apply_phase(group, params, updates)
 
 
@@ -858,10 +868,17 @@ def launch_command(nproc: int, argv: Sequence[str], *, module: bool = True) -> l
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-        "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1",
-        *(["-m"] if module else []), *argv,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--nnodes=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "--local-addr=127.0.0.1",
+        *(["-m"] if module else []),
+        *argv,
+    ]
 
 
 def run_with_timeout(cmd: Sequence[str], env: Mapping[str, str] | None = None, timeout_s: float | None = None) -> int:

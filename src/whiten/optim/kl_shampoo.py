@@ -342,11 +342,23 @@ class KLShampoo(KLFactored):
         nonfinite: str = "skip",
     ) -> None:
         defaults = _defaults(
-            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, init_factor,
-            max_precond_dim=max_precond_dim, state_dtype=state_dtype, preconditioner="kl", adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            lr,
+            betas,
+            shampoo_beta,
+            eps,
+            weight_decay,
+            precondition_frequency,
+            init_factor,
+            max_precond_dim=max_precond_dim,
+            state_dtype=state_dtype,
+            preconditioner="kl",
+            adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            maximize=maximize,
             nonfinite=nonfinite,
-        )  # fmt: skip
+        )
         super().__init__(params, defaults)
 
 
@@ -382,9 +394,21 @@ class KLSOAP(KLFactored):
         nonfinite: str = "skip",
     ) -> None:
         defaults = _defaults(
-            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, init_factor,
-            max_precond_dim=max_precond_dim, state_dtype=state_dtype, preconditioner="adam", adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            lr,
+            betas,
+            shampoo_beta,
+            eps,
+            weight_decay,
+            precondition_frequency,
+            init_factor,
+            max_precond_dim=max_precond_dim,
+            state_dtype=state_dtype,
+            preconditioner="adam",
+            adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            maximize=maximize,
             nonfinite=nonfinite,
-        )  # fmt: skip
+        )
         super().__init__(params, defaults)

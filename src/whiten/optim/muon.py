@@ -90,8 +90,10 @@ class _SpectralMomentum(WhitenOptimizer):
         if group.get("spectral_map") == "ns" and group.get("power", 0.0) > 1:
             raise ValueError(f"spectral_map='ns' supports 0 < power <= 1, got power={group['power']}")
         if group.get("ns_method") == "spectral" and group.get("ns_dtype") == "bfloat16":
-            raise ValueError("ns_method='spectral' needs an eigh, which has no bf16 kernel: use ns_dtype='float32'"
-                             " or another ns_method")  # fmt: skip
+            raise ValueError(
+                "ns_method='spectral' needs an eigh, which has no bf16 kernel: use ns_dtype='float32'"
+                " or another ns_method"
+            )
 
     # The step in three phases, the protocol of whiten.optim.distributed.is_phased: under FSDP2 the
     # elementwise phases run on the local shards and only the map on whole matrices (docs/distributed.md).
@@ -187,8 +189,9 @@ class _SpectralMomentum(WhitenOptimizer):
         """
         for p, O in zip(params, updates, strict=True):
             matrix_shape = (p.shape[0], math.prod(p.shape[1:]))  # as_matrix's view of the parameter
-            apply_update_(p, O, group["lr"], group["weight_decay"],
-                          update_scale=shape_factor(matrix_shape, group["adjust_lr_fn"]))  # fmt: skip
+            apply_update_(
+                p, O, group["lr"], group["weight_decay"], update_scale=shape_factor(matrix_shape, group["adjust_lr_fn"])
+            )
 
     def _power_map(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> list[Tensor]:
         power = group["power"]
@@ -279,12 +282,29 @@ class Muon(_SpectralMomentum):
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
-            eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, ns_method=ns_method,
-            compile_ns=compile_ns, power=0.0,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype,
+            ns_method=ns_method,
+            compile_ns=compile_ns,
+            power=0.0,
             spectral_map="ns",
-            interval=1, normuon=False, normuon_beta2=0.95, ns_ridge=1e-6, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize, nonfinite=nonfinite,
+            interval=1,
+            normuon=False,
+            normuon_beta2=0.95,
+            ns_ridge=1e-6,
+            adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            maximize=maximize,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
@@ -342,11 +362,28 @@ class HTMuon(_SpectralMomentum):
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, power=power,
-            spectral_map=spectral_map, interval=interval, normuon=normuon, normuon_beta2=normuon_beta2,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_method=ns_method,
-            compile_ns=compile_ns, ns_ridge=ns_ridge, eps=eps,
-            adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay, maximize=maximize, nonfinite=nonfinite,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            power=power,
+            spectral_map=spectral_map,
+            interval=interval,
+            normuon=normuon,
+            normuon_beta2=normuon_beta2,
+            ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients,
+            ns_dtype=ns_dtype,
+            ns_method=ns_method,
+            compile_ns=compile_ns,
+            ns_ridge=ns_ridge,
+            eps=eps,
+            adjust_lr_fn=adjust_lr_fn,
+            adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            maximize=maximize,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)

@@ -177,14 +177,34 @@ class ProKLShampoo(KLFactored):
         nonfinite: str = "skip",
     ) -> None:
         defaults = _defaults(
-            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, init_factor,
-            rank=rank, project_side=project_side, complement=complement, complement_scale=complement_scale,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_method=ns_method, adaptive_rank=adaptive_rank,
-            max_rank=max_rank, rank_tolerance=rank_tolerance, rank_update_interval=rank_update_interval,
-            max_precond_dim=max_precond_dim, state_dtype=state_dtype, preconditioner="kl", adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            lr,
+            betas,
+            shampoo_beta,
+            eps,
+            weight_decay,
+            precondition_frequency,
+            init_factor,
+            rank=rank,
+            project_side=project_side,
+            complement=complement,
+            complement_scale=complement_scale,
+            ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients,
+            ns_method=ns_method,
+            adaptive_rank=adaptive_rank,
+            max_rank=max_rank,
+            rank_tolerance=rank_tolerance,
+            rank_update_interval=rank_update_interval,
+            max_precond_dim=max_precond_dim,
+            state_dtype=state_dtype,
+            preconditioner="kl",
+            adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            maximize=maximize,
             nonfinite=nonfinite,
-        )  # fmt: skip
+        )
         super().__init__(params, defaults)
 
     def _validate(self, group: dict[str, Any]) -> None:

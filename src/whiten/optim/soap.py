@@ -214,16 +214,32 @@ class SOAP(WhitenOptimizer):
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
-            lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
-            weight_decay_method=weight_decay_method, nesterov=nesterov, correct_bias=correct_bias,
-            fp32_matmul_prec=fp32_matmul_prec, use_eigh=use_eigh, qr_fp32_matmul_prec=qr_fp32_matmul_prec,
-            power_iter_steps=power_iter_steps, max_update_rms=max_update_rms, use_kl_shampoo=use_kl_shampoo,
-            correct_shampoo_beta_bias=correct_shampoo_beta_bias, precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim, kl_init=kl_init, kl_init_shrinkage=kl_init_shrinkage,
-            adamw_lr=adamw_lr, adamw_betas=tuple(betas if adamw_betas is None else adamw_betas),
-            adamw_eps=eps if adamw_eps is None else adamw_eps, adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize, nonfinite=nonfinite,
-        )  # fmt: skip
+            lr=lr,
+            betas=tuple(betas),
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            weight_decay_method=weight_decay_method,
+            nesterov=nesterov,
+            correct_bias=correct_bias,
+            fp32_matmul_prec=fp32_matmul_prec,
+            use_eigh=use_eigh,
+            qr_fp32_matmul_prec=qr_fp32_matmul_prec,
+            power_iter_steps=power_iter_steps,
+            max_update_rms=max_update_rms,
+            use_kl_shampoo=use_kl_shampoo,
+            correct_shampoo_beta_bias=correct_shampoo_beta_bias,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            kl_init=kl_init,
+            kl_init_shrinkage=kl_init_shrinkage,
+            adamw_lr=adamw_lr,
+            adamw_betas=tuple(betas if adamw_betas is None else adamw_betas),
+            adamw_eps=eps if adamw_eps is None else adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            maximize=maximize,
+            nonfinite=nonfinite,
+        )
         super().__init__(params, defaults)
 
     # -- state ----------------------------------------------------------------------------------
@@ -248,8 +264,14 @@ class SOAP(WhitenOptimizer):
             state = self.state[p]
             if "exp_avg" not in state:
                 self._init_state(p, state, group)
-            key = (tuple(state["exp_avg"].shape), state["exp_avg"].dtype, p.device, state["step"], "L" in state,
-                   "R" in state)  # fmt: skip
+            key = (
+                tuple(state["exp_avg"].shape),
+                state["exp_avg"].dtype,
+                p.device,
+                state["step"],
+                "L" in state,
+                "R" in state,
+            )
             buckets.setdefault(key, []).append(index)
         for indices in buckets.values():
             self._bucket_step(group, [params[i] for i in indices], [grads[i] for i in indices])
@@ -342,8 +364,14 @@ class SOAP(WhitenOptimizer):
         for p, U in zip(params, update, strict=True):
             _decay_and_update_(p, U.view(p.shape), lr, decay)
 
-        for key, value in (("L", L), ("R", R), ("Q_L", Q_L), ("Q_R", Q_R), ("exp_avg", exp_avg),
-                           ("exp_avg_sq", exp_avg_sq)):  # fmt: skip
+        for key, value in (
+            ("L", L),
+            ("R", R),
+            ("Q_L", Q_L),
+            ("Q_R", Q_R),
+            ("exp_avg", exp_avg),
+            ("exp_avg_sq", exp_avg_sq),
+        ):
             if value is not None:
                 _store(states, key, value)
         for state in states:
@@ -419,6 +447,14 @@ class REKLS(SOAP):
         if fixed:
             raise TypeError(f"REKLS fixes use_eigh=True and use_kl_shampoo=True; do not pass {fixed} (use SOAP)")
         super().__init__(
-            params, lr, betas, shampoo_beta, eps, weight_decay, weight_decay_method=weight_decay_method,
-            use_eigh=True, use_kl_shampoo=True, **options,
-        )  # fmt: skip
+            params,
+            lr,
+            betas,
+            shampoo_beta,
+            eps,
+            weight_decay,
+            weight_decay_method=weight_decay_method,
+            use_eigh=True,
+            use_kl_shampoo=True,
+            **options,
+        )
