@@ -24,7 +24,7 @@ the same). Optimizer state per rank: full copy of every matrix's state (replicat
 share (split).
 
 Measurement (``--measure``): launches 1 and 2 CPU processes (gloo) with torchrun through
-``whiten.optim.distributed.launch`` and times optimizer steps of a small MLP under DDP and FSDP2,
+``whiten.bench.launch.launch`` and times optimizer steps of a small MLP under DDP and FSDP2,
 replicate and split (median wall time of rank 0 between barriers, and each rank's process CPU
 time of the step, which shows the split of the work even on a shared machine), and records the
 bytes the optimizer itself moved (``comm_stats``), which must
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from whiten.bench import launch as wl
 from whiten.optim import HTMuon, KLShampoo, Muon, ProKLShampoo
 from whiten.optim import distributed as wd
 from whiten.optim.soap import SOAP
@@ -135,7 +136,7 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    rank, world, _ = wd.init_distributed(device="cpu", timeout_s=600)
+    rank, world, _ = wl.init_distributed(device="cpu", timeout_s=600)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(64, 128, generator=gen), torch.randn(64, 128, generator=gen)
     kinds = (
@@ -191,7 +192,7 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
 def measure(out: Path, names: list[str], steps: int, warmup: int) -> list[dict]:
     rows = []
     for nproc in (1, 2):
-        code = wd.launch(
+        code = wl.launch(
             nproc,
             [
                 os.path.abspath(__file__),

@@ -33,14 +33,13 @@ from _dist_common import (
     make_optimizer,
     train,
 )
+from whiten.bench.launch import init_distributed, rank_slice
 from whiten.optim.distributed import (
     comm_stats,
     elementwise_keys,
-    init_distributed,
     is_phased,
     load_checkpoint,
     owners_of,
-    rank_slice,
     save_checkpoint,
 )
 

@@ -1,6 +1,6 @@
 """Scale-out (SPEC §10): DDP and FSDP2, work-split mode, DCP checkpoints, for every optimizer.
 
-One 2-process gloo run (``tests/_dist_worker.py``, started through ``whiten.optim.distributed.launch``,
+One 2-process gloo run (``tests/_dist_worker.py``, started through ``whiten.bench.launch.launch``,
 i.e. torchrun on 127.0.0.1) trains the tiny model of ``tests/_dist_common.py`` with every optimizer
 under DDP and FSDP2, replicated and work-split, and resumes from a DCP checkpoint at step 10. The
 tests here compare what each rank saw with a single-process run on the whole batch.
@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _dist_common import HALF, OPTIMIZERS, STEPS, make_data, make_model, make_optimizer, reference, train
+from whiten.bench import launch as wl
 from whiten.optim import Muon
 from whiten.optim import distributed as wd
 
@@ -60,7 +61,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
             wd.save_checkpoint(out / f"ckpt1-{name}", model, optimizer)
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dist_worker.py")
     argv = [worker, str(out), *MULTI, *(f"+{name}" for name in BRIEF)]
-    code = wd.launch(2, argv, module=False, timeout_s=LAUNCH_TIMEOUT_S)
+    code = wl.launch(2, argv, module=False, timeout_s=LAUNCH_TIMEOUT_S)
     assert code == 0, f"2-process worker failed with exit code {code} (its output is above)"
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     results[0]["_dir"] = out
@@ -482,37 +483,37 @@ def test_split_mode_without_process_group_is_the_plain_step(name: str) -> None:
 
 def test_relaunch_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
     argv = ["whiten", "bench", "--nproc", "2", "--steps", "3", "--nproc=4", "--out", "x"]
-    assert wd.without_flag(argv, "--nproc") == ["whiten", "bench", "--steps", "3", "--out", "x"]
+    assert wl.without_flag(argv, "--nproc") == ["whiten", "bench", "--steps", "3", "--out", "x"]
     calls = []
-    monkeypatch.setattr(wd, "launch", lambda n, a: calls.append((n, a)) or 0)
+    monkeypatch.setattr(wl, "launch", lambda n, a: calls.append((n, a)) or 0)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert wd.relaunch(1, argv) is None and calls == []
-    assert wd.relaunch(2, argv) == 0
+    assert wl.relaunch(1, argv) is None and calls == []
+    assert wl.relaunch(2, argv) == 0
     assert calls == [(2, ["whiten", "bench", "--steps", "3", "--out", "x"])]
     monkeypatch.setenv("WORLD_SIZE", "2")  # inside a launched process: run, do not launch again
-    assert wd.relaunch(2, argv) is None and len(calls) == 1
+    assert wl.relaunch(2, argv) is None and len(calls) == 1
     with pytest.raises(ValueError, match="--nproc"):
-        wd.relaunch(0, argv)
+        wl.relaunch(0, argv)
 
 
 def test_single_process_helpers() -> None:
     batch = torch.arange(6)
-    assert torch.equal(wd.rank_slice(batch), batch)
-    assert wd.is_main_process()
+    assert torch.equal(wl.rank_slice(batch), batch)
+    assert wl.is_main_process()
 
 
 def test_launch_checks_nproc() -> None:
     with pytest.raises(ValueError, match="nproc"):
-        wd.launch(0, ["whiten"])
+        wl.launch(0, ["whiten"])
 
 
 def test_launch_command_needs_no_fixed_port() -> None:
-    cmd = wd.launch_command(3, ["pkg.mod", "--x"])
+    cmd = wl.launch_command(3, ["pkg.mod", "--x"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc-per-node=3" in cmd and "--rdzv-endpoint=127.0.0.1:0" in cmd and "--local-addr=127.0.0.1" in cmd
     assert not any(part.startswith("--master-port") for part in cmd)  # port 0: torchrun binds a free one
     assert cmd[-3:] == ["-m", "pkg.mod", "--x"]
-    assert wd.launch_command(1, ["script.py"], module=False)[-1] == "script.py"
+    assert wl.launch_command(1, ["script.py"], module=False)[-1] == "script.py"
 
 
 def test_run_with_timeout_stops_a_hung_command() -> None:
@@ -520,18 +521,18 @@ def test_run_with_timeout_stops_a_hung_command() -> None:
 
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"0\.5 s"):
-        wd.run_with_timeout([sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=0.5)
+        wl.run_with_timeout([sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=0.5)
     assert time.monotonic() - start < 30  # stopped, not waited for
-    assert wd.run_with_timeout([sys.executable, "-c", "raise SystemExit(3)"], timeout_s=30) == 3
+    assert wl.run_with_timeout([sys.executable, "-c", "raise SystemExit(3)"], timeout_s=30) == 3
 
 
 def test_init_distributed_without_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    rank, world, device = wd.init_distributed()
+    rank, world, device = wl.init_distributed()
     assert (rank, world) == (0, 1) and isinstance(device, torch.device)
-    assert wd.init_distributed(device="cpu") == (0, 1, torch.device("cpu"))
+    assert wl.init_distributed(device="cpu") == (0, 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="device"):
-        wd.init_distributed(device="meta")
+        wl.init_distributed(device="meta")
 
 
 def test_init_distributed_checks_the_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -541,10 +542,10 @@ def test_init_distributed_checks_the_gpu_count(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"local rank 1 has no GPU.*1 CUDA device"):
-        wd.init_distributed()
+        wl.init_distributed()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA is not available"):
-        wd.init_distributed(device="cuda")
+        wl.init_distributed(device="cuda")
 
 
 # -- whiten bench --nproc -----------------------------------------------------------------------------------

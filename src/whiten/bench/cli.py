@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from whiten.bench.data import check_data_fits, get_tokenizer, load_data
+from whiten.bench.launch import init_distributed, is_main_process, launched, relaunch
 from whiten.bench.models import MODEL_CONFIGS, count_parameters, model_config
 from whiten.bench.optimizers import availability, get_spec, known_names
 from whiten.bench.report import PLOT_FILES, load_summary, markdown_table, plot, summarize
 from whiten.bench.runner import BenchConfig, RunSpec, run_all
-from whiten.optim.distributed import init_distributed, is_main_process, launched, relaunch
 
 _MAIN_OPTIMIZERS = ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16"]
 _PAPER_OPTIMIZERS = ["adamw", "muon", "soap", "kl-shampoo", "pro-kls-r32", "pro-kls-r64", "pro-kls-r128"]

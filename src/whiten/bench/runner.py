@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from whiten.bench.data import TokenData, train_batch, val_batches
+from whiten.bench.launch import launched, rank_slice
 from whiten.bench.models import ModelConfig, build_model, count_parameters
 from whiten.bench.optimizers import build_optimizer, get_spec, optimizer_state_bytes
-from whiten.optim.distributed import launched, rank_slice
 
 
 @dataclass

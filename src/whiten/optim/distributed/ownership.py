@@ -1,0 +1,177 @@
+"""Who holds which matrix: modes, process groups, shard layouts, owners, traffic accounting, finiteness."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - builds without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+from whiten.optim.distributed.cost import assign_owners, matrix_flops
+
+MODES = ("replicate", "split")
+
+
+# -- communication accounting ----------------------------------------------------------------------
+@dataclass
+class CommStats:
+    """Bytes this rank sent and received in the optimizer's own collectives (not DDP/FSDP's)."""
+
+    sent: int = 0
+    received: int = 0
+    calls: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, sent: int, received: int) -> None:
+        self.sent += sent
+        self.received += received
+        self.calls += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + sent + received
+
+    def reset(self) -> None:
+        self.sent = self.received = self.calls = 0
+        self.by_kind.clear()
+
+
+def comm_stats(optimizer: Any) -> CommStats:
+    """The optimizer's :class:`CommStats` (created on first use)."""
+    stats = getattr(optimizer, "_comm_stats", None)
+    if stats is None:
+        stats = CommStats()
+        optimizer._comm_stats = stats
+    return stats
+
+
+# -- helpers on parameters -----------------------------------------------------------------------
+def is_sharded(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def process_group_of(optimizer: Any, params: Sequence[Tensor]) -> Any:
+    """The group that splits the work: the device mesh's group for DTensors, else the optimizer's."""
+    meshes = []
+    for p in params:  # per-module fully_shard calls build equal but distinct DeviceMesh objects
+        if is_sharded(p) and all(p.device_mesh != m for m in meshes):
+            meshes.append(p.device_mesh)
+    if len(meshes) > 1:
+        raise ValueError("distributed_mode='split' needs all sharded parameters of a group on one device mesh")
+    if meshes:
+        mesh = meshes[0]
+        if mesh.ndim != 1:
+            raise ValueError(
+                f"distributed_mode='split' supports 1-D device meshes (FSDP2), got a {mesh.ndim}-D mesh; "
+                "use distributed_mode='replicate' for HSDP / 2-D meshes"
+            )
+        return mesh.get_group()
+    return getattr(optimizer, "process_group", None) or dist.group.WORLD
+
+
+def _shard_bounds(p: Tensor, world: int) -> tuple[int, list[tuple[int, int]]]:
+    """``(dim, [(start, length) per rank])`` of a ``Shard(dim)`` DTensor (``torch.chunk`` layout)."""
+    placements = p.placements
+    if len(placements) != 1 or not isinstance(placements[0], Shard):
+        raise ValueError(
+            f"distributed_mode='split' needs parameters sharded as (Shard(dim),) (FSDP2), got {placements}; "
+            "use distributed_mode='replicate'"
+        )
+    dim = placements[0].dim
+    size = p.shape[dim]
+    chunk = -(-size // world) if size else 0
+    bounds = []
+    for r in range(world):
+        start = min(r * chunk, size)
+        bounds.append((start, min(chunk, size - start)))
+    return dim, bounds
+
+
+@contextmanager
+def _state_moved_to(state: dict, params: Sequence[Tensor], proxies: Sequence[Tensor]) -> Iterator[None]:
+    """Key each parameter's optimizer state by its full-size proxy for the duration of the block."""
+    for p, q in zip(params, proxies, strict=True):
+        if p in state:
+            state[q] = state.pop(p)
+    try:
+        yield
+    finally:
+        for p, q in zip(params, proxies, strict=True):
+            if q in state:
+                state[p] = state.pop(q)
+
+
+# -- ownership ---------------------------------------------------------------------------------------
+def owners_of(optimizer: Any, group: Mapping[str, Any]) -> dict[int, int] | None:
+    """``{id(param): owner rank}`` for a split-mode matrix group, or ``None`` when not splitting.
+
+    The assignment balances estimated flops over all split-mode matrix groups of the optimizer
+    together; it depends only on shapes and options, so every rank computes the same one. It is
+    cached and recomputed when the parameters or the world size change.
+    """
+    if group.get("distributed_mode") != "split" or not group.get("use_matrix") or not _initialized():
+        return None
+    pg = process_group_of(optimizer, group["params"])
+    world = dist.get_world_size(pg)
+    if world == 1:
+        return None
+    split_groups = [g for g in optimizer.param_groups if g.get("use_matrix") and g.get("distributed_mode") == "split"]
+    key = (world, tuple(id(p) for g in split_groups for p in g["params"]))
+    cache = getattr(optimizer, "_owner_cache", None)
+    if cache is None or cache[0] != key:
+        entries = [(p, g) for g in split_groups for p in g["params"]]
+        costs = [matrix_flops(optimizer, tuple(p.shape), g) for p, g in entries]
+        owners = assign_owners(costs, world)
+        cache = (key, {id(p): r for (p, _), r in zip(entries, owners, strict=True)})
+        optimizer._owner_cache = cache
+    return cache[1]
+
+
+def holds_state(optimizer: Any, group: Mapping[str, Any], param: Tensor) -> bool:
+    """Whether this rank keeps the matrix state of ``param`` (False for another owner's matrix).
+
+    Under FSDP2 a phased group's elementwise state (:func:`elementwise_keys`) is on every rank anyway.
+    """
+    owners = owners_of(optimizer, group)
+    if owners is None:
+        return True
+    return owners[id(param)] == dist.get_rank(process_group_of(optimizer, group["params"]))
+
+
+def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """Finite check of every gradient with one reduction; for DTensors the verdict is global."""
+    if not grads:
+        return []
+    local = [g.to_local() if is_sharded(g) else g for g in grads]
+    device = local[0].device
+    norms = torch.stack(
+        [
+            torch.linalg.vector_norm(g.detach(), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(
+                device, torch.float64
+            )
+            for g in local
+        ]
+    )
+    sharded = [is_sharded(g) for g in grads]
+    if any(sharded):
+        # a NaN on one shard must skip the parameter on every rank; a NaN/Inf norm stays non-finite in a sum
+        bad = (~torch.isfinite(norms)).to(torch.float64) * torch.tensor(sharded, dtype=torch.float64, device=device)
+        meshes: list[Any] = []
+        for g in grads:  # equal meshes (one per fully_shard call) need one reduction
+            if is_sharded(g) and all(g.device_mesh != m for m in meshes):
+                meshes.append(g.device_mesh)
+        for mesh in meshes:
+            for dim in range(mesh.ndim):
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+        return [bool(ok) and not b for ok, b in zip(torch.isfinite(norms).tolist(), bad.tolist(), strict=True)]
+    return torch.isfinite(norms).tolist()
