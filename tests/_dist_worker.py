@@ -34,6 +34,7 @@ from _dist_common import (
     train,
 )
 from whiten.bench.launch import init_distributed, rank_slice
+from whiten.optim.base import MapInput
 from whiten.optim.distributed import (
     comm_stats,
     elementwise_keys,
@@ -76,7 +77,7 @@ def record_matrix_steps(model: torch.nn.Module, optimizer) -> dict[str, int]:
         # the tensors the work gets: a shard or any other part of a matrix is recorded as such (and fails the test)
         for item in params if name == "_matrix_step" else tensors:
             keys = set()
-            for t in item if isinstance(item, tuple) else (item,):  # KL-Shampoo's (M, G): each whole
+            for t in item.tensors() if isinstance(item, MapInput) else (item,):  # KL-Shampoo's (M, G): each whole
                 if isinstance(t, DTensor):
                     keys.add(f"a DTensor, not a whole matrix: {tuple(t.shape)}")
                 else:

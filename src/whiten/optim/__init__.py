@@ -1,5 +1,7 @@
 """``torch.optim.Optimizer`` classes built on :mod:`whiten.linalg`."""
 
+# the distributed package registers its stepper with the base class (base.py never imports it)
+import whiten.optim.distributed  # noqa: F401
 from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
 from whiten.optim.groups import param_groups, split_parameters
 from whiten.optim.kl_shampoo import KLSOAP, KLShampoo

@@ -17,20 +17,42 @@
 * runs under ``torch.distributed`` (DDP, FSDP2 DTensor parameters) with the option
   ``distributed_mode``: ``"replicate"`` (default) or ``"split"`` (each matrix stepped by one
   owner rank); the mechanism lives in :mod:`whiten.optim.distributed`, see ``docs/distributed.md``.
+
+The step protocol. Every optimizer implements ``_matrix_step(group, params, grads)`` (the whole
+update of a list of matrices). An optimizer whose step splits into an elementwise part and a
+whole-matrix part subclasses :class:`PhasedOptimizer` instead, which declares the three phases
+as abstract methods and composes ``_matrix_step`` from them once; the distributed code detects
+it with ``isinstance`` and runs the elementwise phases on FSDP2 shards (``docs/architecture.md``).
+
+This module never imports :mod:`whiten.optim.distributed`: that package imports this one and
+registers itself with :func:`register_distributed_stepper`; a step calls it only when
+``torch.distributed`` is initialised or a parameter is a DTensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, final
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from whiten.optim import _options as opt
-from whiten.optim import distributed
 from whiten.optim._adamw import adamw_foreach_
+
+try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - builds without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+#: values of the option ``distributed_mode`` (see ``docs/distributed.md``)
+MODES = ("replicate", "split")
+#: the phase methods of :class:`PhasedOptimizer`, in the order a step runs them
+PHASES = ("_direction_phase", "_map_phase", "_apply_phase")
 
 COMMON_CHECKS: dict[str, opt.Check] = {
     "lr": opt.nonneg,
@@ -42,7 +64,7 @@ COMMON_CHECKS: dict[str, opt.Check] = {
     "adamw_weight_decay": opt.nonneg,
     "maximize": opt.boolean,
     "nonfinite": opt.choice("skip", "raise"),
-    "distributed_mode": opt.choice(*distributed.MODES),
+    "distributed_mode": opt.choice(*MODES),
 }
 
 
@@ -56,15 +78,109 @@ def as_matrix(t: Tensor) -> Tensor:
     return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
 
 
-class WhitenOptimizer(Optimizer):
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter, its gradient or a state entry shaped like it)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """fp64 vector of the 2-norms of ``tensors`` (of this rank's shard for DTensors), one host-side stack.
+
+    The finiteness check of a step: a NaN or Inf anywhere makes the norm non-finite. The norm is
+    accumulated in the statistics dtype of each tensor (:func:`stat_dtype`).
+    """
+    local = [t.to_local() if is_sharded(t) else t for t in tensors]
+    device = local[0].device
+    return torch.stack(
+        [torch.linalg.vector_norm(t.detach(), dtype=stat_dtype(t)).to(device, torch.float64) for t in local]
+    )
+
+
+@dataclass(frozen=True)
+class MapInput:
+    """What :meth:`PhasedOptimizer._direction_phase` hands to the map for one parameter.
+
+    ``direction``: the tensor the map transforms (Muon: ``U``; KL-Shampoo: the momentum ``M``), or
+    ``None`` on a parameter's first step when the method only initialises its statistics then
+    (KL-Shampoo). ``gradient``: the raw gradient, for methods whose map also updates statistics from
+    it (the KL family), else ``None``. Both are shaped like the parameter (whole tensors, local shards
+    or DTensors) and share one dtype; the distributed code moves :meth:`tensors` and rebuilds the
+    input with :meth:`with_tensors`.
+    """
+
+    direction: Tensor | None
+    gradient: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.direction is None and self.gradient is None:
+            raise ValueError("MapInput needs a direction or a gradient")
+
+    @property
+    def first_step(self) -> bool:
+        """Whether this is the initialisation step (no direction: the map only builds statistics)."""
+        return self.direction is None
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The tensors present, ``direction`` first."""
+        return tuple(t for t in (self.direction, self.gradient) if t is not None)
+
+    def with_tensors(self, tensors: Sequence[Tensor]) -> MapInput:
+        """The same structure with ``tensors`` (in the order of :meth:`tensors`) in place of these."""
+        if len(tensors) != len(self.tensors()):
+            raise ValueError(f"MapInput holds {len(self.tensors())} tensors, got {len(tensors)}")
+        rest = iter(tensors)
+        direction = next(rest) if self.direction is not None else None
+        gradient = next(rest) if self.gradient is not None else None
+        return MapInput(direction, gradient)
+
+
+class DistributedStepper(Protocol):
+    """What :mod:`whiten.optim.distributed` provides to :class:`WhitenOptimizer` (registered, not imported)."""
+
+    def matrix_step(
+        self, optimizer: WhitenOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None: ...
+
+    def holds_state(self, optimizer: WhitenOptimizer, group: Mapping[str, Any], param: Tensor) -> bool: ...
+
+    def finite_flags(self, grads: Sequence[Tensor]) -> list[bool]: ...
+
+
+_distributed_stepper: DistributedStepper | None = None
+
+
+def register_distributed_stepper(stepper: DistributedStepper | None) -> DistributedStepper | None:
+    """Install the stepper that runs matrix groups under ``torch.distributed``; returns the previous one."""
+    global _distributed_stepper
+    previous, _distributed_stepper = _distributed_stepper, stepper
+    return previous
+
+
+def _distributed_in_use(params: Sequence[Tensor]) -> bool:
+    return (dist.is_available() and dist.is_initialized()) or any(is_sharded(p) for p in params)
+
+
+class WhitenOptimizer(Optimizer, ABC):
     """Base class: parameter routing, option validation, AdamW fallback, non-finite policy.
 
     Subclasses set ``option_checks`` and implement :meth:`_matrix_step`. A subclass whose step splits
-    into elementwise and whole-matrix parts may also provide the three phases of
-    :func:`whiten.optim.distributed.is_phased`, so that FSDP2 keeps its elementwise state sharded.
+    into elementwise and whole-matrix parts derives from :class:`PhasedOptimizer` instead, so that
+    FSDP2 keeps its elementwise state sharded. Defining a phase method (:data:`PHASES`) without
+    deriving from :class:`PhasedOptimizer` is refused when the class is created: such a method would
+    never be called.
     """
 
     option_checks: ClassVar[Mapping[str, opt.Check]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        stray = [name for name in PHASES if name in vars(cls)]
+        phased = globals().get("PhasedOptimizer")  # None while PhasedOptimizer itself is being created
+        if stray and phased is not None and not issubclass(cls, phased):
+            raise TypeError(
+                f"{cls.__name__} defines {stray} but does not derive from PhasedOptimizer, so they would never "
+                "run; derive from whiten.optim.base.PhasedOptimizer (or rename them)"
+            )
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
         full = {
@@ -89,7 +205,7 @@ class WhitenOptimizer(Optimizer):
         ``process_group`` splits the work of replicated (DDP) parameters; FSDP2 parameters use their
         device mesh. Call it before the first step: switching later leaves state on former owners.
         """
-        opt.choice(*distributed.MODES)("distributed_mode", mode)
+        opt.choice(*MODES)("distributed_mode", mode)
         self.defaults["distributed_mode"] = mode
         for group in self.param_groups:
             group["distributed_mode"] = mode
@@ -200,21 +316,37 @@ class WhitenOptimizer(Optimizer):
                     "(set nonfinite='skip' to skip such parameters and count them instead)"
                 )
         for group, params, grads, finite in work:
+            # a single-process step never reaches the distributed code
+            stepper = self._stepper(params) if group["use_matrix"] else None
             kept_params, kept_grads = [], []
             for p, g, ok in zip(params, grads, finite, strict=True):
                 if ok:
                     kept_params.append(p)
                     kept_grads.append(g)
-                elif distributed.holds_state(self, group, p):  # split mode: only the owner counts
+                elif stepper is None or stepper.holds_state(self, group, p):  # split mode: only the owner counts
                     state = self.state[p]
                     state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
             if not kept_params:
                 continue
-            if group["use_matrix"]:
-                distributed.matrix_step(self, group, kept_params, kept_grads)
-            else:
+            if not group["use_matrix"]:
                 self._adamw_step(group, kept_params, kept_grads)
+            elif stepper is None:
+                self._matrix_step(group, kept_params, kept_grads)
+            else:
+                stepper.matrix_step(self, group, kept_params, kept_grads)
         return loss
+
+    @staticmethod
+    def _stepper(params: Sequence[Tensor]) -> DistributedStepper | None:
+        """The registered distributed stepper when ``params`` need it, else ``None`` (single process)."""
+        if not _distributed_in_use(params):
+            return None
+        if _distributed_stepper is None:
+            raise RuntimeError(
+                "torch.distributed is initialised or the parameters are DTensors, but no distributed stepper is "
+                "registered; import whiten.optim (it registers whiten.optim.distributed)"
+            )
+        return _distributed_stepper
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[bool]]:
         params, grads = [], []
@@ -227,14 +359,12 @@ class WhitenOptimizer(Optimizer):
             grads.append(-p.grad if group["maximize"] else p.grad)
         if not grads:
             return params, grads, []
-        if any(distributed.is_sharded(g) for g in grads):
-            return params, grads, distributed.finite_flags(grads)
+        if any(is_sharded(g) for g in grads):  # the verdict must be global: the stepper reduces it over ranks
+            stepper = self._stepper(grads)
+            assert stepper is not None  # DTensors always need it
+            return params, grads, stepper.finite_flags(grads)
         # one reduction and one host sync for the whole group instead of one per parameter
-        device = grads[0].device
-        norms = torch.stack(
-            [torch.linalg.vector_norm(g.detach(), dtype=stat_dtype(g)).to(device, torch.float64) for g in grads]
-        )
-        finite = torch.isfinite(norms).tolist()
+        finite = torch.isfinite(local_norms(grads)).tolist()
         return params, grads, finite
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -249,8 +379,9 @@ class WhitenOptimizer(Optimizer):
             stat_dtype=stat_dtype,
         )
 
+    @abstractmethod
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        raise NotImplementedError
+        """Update the whole matrices ``params`` in place from ``grads``; state in ``self.state[p]``."""
 
     # -- accounting and checkpoints ------------------------------------------------------------
     def nonfinite_skips(self) -> int:
@@ -263,7 +394,7 @@ class WhitenOptimizer(Optimizer):
         for state in self.state.values():
             for value in state.values():
                 if isinstance(value, Tensor):
-                    local = value.to_local() if distributed.is_sharded(value) else value  # this rank's shard
+                    local = value.to_local() if is_sharded(value) else value  # this rank's shard
                     total += local.numel() * local.element_size()
         return total
 
@@ -298,3 +429,64 @@ class WhitenOptimizer(Optimizer):
             for key, value in tensors.items():
                 if isinstance(state.get(key), Tensor) and state[key].dtype != value.dtype:
                     state[key] = value.to(device=param.device, copy=True)
+
+
+class PhasedOptimizer(WhitenOptimizer):
+    """The step protocol of a method whose matrix step is elementwise -> whole-matrix -> elementwise.
+
+    A step of a matrix group is ``_apply_phase(_map_phase(_direction_phase(G)))``, composed once by
+    :meth:`_matrix_step` (final). The phases:
+
+    * :meth:`_direction_phase` (elementwise, per parameter): momentum and counters; returns one
+      :class:`MapInput` per parameter. Runs unchanged on whole tensors, local shards or DTensors.
+    * :meth:`_map_phase` (whole matrix): the matrix function and the whole-matrix statistics; returns
+      one update per parameter, shaped like it and no wider in dtype than its inputs. ``params`` only
+      key the state.
+    * :meth:`_apply_phase` (elementwise): decay and update of the parameters.
+
+    The state entries named in ``elementwise_state`` belong to the elementwise phases (under FSDP2 they
+    are DTensors sharded like the parameter, on every rank); all other state is the map's, whole, on
+    the rank(s) that run it. ``map_inputs``: tensors per :class:`MapInput` after the first step (the
+    traffic model of ``whiten.optim.distributed``). A class whose groups are phased only under some
+    options says so in :meth:`phased_group` and steps the other groups in :meth:`_unphased_step`.
+    """
+
+    #: state keys owned by the elementwise phases (each concrete class must declare them)
+    elementwise_state: ClassVar[tuple[str, ...]]
+    #: tensors per map input (1: Muon's ``U``; 2: KL-Shampoo's ``(M, G)``)
+    map_inputs: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_matrix_step" in vars(cls):
+            raise TypeError(f"{cls.__name__} overrides _matrix_step; a PhasedOptimizer implements the three phases")
+        if not isinstance(getattr(cls, "elementwise_state", None), tuple):
+            raise TypeError(f"{cls.__name__} must declare elementwise_state: a tuple of state keys")
+
+    @abstractmethod
+    def _direction_phase(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[MapInput]:
+        """Elementwise: update the elementwise state, return what the map needs per parameter."""
+
+    @abstractmethod
+    def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[MapInput]) -> list[Tensor]:
+        """Whole-matrix: the update of every parameter from its whole :class:`MapInput`."""
+
+    @abstractmethod
+    def _apply_phase(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:
+        """Elementwise: apply ``updates`` (laid out like ``params``) with the decay."""
+
+    def phased_group(self, group: Mapping[str, Any]) -> bool:
+        """Whether ``group`` runs as the three phases (default: every group)."""
+        return True
+
+    def _unphased_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """The matrix step of a group that :meth:`phased_group` does not phase."""
+        raise NotImplementedError(f"{type(self).__name__} phases every group; phased_group returned False")
+
+    @final
+    def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        if not self.phased_group(group):
+            self._unphased_step(group, params, grads)
+            return
+        inputs = self._direction_phase(group, params, grads)
+        self._apply_phase(group, params, self._map_phase(group, params, inputs))

@@ -25,7 +25,7 @@ dimension larger than ``max_precond_dim`` keeps the identity factor (nothing sto
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -42,7 +42,7 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
-from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
+from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +53,13 @@ def _check_shampoo_beta(name: str, value: Any) -> None:
             raise ValueError(f"{name} must be in [0, 1) or -1 (use betas[1]), got {value!r}")
         return
     opt.unit_interval(name, value)
+
+
+def _gradient_of(x: MapInput) -> Tensor:
+    """The raw gradient of a KL-family map input (the KL direction phase always sets it)."""
+    if x.gradient is None:
+        raise ValueError("a KL-Shampoo map input needs the raw gradient for the factor statistics")
+    return x.gradient
 
 
 def work_view(t: Tensor) -> Tensor:
@@ -85,7 +92,7 @@ def ema_factor_(factor: Tensor, target: Tensor, beta: float) -> None:
         factor.copy_(factor.to(target.dtype).lerp_(target, 1.0 - beta))
 
 
-class KLFactored(WhitenOptimizer):
+class KLFactored(PhasedOptimizer):
     """Shared implementation of :class:`KLShampoo` (``preconditioner="kl"``) and :class:`KLSOAP` (``"adam"``).
 
     State per parameter with a ``m x n`` work view: ``"L"``, ``"R"`` (factors), ``"Q_L"``, ``"Q_R"``
@@ -107,22 +114,20 @@ class KLFactored(WhitenOptimizer):
         "preconditioner": opt.choice("kl", "adam"),
     }
 
-    # The step in three phases for KL-Shampoo (whiten.optim.distributed.is_phased): under FSDP2 the momentum
-    # (elementwise in the parameter basis) stays sharded; the map gets the whole (M, G) of each matrix.
-    # KL-SOAP's momentum lives in the rotated eigenbasis, so its groups take the gather path (phased_group).
+    # The step in the three phases of PhasedOptimizer for KL-Shampoo: under FSDP2 the momentum (elementwise
+    # in the parameter basis) stays sharded; the map gets the whole (M, G) of each matrix. KL-SOAP's moments
+    # live in the rotated eigenbasis (not elementwise in the parameter's layout), so its groups are one
+    # whole-matrix step (phased_group, _unphased_step) and take the gather path under FSDP2.
     elementwise_state: ClassVar[tuple[str, ...]] = ("exp_avg", "step")
-    map_inputs: ClassVar[int] = 2  # (M, G) per matrix travel to the map (whiten.optim.distributed.gathered_tensors)
+    map_inputs: ClassVar[int] = 2  # (M, G) per matrix travel to the map
 
-    def phased_group(self, group: dict[str, Any]) -> bool:
+    def phased_group(self, group: Mapping[str, Any]) -> bool:
         """Whether ``group`` runs as the three phases: KL-Shampoo (``"kl"``) yes, KL-SOAP (``"adam"``) no."""
         return group["preconditioner"] == "kl"
 
-    def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        if self.phased_group(group):
-            inputs = self._direction_phase(group, params, grads)
-            self._apply_phase(group, params, self._map_phase(group, params, inputs))
-            return
-        for p, g in zip(params, grads, strict=True):  # KL-SOAP: Adam in the eigenbasis, all in one piece
+    def _unphased_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """KL-SOAP: Adam in the eigenbasis, all in one whole-matrix piece."""
+        for p, g in zip(params, grads, strict=True):
             state = self.state[p]
             G = work_view(g).to(stat_dtype(p))
             if "exp_avg" not in state:
@@ -131,48 +136,48 @@ class KLFactored(WhitenOptimizer):
             update = self._kl_step(group, G, state)
             apply_update_(p, update.reshape(p.shape), group["lr"], group["weight_decay"], decay_first=False)
 
-    def _direction_phase(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-    ) -> list[tuple[Tensor, ...]]:
-        """Elementwise: ``step += 1``, ``M <- lerp(M, G, 1 - b1)``; returns ``(M, G)`` per parameter.
+    def _direction_phase(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[MapInput]:
+        """Elementwise: ``step += 1``, ``M <- lerp(M, G, 1 - b1)``; returns ``MapInput(M, G)`` per parameter.
 
         On a parameter's first step (the reference's initialisation step) it only creates ``M = 0`` and
-        ``step = 0`` and returns ``(G,)``: the momentum is not fed and the map builds the factors from ``G``.
-        ``G`` is the gradient in the statistics dtype, shaped like the parameter (whole, shard or DTensor).
+        ``step = 0`` and returns ``MapInput(None, G)``: the momentum is not fed and the map builds the factors
+        from ``G``. ``G`` is the gradient in the statistics dtype, shaped like the parameter (whole, shard or
+        DTensor).
         """
         beta1 = group["betas"][0]
-        inputs: list[tuple[Tensor, ...]] = []
+        inputs: list[MapInput] = []
         for p, g in zip(params, grads, strict=True):
             state = self.state[p]
             G = g.to(stat_dtype(p))
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
                 state["step"] = 0
-                inputs.append((G,))
+                inputs.append(MapInput(None, G))
                 continue
             if state["exp_avg"].shape != G.shape:  # a checkpoint that kept a >= 4-D parameter's momentum flattened
                 state["exp_avg"] = state["exp_avg"].reshape(G.shape)
             state["step"] += 1
             state["exp_avg"].lerp_(G, 1.0 - beta1)
-            inputs.append((state["exp_avg"], G))
+            inputs.append(MapInput(state["exp_avg"], G))
         return inputs
 
-    def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
+    def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[MapInput]) -> list[Tensor]:
         """Whole-matrix: factor statistics, eigenvalue EMAs and refreshes from ``G``, the update from ``M``.
 
-        ``inputs`` are the whole ``(M, G)`` (or ``(G,)`` on the initialisation step, which builds the factors
+        ``inputs`` are the whole ``(M, G)`` (no ``M`` on the initialisation step, which builds the factors
         and returns a zero update that :meth:`_apply_phase` skips). ``params`` only key the state.
         Returns the update direction shaped like each parameter, in the statistics dtype.
         """
         updates = []
-        for p, parts in zip(params, inputs, strict=True):
+        for p, x in zip(params, inputs, strict=True):
             state = self.state[p]
-            G = work_view(parts[-1])
-            if len(parts) == 1:
+            grad = _gradient_of(x)
+            G = work_view(grad)
+            if x.direction is None:
                 self._kl_init(group, G, state)
-                updates.append(torch.zeros_like(parts[-1]))
+                updates.append(torch.zeros_like(grad))
                 continue
-            updates.append(self._kl_step(group, G, state, work_view(parts[0])).reshape(p.shape))
+            updates.append(self._kl_step(group, G, state, work_view(x.direction)).reshape(p.shape))
         return updates
 
     def _apply_phase(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:

@@ -36,7 +36,7 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
-from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
+from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
 
 _NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -64,7 +64,7 @@ def normuon_normalize_(O: Tensor, row_second_moment: Tensor, beta2: float, eps: 
     return normalized * scale
 
 
-class _SpectralMomentum(WhitenOptimizer):
+class _SpectralMomentum(PhasedOptimizer):
     """Shared step of :class:`Muon` and :class:`HTMuon` (the map is chosen by the group's options)."""
 
     option_checks: ClassVar[dict[str, opt.Check]] = {
@@ -95,23 +95,19 @@ class _SpectralMomentum(WhitenOptimizer):
                 " or another ns_method"
             )
 
-    # The step in three phases, the protocol of whiten.optim.distributed.is_phased: under FSDP2 the
-    # elementwise phases run on the local shards and only the map on whole matrices (docs/distributed.md).
-    # _matrix_step runs them in sequence. The elementwise phases' state, kept on every rank (the momentum
-    # shaped, and under FSDP2 sharded, like the parameter; the step counter):
+    # The step in the three phases of PhasedOptimizer: under FSDP2 the elementwise phases run on the
+    # local shards and only the map on whole matrices (docs/distributed.md). The elementwise phases'
+    # state, kept on every rank (the momentum shaped, and under FSDP2 sharded, like the parameter; the
+    # step counter):
     elementwise_state: ClassVar[tuple[str, ...]] = ("momentum_buffer", "step")
 
-    def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        directions = self._direction_phase(group, params, grads)
-        self._apply_phase(group, params, self._map_phase(group, params, directions))
-
-    def _direction_phase(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def _direction_phase(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[MapInput]:
         """Elementwise: ``step += 1``, ``buf <- lerp(buf, G, 1 - mu)``, ``U = lerp(G, buf, mu)`` (Nesterov) or ``buf``.
 
         Works unchanged on whole tensors, local shards or DTensors; returns ``U`` shaped like each parameter.
         """
         mu = group["momentum"]
-        directions: list[Tensor] = []
+        directions: list[MapInput] = []
         for p, g in zip(params, grads, strict=True):
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -123,17 +119,19 @@ class _SpectralMomentum(WhitenOptimizer):
             buf = state["momentum_buffer"]
             g_wide = g.to(buf.dtype)
             buf.lerp_(g_wide, 1.0 - mu)
-            directions.append(g_wide.lerp(buf, mu) if group["nesterov"] else buf)
+            directions.append(MapInput(g_wide.lerp(buf, mu) if group["nesterov"] else buf))
         return directions
 
-    def _map_phase(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> list[Tensor]:
+    def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[MapInput]) -> list[Tensor]:
         """Whole-matrix: ``O = spectral_map(U)`` (NS, or the HT map on its steps), then NorMuon's row normalisation.
 
-        ``directions`` are whole (parameter-shaped) tensors; ``params`` only key the state (step counter,
-        NorMuon row moments, stream basis) and give the weight dtype. Returns ``O`` shaped like each parameter,
-        never in a wider dtype than its direction.
+        ``inputs`` hold the whole (parameter-shaped) directions ``U``; ``params`` only key the state (step
+        counter, NorMuon row moments, stream basis) and give the weight dtype. Returns ``O`` shaped like each
+        parameter, never in a wider dtype than its direction.
         """
-        matrices = [as_matrix(U) for U in directions]
+        matrices = [as_matrix(x.direction) for x in inputs if x.direction is not None]
+        if len(matrices) != len(params):
+            raise ValueError("Muon's map needs a direction for every parameter")
         # "ns" at power 0 is plain Muon; any other map (exact SVD polar at p = 0 included) is the HT map
         is_power_map = group["power"] > 0 or group["spectral_map"] != "ns"
         use_ht = [is_power_map and self.state[p]["step"] % group["interval"] == 0 for p in params]

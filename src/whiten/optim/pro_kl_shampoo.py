@@ -45,7 +45,16 @@ from whiten.linalg import (
 )
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
-from whiten.optim.kl_shampoo import KLFactored, _defaults, ema_factor_, factor_dtype, shampoo_beta, work_view
+from whiten.optim.base import MapInput
+from whiten.optim.kl_shampoo import (
+    KLFactored,
+    _defaults,
+    _gradient_of,
+    ema_factor_,
+    factor_dtype,
+    shampoo_beta,
+    work_view,
+)
 
 COMPLEMENTS = ("left_whitened_orth", "orth")
 COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
@@ -230,24 +239,24 @@ class ProKLShampoo(KLFactored):
         return tracked_rank(group) < n and max(shape) <= group["max_precond_dim"]
 
     # -- stepping --------------------------------------------------------------------------------
-    def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[tuple[Tensor, ...]]) -> list[Tensor]:
+    def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[MapInput]) -> list[Tensor]:
         """Whole-matrix part (the direction and apply phases are KL-Shampoo's: ``M <- lerp(M, G, 1 - b1)``,
         ``W <- (W - lr U)(1 - lr wd)``): the spike-and-flat update from ``M`` and the statistics from ``G``,
         with Newton–Schulz batched over matrices; full KL-Shampoo for the others (:meth:`uses_projection`)."""
         updates: list[Tensor | None] = [None] * len(params)
         full, pending = [], []
-        for i, (p, parts) in enumerate(zip(params, inputs, strict=True)):
+        for i, (p, x) in enumerate(zip(params, inputs, strict=True)):
             state = self.state[p]
-            G = work_view(parts[-1])
-            initial = len(parts) == 1  # the initialisation step: no update, momentum not fed
-            if not ("U" in state if not initial else self.uses_projection(group, G.shape)):
+            grad = _gradient_of(x)
+            G = work_view(grad)
+            if not ("U" in state if x.direction is not None else self.uses_projection(group, G.shape)):
                 full.append(i)
                 continue
-            if initial:
+            if x.direction is None:  # the initialisation step: no update, momentum not fed
                 self._pro_init(group, G, state)
-                updates[i] = torch.zeros_like(parts[-1])
+                updates[i] = torch.zeros_like(grad)
                 continue
-            pending.append((i, G, self._pro_direction(group, work_view(parts[0]), state)))
+            pending.append((i, G, self._pro_direction(group, work_view(x.direction), state)))
         if full:
             mapped = super()._map_phase(group, [params[i] for i in full], [inputs[i] for i in full])
             for i, update in zip(full, mapped, strict=True):

@@ -38,10 +38,10 @@ saved shard-wise, every whole-matrix state once, keyed by the parameter's name, 
 loads into either mode and any world size.
 """
 
+from whiten.optim.base import MODES, PHASES, register_distributed_stepper
 from whiten.optim.distributed.checkpoint import load_checkpoint, save_checkpoint
 from whiten.optim.distributed.cost import assign_owners, matrix_flops
 from whiten.optim.distributed.ownership import (
-    MODES,
     CommStats,
     comm_stats,
     finite_flags,
@@ -50,7 +50,7 @@ from whiten.optim.distributed.ownership import (
     owners_of,
     process_group_of,
 )
-from whiten.optim.distributed.steps import PHASES, elementwise_keys, gathered_tensors, is_phased, matrix_step
+from whiten.optim.distributed.steps import elementwise_keys, gathered_tensors, is_phased, matrix_step
 
 __all__ = [
     "MODES",
@@ -71,3 +71,14 @@ __all__ = [
     "process_group_of",
     "save_checkpoint",
 ]
+
+
+class _Stepper:
+    """The :class:`whiten.optim.base.DistributedStepper` this package registers on import."""
+
+    matrix_step = staticmethod(matrix_step)
+    holds_state = staticmethod(holds_state)
+    finite_flags = staticmethod(finite_flags)
+
+
+register_distributed_stepper(_Stepper())

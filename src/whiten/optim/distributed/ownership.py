@@ -12,13 +12,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import Shard
 except ImportError:  # pragma: no cover - builds without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
 
+from whiten.optim.base import is_sharded, local_norms
 from whiten.optim.distributed.cost import assign_owners, matrix_flops
-
-MODES = ("replicate", "split")
 
 
 # -- communication accounting ----------------------------------------------------------------------
@@ -52,10 +51,6 @@ def comm_stats(optimizer: Any) -> CommStats:
 
 
 # -- helpers on parameters -----------------------------------------------------------------------
-def is_sharded(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -152,16 +147,8 @@ def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
     """Finite check of every gradient with one reduction; for DTensors the verdict is global."""
     if not grads:
         return []
-    local = [g.to_local() if is_sharded(g) else g for g in grads]
-    device = local[0].device
-    norms = torch.stack(
-        [
-            torch.linalg.vector_norm(g.detach(), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(
-                device, torch.float64
-            )
-            for g in local
-        ]
-    )
+    norms = local_norms(grads)
+    device = norms.device
     sharded = [is_sharded(g) for g in grads]
     if any(sharded):
         # a NaN on one shard must skip the parameter on every rank; a NaN/Inf norm stays non-finite in a sum

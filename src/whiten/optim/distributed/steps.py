@@ -14,6 +14,7 @@ try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
 except ImportError:  # pragma: no cover - builds without distributed support
     DTensor = None  # type: ignore[assignment,misc]
 
+from whiten.optim.base import PhasedOptimizer, WhitenOptimizer
 from whiten.optim.distributed.ownership import (
     CommStats,
     _shard_bounds,
@@ -26,11 +27,11 @@ from whiten.optim.distributed.ownership import (
 
 
 # -- the step ------------------------------------------------------------------------------------------
-def matrix_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+def matrix_step(optimizer: WhitenOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
     """Run ``optimizer._matrix_step`` on ``params`` in the group's ``distributed_mode``."""
     owners = owners_of(optimizer, group)
     sharded = [i for i, p in enumerate(params) if is_sharded(p)]
-    if sharded and is_phased(optimizer, group):
+    if sharded and isinstance(optimizer, PhasedOptimizer) and is_phased(optimizer, group):
         plain = [i for i, p in enumerate(params) if not is_sharded(p)]
         if plain:  # plain tensors in the group take the ordinary path (each parameter's step is independent)
             matrix_step(optimizer, group, [params[i] for i in plain], [grads[i] for i in plain])
@@ -50,46 +51,35 @@ def matrix_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], gra
         _split_sharded_step(optimizer, group, [params[i] for i in sharded], [grads[i] for i in sharded], owners, pg)
 
 
-PHASES = ("_direction_phase", "_map_phase", "_apply_phase")
+def is_phased(optimizer: WhitenOptimizer, group: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``optimizer`` (for ``group``; ``None``: for all its groups) runs the three phases of
+    :class:`whiten.optim.base.PhasedOptimizer` (and so keeps its elementwise state sharded under FSDP2).
 
-
-def is_phased(optimizer: Any, group: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``optimizer`` (for ``group``; ``None``: for all its groups) runs the three phases of the
-    sharded protocol.
-
-    ``_direction_phase(group, params, grads) -> inputs`` (elementwise: runs on shards) returns per
-    parameter what the map needs, shaped like the parameter: one tensor (Muon: ``U``) or a tuple of
-    tensors of one dtype (KL-Shampoo: ``(M, G)``, or ``(G,)`` on its initialisation step), the same
-    structure on every rank; ``_map_phase(group, params, inputs) -> updates`` (on the whole inputs,
-    in the same structure; ``params`` only key the state; parameter-shaped updates no wider in dtype
-    than the inputs) and ``_apply_phase(group, params, updates)`` (elementwise), with ``_matrix_step``
-    = the three in sequence. The state entries named in the class attribute ``elementwise_state``
-    belong to the elementwise phases and live on every rank (under FSDP2 as DTensors sharded like the
-    parameter); all other state is the map's, whole, on the rank(s) that run it. An optimizer that
-    supports the phases for some groups only says so with ``phased_group(group) -> bool`` (KL-SOAP's
-    groups take the gather path).
+    The protocol is the class: an optimizer that is not a ``PhasedOptimizer`` takes the gather path;
+    one that is but lacks a phase cannot be instantiated. ``phased_group`` opts groups out (KL-SOAP's).
     """
-    if not all(callable(getattr(optimizer, name, None)) for name in PHASES):
+    if not isinstance(optimizer, PhasedOptimizer):
         return False
-    check = getattr(optimizer, "phased_group", None)
-    if not callable(check):
-        return True
     groups = [group] if group is not None else optimizer.param_groups
-    return all(bool(check(g)) for g in groups)
+    return all(optimizer.phased_group(g) for g in groups)
 
 
-def elementwise_keys(optimizer: Any, group: Mapping[str, Any] | None = None) -> frozenset[str]:
+def elementwise_keys(optimizer: WhitenOptimizer, group: Mapping[str, Any] | None = None) -> frozenset[str]:
     """State keys a phased optimizer (group) keeps on every rank (empty for the others)."""
-    return frozenset(getattr(optimizer, "elementwise_state", ())) if is_phased(optimizer, group) else frozenset()
+    if isinstance(optimizer, PhasedOptimizer) and is_phased(optimizer, group):
+        return frozenset(optimizer.elementwise_state)
+    return frozenset()
 
 
-def gathered_tensors(optimizer: Any, group: Mapping[str, Any] | None = None) -> int:
+def gathered_tensors(optimizer: WhitenOptimizer, group: Mapping[str, Any] | None = None) -> int:
     """Parameter-sized tensors per matrix that travel to the whole-matrix work under FSDP2 (traffic model).
 
-    Phased: the map's inputs (class attribute ``map_inputs``, default 1: Muon's ``U``; KL-Shampoo's
-    ``(M, G)``: 2); the gather path: ``(param, grad)``, 2. One tensor (``O`` or the new value) comes back.
+    Phased: the map's inputs (``PhasedOptimizer.map_inputs``: Muon's ``U``, 1; KL-Shampoo's ``(M, G)``, 2);
+    the gather path: ``(param, grad)``, 2. One tensor (``O`` or the new value) comes back.
     """
-    return int(getattr(optimizer, "map_inputs", 1)) if is_phased(optimizer, group) else 2
+    if isinstance(optimizer, PhasedOptimizer) and is_phased(optimizer, group):
+        return optimizer.map_inputs
+    return 2
 
 
 def _chunk_layout(params: Sequence[Tensor], me: int, world: int) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -149,18 +139,12 @@ def _counted_all_to_all(
     return _all_to_all(pg, send, recv, dtype, device)
 
 
-def _as_parts(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """A phase's per-parameter value as a tuple of tensors (one tensor is a 1-tuple)."""
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def _like(inputs: Tensor | tuple[Tensor, ...], parts: Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
-    """``parts`` in the structure of ``inputs`` (a tensor stays a tensor, a tuple a tuple)."""
-    return tuple(parts) if isinstance(inputs, tuple) else parts[0]
-
-
 def _phased_sharded_step(
-    optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], owners: dict[int, int] | None
+    optimizer: PhasedOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    owners: dict[int, int] | None,
 ) -> None:
     """FSDP2 for a phased optimizer (:func:`is_phased`): the elementwise phases run on the shards.
 
@@ -183,7 +167,7 @@ def _phased_sharded_step(
     if pg is not None:  # check the layout before any state changes
         layout = _chunk_layout(params, dist.get_rank(pg), dist.get_world_size(pg))
     inputs = optimizer._direction_phase(group, params, grads)
-    parts = [_as_parts(x) for x in inputs]
+    parts = [x.tensors() for x in inputs]
     for p, ts in zip(params, parts, strict=True):
         if len({t.dtype for t in ts}) != 1:
             raise RuntimeError(
@@ -199,7 +183,7 @@ def _phased_sharded_step(
             for t in full:
                 nbytes = t.numel() * t.element_size()
                 stats.add("all_gather", nbytes // world, nbytes - nbytes // world)
-            whole.append(_like(x, full))
+            whole.append(x.with_tensors(full))
         mapped = optimizer._map_phase(group, params, whole)
         # every rank holds the same whole O: slice locally, no communication
         updates = [
@@ -224,7 +208,7 @@ def _phased_sharded_step(
         got = _counted_all_to_all(stats, pg, send, recv, dtype, device)
         # 2. assemble the whole inputs on the owner and map them there
         assembled = _assemble_whole(got, mine, params, layout, {i: len(parts[i]) for i in mine})
-        whole = [_like(inputs[i], assembled[i]) for i in mine]
+        whole = [inputs[i].with_tensors(assembled[i]) for i in mine]
         mapped = optimizer._map_phase(group, [params[i] for i in mine], whole) if mine else []
         for O in mapped:
             if torch.promote_types(O.dtype, dtype) != dtype:
@@ -258,7 +242,9 @@ def _phased_sharded_step(
     optimizer._apply_phase(group, params, updates)
 
 
-def _replicated_sharded_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+def _replicated_sharded_step(
+    optimizer: WhitenOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+) -> None:
     """FSDP2, replicate mode: gather each matrix, step on the whole matrix everywhere, keep the shard."""
     meshes = [p.device_mesh for p in params if is_sharded(p)]
     if all(is_sharded(p) and _is_row_sharded(p) and p.device_mesh == meshes[0] for p in params):
@@ -289,7 +275,12 @@ def _replicated_sharded_step(optimizer: Any, group: dict[str, Any], params: list
 
 
 def _split_replicated_step(
-    optimizer: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], owners: dict[int, int], pg: Any
+    optimizer: WhitenOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    owners: dict[int, int],
+    pg: Any,
 ) -> None:
     """DDP, split mode: the owner steps its matrices, then sends their new values to every rank.
 
@@ -336,7 +327,7 @@ def _is_row_sharded(p: Tensor) -> bool:
 
 
 def _split_sharded_step(
-    optimizer: Any,
+    optimizer: WhitenOptimizer,
     group: dict[str, Any],
     params: list[Tensor],
     grads: list[Tensor],
