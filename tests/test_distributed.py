@@ -428,21 +428,8 @@ def test_matrix_flops_grow_with_size(name: str) -> None:
     assert 4 < wd.matrix_flops(optimizer, (128, 128), group) / small <= 8.5
 
 
-def test_muon_flops_are_newton_schulz_matmuls_of_the_chosen_method() -> None:
-    m, n = 96, 32
-
-    def flops(**kwargs: object) -> float:
-        optimizer = Muon(torch.nn.Linear(4, 4).parameters(), **kwargs)
-        return wd.matrix_flops(optimizer, (m, n), optimizer.param_groups[0])
-
-    direct = 5 * (4 * n * n * m + 2 * n**3)
-    assert flops(ns_method="direct") == direct
-    assert flops(ns_dtype="bfloat16") == direct  # "auto" keeps bf16 direct
-    assert flops() == 4 * n * n * m + 8 * 5 * n**3  # "auto", fp32, 3:1 -> the Gram iteration
-    assert flops(ns_method="spectral") == 4 * n * n * m + 11 * n**3  # P, eigh (~9 n^3), V q V^T, K X
-
-
 def test_kronecker_flops_follow_the_methods() -> None:
+    """The assignment's costs rank the methods as their math does (the exact counts: tests/test_flops.py)."""
     from whiten.optim import KLSOAP, KLShampoo, ProKLShampoo
 
     def flops(cls, shape, **kwargs):
@@ -450,9 +437,9 @@ def test_kronecker_flops_follow_the_methods() -> None:
         return wd.matrix_flops(optimizer, shape, optimizer.param_groups[0])
 
     shape = (768, 3072)
-    # KL-SOAP: KL-Shampoo's factors and refreshes
-    assert flops(KLSOAP, shape) == flops(KLShampoo, shape)
-    # SPEC §5: Pro-KL's O(m^2 n + m n r) + NS work is below KL-Shampoo's O(m^2 n + m n^2)
+    # KL-SOAP: KL-Shampoo's factors and refreshes, plus its momentum rotated at every refresh
+    assert flops(KLShampoo, shape) < flops(KLSOAP, shape) < 1.2 * flops(KLShampoo, shape)
+    # Pro-KL's O(m^2 n + m n r) + NS work is below KL-Shampoo's O(m^2 n + m n^2)
     assert flops(ProKLShampoo, shape, rank=128) < 0.7 * flops(KLShampoo, shape)
     # refreshing the bases less often costs less
     assert flops(KLShampoo, shape, precondition_frequency=100) < flops(KLShampoo, shape, precondition_frequency=1)

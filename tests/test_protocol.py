@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 import whiten.optim.base as base
+from whiten.linalg import FlopCount
 from whiten.optim import KLSOAP, SOAP, HTMuon, KLShampoo, Muon, ProKLShampoo
 from whiten.optim.base import MapInput, PhasedOptimizer, WhitenOptimizer
 from whiten.optim.distributed import elementwise_keys, gathered_tensors, is_phased
@@ -34,6 +35,9 @@ class _Scaled(PhasedOptimizer):
     def _apply_phase(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:
         for p, u in zip(params, updates, strict=True):
             p.add_(u, alpha=-group["lr"])
+
+    def matrix_flops(self, shape: Any, group: Any) -> FlopCount:
+        return FlopCount()
 
 
 def test_a_misspelt_phase_cannot_be_instantiated() -> None:

@@ -112,6 +112,20 @@ def prefers_gram(shape: Sequence[int], compute_dtype: torch.dtype) -> bool:
     return compute_dtype in (torch.float32, torch.float64) and long >= 1.5 * short
 
 
+def ns_evaluation(method: str, shape: Sequence[int], compute_dtype: torch.dtype) -> str:
+    """How :func:`newton_schulz` evaluates its polynomial for ``method`` on a matrix of ``shape``.
+
+    The one place of the rule: ``"direct"``, ``"gram"`` and ``"spectral"`` are themselves; ``"auto"`` is
+    ``"gram"`` where :func:`prefers_gram` says so, else ``"direct"``. Cost models and callers that
+    apply the Gram factors themselves (Pro-KLShampoo) use it too.
+    """
+    if method not in NS_METHODS:
+        raise ValueError(f"newton_schulz method={method!r} is not valid; use one of {NS_METHODS}")
+    if method == "auto":
+        return "gram" if prefers_gram(shape, compute_dtype) else "direct"
+    return method
+
+
 def newton_schulz(
     G: Tensor,
     steps: int = 5,
@@ -135,17 +149,16 @@ def newton_schulz(
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix (..., m, n), got shape {tuple(G.shape)}")
-    if method not in NS_METHODS:
-        raise ValueError(f"newton_schulz method={method!r} is not valid; use one of {NS_METHODS}")
+    evaluation = ns_evaluation(method, G.shape, compute_dtype)
     schedule = ns_schedule(coefficients, steps)
     X = G.to(compute_dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    if method == "spectral" and compute_dtype not in (torch.float32, torch.float64):
+    if evaluation == "spectral" and compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"newton_schulz method='spectral' needs fp32 or fp64, got compute_dtype={compute_dtype}")
-    if method in ("gram", "spectral") or (method == "auto" and prefers_gram(X.shape, compute_dtype)):
-        factor = newton_schulz_spectral_factor if method == "spectral" else newton_schulz_left_factor
+    if evaluation != "direct":
+        factor = newton_schulz_spectral_factor if evaluation == "spectral" else newton_schulz_left_factor
         K, _ = factor(X, steps, coefficients, eps=eps)
         X = K @ X
         return X.mT if transposed else X

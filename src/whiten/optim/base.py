@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from whiten.linalg.flops import FlopCount
 from whiten.optim import _options as opt
 from whiten.optim._adamw import adamw_foreach_
 
@@ -382,6 +383,15 @@ class WhitenOptimizer(Optimizer, ABC):
     @abstractmethod
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Update the whole matrices ``params`` in place from ``grads``; state in ``self.state[p]``."""
+
+    @abstractmethod
+    def matrix_flops(self, shape: Sequence[int], group: Mapping[str, Any]) -> FlopCount:
+        """FLOPs of one step of a matrix parameter of ``shape`` in ``group`` (refreshes amortised).
+
+        Declared by each method next to its math from the kernels' counts (:mod:`whiten.linalg.flops`);
+        the matmul part equals what ``torch.utils.flop_counter`` measures over a step (``tests/test_flops.py``).
+        The owner assignment of ``whiten.optim.distributed`` and ``benchmarks/step_flops.py`` use it.
+        """
 
     # -- accounting and checkpoints ------------------------------------------------------------
     def nonfinite_skips(self) -> int:

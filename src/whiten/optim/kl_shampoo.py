@@ -25,20 +25,27 @@ dimension larger than ``max_precond_dim`` keeps the identity factor (nothing sto
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from whiten.linalg import (
+    NONE_FLOPS,
+    FlopCount,
     eigh_descending,
     ema_eigenvalues,
+    gram_flops,
     kl_eigenvalue_targets,
     kl_factor_targets,
     kl_tensor_statistics,
+    matmul_flops,
     orthogonal_iteration,
+    orthogonal_iteration_flops,
     rotate_all,
+    rotation_flops,
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
@@ -124,6 +131,33 @@ class KLFactored(PhasedOptimizer):
     def phased_group(self, group: Mapping[str, Any]) -> bool:
         """Whether ``group`` runs as the three phases: KL-Shampoo (``"kl"``) yes, KL-SOAP (``"adam"``) no."""
         return group["preconditioner"] == "kl"
+
+    def matrix_flops(self, shape: Sequence[int], group: Mapping[str, Any]) -> FlopCount:
+        """One step of an ``m x n`` matrix after the initialisation step, refreshes amortised over ``T``.
+
+        Every step: the direction (KL-Shampoo: ``M`` into the eigenbasis and back; KL-SOAP: ``G`` in, the
+        Adam direction out), the statistics ``G Q_R``, ``Q_L^T G``, the cheaper product for ``E`` and the two
+        whitened Grams. A refresh: one orthogonal-iteration step per factor (KL-SOAP also rotates its
+        momentum out and back in). Tensors with more than two dims are counted as their ``(m, rest)`` matrix.
+        """
+        m, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
+        left, right = m <= group["max_precond_dim"], n <= group["max_precond_dim"]
+        rotate = rotation_flops(m, n, left, right)
+        if left and right:
+            cheaper_E = min(matmul_flops(m, m, n), matmul_flops(m, n, n), key=lambda c: c.matmul)
+            stats = rotation_flops(m, n) + cheaper_E + gram_flops(m, n) + gram_flops(n, m)
+        else:  # kl_tensor_statistics: the Gram of the preconditioned side and its rotation for E
+            stats = NONE_FLOPS
+            if left:
+                stats = matmul_flops(m, n, m) + matmul_flops(m, m, n)
+            if right:
+                stats = matmul_flops(n, m, n) + matmul_flops(m, n, n)
+        refresh = (orthogonal_iteration_flops(m) if left else NONE_FLOPS) + (
+            orthogonal_iteration_flops(n) if right else NONE_FLOPS
+        )
+        if group["preconditioner"] == "adam":
+            refresh = refresh + 2 * rotate
+        return 2 * rotate + stats + refresh / group["precondition_frequency"]
 
     def _unphased_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """KL-SOAP: Adam in the eigenbasis, all in one whole-matrix piece."""

@@ -16,7 +16,7 @@ seed 004). See ``docs/muon_htmuon.md`` for defaults and deliberate deviations.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -25,20 +25,28 @@ from torch import Tensor
 from whiten.linalg import (
     KELLER_QUINTIC,
     NS_METHODS,
+    FlopCount,
     compiled_newton_schulz,
     initial_stream_basis,
     map_batched,
+    matmul_flops,
     newton_schulz,
+    newton_schulz_flops,
+    ns_power_rounds,
     ns_schedule,
+    qr_flops,
     schatten_power_ns,
     schatten_power_stream,
     schatten_power_svd,
+    svd_flops,
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
 from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
 
 _NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: coupled Newton–Schulz square-root iterations per root of HTMuon's NS variant (the reference's 5)
+_SQRT_STEPS = 5
 
 
 def _check_ns_coefficients(name: str, value: Any) -> None:
@@ -191,6 +199,33 @@ class _SpectralMomentum(PhasedOptimizer):
                 p, O, group["lr"], group["weight_decay"], update_scale=shape_factor(matrix_shape, group["adjust_lr_fn"])
             )
 
+    def matrix_flops(self, shape: Sequence[int], group: Mapping[str, Any]) -> FlopCount:
+        """One step of an ``m x n`` matrix: Newton–Schulz as :meth:`_map_phase` evaluates it, or on the power
+        map's steps (every ``interval``-th) that map: SVD then ``(A s^p) B^T``; the NS variant's Gram, ``k``
+        coupled square roots (``3 * 5 - 3`` products each, :func:`whiten.linalg.coupled_newton_schulz_sqrt`),
+        NS and the product with the root; the stream variant's four products and QR."""
+        m, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
+        dtype = _NS_DTYPES[group["ns_dtype"]]
+        ns = newton_schulz_flops((m, n), group["ns_steps"], group["ns_method"], dtype)
+        if not (group["power"] > 0 or group["spectral_map"] != "ns"):
+            return ns
+        s, l = sorted((m, n))
+        kind = group["spectral_map"]
+        if kind == "svd":
+            power_map = svd_flops(m, n) + matmul_flops(m, s, n)
+        elif kind == "stream":
+            power_map = 3 * matmul_flops(m, n, s) + matmul_flops(m, s, n) + qr_flops(n, s)
+        else:  # the NS variant keeps fp32 work (torch.float32) for the Gram, its roots and the final product
+            rounds = ns_power_rounds(group["power"])
+            power_map = (
+                matmul_flops(s, l, s)
+                + rounds * (3 * _SQRT_STEPS - 3) * matmul_flops(s, s, s)
+                + newton_schulz_flops((m, n), group["ns_steps"], group["ns_method"], dtype)
+                + matmul_flops(s, s, l)
+            )
+        every = group["interval"]
+        return ns * (1.0 - 1.0 / every) + power_map / every
+
     def _power_map(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> list[Tensor]:
         power = group["power"]
         kind = group["spectral_map"]
@@ -203,6 +238,7 @@ class _SpectralMomentum(PhasedOptimizer):
                     power,
                     ns_steps=group["ns_steps"],
                     ns_coefficients=group["ns_coefficients"],
+                    sqrt_steps=_SQRT_STEPS,
                     ridge=group["ns_ridge"],
                     ns_dtype=_NS_DTYPES[group["ns_dtype"]],
                     eps=group["eps"],

@@ -23,7 +23,7 @@ parameter is trained by the full KL-Shampoo path of :class:`whiten.KLShampoo` (s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -31,16 +31,21 @@ from torch import Tensor
 
 from whiten.linalg import (
     NS_METHODS,
+    FlopCount,
     effective_flat_value,
     eigh_descending,
     ema_eigenvalues,
     map_batched,
+    matmul_flops,
     newton_schulz,
+    newton_schulz_flops,
     newton_schulz_left_factor,
     newton_schulz_spectral_factor,
+    ns_evaluation,
     ns_schedule,
     orthogonal_iteration,
-    prefers_gram,
+    orthogonal_iteration_flops,
+    qr_flops,
     spike_flat_statistics,
 )
 from whiten.linalg.spectrum import choose_rank
@@ -77,9 +82,7 @@ def ns_factor(X: Tensor, method: str) -> str:
     wide = X.shape[-2] <= X.shape[-1]
     if method == "direct" or not wide:
         return "direct"
-    if method == "auto":
-        return "gram" if prefers_gram(X.shape, X.dtype) else "direct"
-    return method
+    return ns_evaluation(method, X.shape, X.dtype)
 
 
 def adaptive_rank(eigs: Tensor, m: int, tolerance: float, max_rank: int) -> int:
@@ -237,6 +240,34 @@ class ProKLShampoo(KLFactored):
             return False
         n = shape[0] if orientation(group, shape) else shape[1]
         return tracked_rank(group) < n and max(shape) <= group["max_precond_dim"]
+
+    def matrix_flops(self, shape: Sequence[int], group: Mapping[str, Any]) -> FlopCount:
+        """One spike-and-flat step of an ``m x n`` matrix (full KL-Shampoo's where :meth:`uses_projection` says no).
+
+        On the working orientation ``s x l`` (``l`` restricted), rank ``r``: the direction ``A = Q_L^T M``,
+        ``B = A U``, ``X = A - B U^T``; the complement's NS as :func:`ns_factor` chooses (factored: ``K`` and
+        ``Q_L [sub U^T + c K X]`` with one ``s x s x l`` product; direct: ``O``, ``sub U^T`` and ``Q_L`` times
+        the coordinates); the statistics of :func:`whiten.linalg.spike_flat_statistics` (``G U``, ``G G^T``,
+        the in-span Grams, ``(G G^T) Q_L``, ``Q_L^T (G U)``, the sketch); a refresh: one orthogonal-iteration
+        step on ``L`` and the QR of the ``l x R`` sketch.
+        """
+        work = tuple(int(s) for s in shape) if len(shape) in (2, 3) else (int(shape[0]), math.prod(shape[1:]))
+        if not self.uses_projection(dict(group), work):
+            return super().matrix_flops(shape, group)
+        s, l = sorted(work)
+        r = min(group["rank"], l)
+        mm = matmul_flops
+        direction = mm(s, s, l) + mm(s, l, r) + mm(s, r, l)  # A, B, X
+        kind = ns_evaluation(group["ns_method"], (s, l), torch.float32)
+        if kind == "direct":
+            direction = direction + newton_schulz_flops((s, l), group["ns_steps"]) + mm(s, r, l) + mm(s, s, l)
+        else:
+            # K alone (its K X is fused into the final product), then (Q_L sub) U^T, Q_L K and (.) X
+            factor = newton_schulz_flops((s, l), group["ns_steps"], kind, apply_factor=False)
+            direction = direction + factor + mm(s, s, r) + mm(s, r, l) + mm(s, s, s) + mm(s, s, l)
+        statistics = mm(s, l, r) + mm(s, l, s) + 2 * mm(s, r, s) + mm(s, s, s) + 2 * mm(s, s, r) + mm(l, s, r)
+        refresh = orthogonal_iteration_flops(s) + qr_flops(l, tracked_rank(dict(group)))
+        return direction + statistics + refresh / group["precondition_frequency"]
 
     # -- stepping --------------------------------------------------------------------------------
     def _map_phase(self, group: dict[str, Any], params: list[Tensor], inputs: list[MapInput]) -> list[Tensor]:

@@ -50,19 +50,27 @@ eigenvalues that the eps clamp turns into ``1e8`` gains one step later: the same
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from whiten.linalg import (
+    NONE_FLOPS,
     PRECISIONS,
+    FlopCount,
     eigh_descending,
+    eigh_flops,
     gram,
+    gram_flops,
     kl_factor_targets,
+    matmul_flops,
     matmul_precision,
+    orthogonal_iteration_flops,
     rayleigh_quotients,
+    rotation_flops,
     sorted_orthogonal_iteration,
 )
 from whiten.optim import _options as opt
@@ -241,6 +249,39 @@ class SOAP(WhitenOptimizer):
             nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
+
+    # -- cost -----------------------------------------------------------------------------------
+    def matrix_flops(self, shape: Sequence[int], group: Mapping[str, Any]) -> FlopCount:
+        """One step of an ``m x n`` matrix after the first, refreshes amortised over ``precondition_frequency``.
+
+        Every step: the factor targets (plain: two Grams; KL: the Rayleigh quotients ``L Q_L``, ``R Q_R``,
+        ``G Q_R``, ``Q_L^T G`` and two whitened Grams), ``G`` into the eigenbasis and the update out of it.
+        A refresh: the first moment out and back in, and per side one ``eigh`` (``use_eigh``) or
+        ``power_iter_steps`` orthogonal-iteration steps. A side over ``max_precond_dim`` costs nothing.
+        """
+        m, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
+        left, right = m <= group["max_precond_dim"], n <= group["max_precond_dim"]
+        if not group["use_kl_shampoo"]:
+            stats = (gram_flops(m, n) if left else NONE_FLOPS) + (gram_flops(n, m) if right else NONE_FLOPS)
+        elif left and right:
+            stats = (
+                matmul_flops(m, m, m)
+                + matmul_flops(n, n, n)
+                + rotation_flops(m, n)
+                + gram_flops(m, n)
+                + gram_flops(n, m)
+            )
+        else:  # the other side's target is the normalised Gram
+            stats = gram_flops(m, n) if left else (gram_flops(n, m) if right else NONE_FLOPS)
+        rotate = rotation_flops(m, n, left, right)
+
+        def refresh_side(d: int) -> FlopCount:
+            return eigh_flops(d) if group["use_eigh"] else orthogonal_iteration_flops(d, group["power_iter_steps"])
+
+        refresh = 2 * rotate + (refresh_side(m) if left else NONE_FLOPS) + (refresh_side(n) if right else NONE_FLOPS)
+        if not (left or right):
+            refresh = NONE_FLOPS
+        return stats + 2 * rotate + refresh / group["precondition_frequency"]
 
     # -- state ----------------------------------------------------------------------------------
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
