@@ -723,3 +723,35 @@ def test_global_matmul_precision_is_restored():
     p.grad = torch.randn(4, 3)
     SOAP([p], lr=0.1, fp32_matmul_prec="medium", qr_fp32_matmul_prec="high").step()
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_stacking_follows_the_batching_policy(monkeypatch):
+    """SOAP batches same-shape matrices only where whiten.linalg.stacking_helps says so (not on CPU);
+    forced to stack (as on an accelerator) it still equals stepping them one at a time."""
+    import whiten.optim.soap as soap_module
+
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.randn(6, 5, generator=gen, dtype=F64, requires_grad=True) for _ in range(3)]
+    alone = [p.detach().clone().requires_grad_() for p in params]
+    singles = [p.detach().clone().requires_grad_() for p in params]
+    calls = []
+    inner = SOAP._bucket_step
+    monkeypatch.setattr(SOAP, "_bucket_step", lambda self, g, ps, gs: calls.append(len(ps)) or inner(self, g, ps, gs))
+    opt = SOAP(params, lr=0.03)
+    for p in params:
+        p.grad = torch.randn(6, 5, generator=gen, dtype=F64)
+    opt.step()
+    assert calls == [1, 1, 1]  # CPU: one matrix per pass
+    monkeypatch.setattr(soap_module, "stacking_helps", lambda device: True)
+    calls.clear()
+    stacked = SOAP(alone, lr=0.03)
+    for a, b in zip(params, alone, strict=True):
+        b.grad = a.grad.clone()
+    stacked.step()
+    assert calls == [3]
+    for s, a in zip(singles, params, strict=True):
+        s.grad = a.grad.clone()
+    for s in singles:
+        SOAP([s], lr=0.03).step()
+    for a, s in zip(alone, singles, strict=True):
+        torch.testing.assert_close(a, s, rtol=1e-7, atol=1e-9)

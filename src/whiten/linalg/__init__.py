@@ -1,6 +1,6 @@
 """Pure tensor kernels (no optimizer state): Newton–Schulz, spectral maps, eigen/QR, precision."""
 
-from whiten.linalg.batching import map_batched
+from whiten.linalg.batching import map_batched, stacking_helps
 from whiten.linalg.eigen import (
     eigh_descending,
     orthogonal_iteration,
@@ -28,6 +28,7 @@ from whiten.linalg.kl_family import (
     kl_tensor_statistics,
     rotate,
     rotate_all,
+    rotate_matrix,
     spike_flat_statistics,
 )
 from whiten.linalg.kronecker import clamp_eigenvalues, kl_eigenvalue_targets, kl_factor_targets
@@ -110,6 +111,7 @@ __all__ = [
     "rayleigh_quotients",
     "rotate",
     "rotate_all",
+    "rotate_matrix",
     "rotation_flops",
     "round_mantissa",
     "schatten_power_ns",
@@ -118,5 +120,6 @@ __all__ = [
     "sort_basis",
     "sorted_orthogonal_iteration",
     "spike_flat_statistics",
+    "stacking_helps",
     "svd_flops",
 ]

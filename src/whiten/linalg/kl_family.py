@@ -47,8 +47,23 @@ def _along(v: Tensor, dim: int, ndim: int) -> Tensor:
     return v.view(shape)
 
 
+def rotate_matrix(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, back: bool = False) -> Tensor:
+    """The eigenbasis rotation of a matrix, batched over leading dims: ``Q_L^T X Q_R`` (``back``: ``Q_L X Q_R^T``).
+
+    The one kernel behind SOAP's rotations and :func:`rotate_all` of a matrix; a missing basis is the
+    identity (an unpreconditioned side). The left product comes first in both directions.
+    """
+    if Q_L is not None:
+        X = (Q_L @ X) if back else (Q_L.mT @ X)
+    if Q_R is not None:
+        X = (X @ Q_R.mT) if back else (X @ Q_R)
+    return X
+
+
 def rotate_all(X: Tensor, bases: Sequence[Tensor | None], *, back: bool = False) -> Tensor:
     """Apply :func:`rotate` along every dimension that has a basis (``None`` = identity)."""
+    if X.ndim == 2 and len(bases) == 2:
+        return rotate_matrix(X, bases[0], bases[1], back=back)
     for dim, Q in enumerate(bases):
         if Q is not None:
             X = rotate(X, Q, dim, back=back)

@@ -14,6 +14,24 @@ import torch
 from torch import Tensor
 
 
+def decay_and_update_(param: Tensor, update: Tensor, *, alpha: float, decay: float, decay_first: bool = True) -> None:
+    """The one decay-and-update kernel: ``W <- decay W + alpha U`` (``decay_first=False``: ``decay (W + alpha U)``).
+
+    ``update`` may be in a wider dtype than ``param`` (fp32 statistics for a bf16 weight): the
+    arithmetic then happens in the wide dtype and the result is rounded once. A narrower
+    ``update`` (a bf16 Newton–Schulz output for an fp32 weight) is added in ``param``'s dtype
+    without a separate cast. A ``decay`` of exactly 1 skips the multiplication.
+    """
+    target = param if torch.promote_types(param.dtype, update.dtype) == param.dtype else param.to(update.dtype)
+    if decay_first and decay != 1.0:
+        target.mul_(decay)
+    target.add_(update, alpha=alpha)
+    if not decay_first and decay != 1.0:
+        target.mul_(decay)
+    if target is not param:
+        param.copy_(target)
+
+
 def apply_update_(
     param: Tensor,
     update: Tensor,
@@ -25,27 +43,10 @@ def apply_update_(
 ) -> None:
     """``W <- W (1 - lr wd) - lr s U``, ``s = update_scale`` (``decay_first=False``: ``(W - lr s U)(1 - lr wd)``).
 
-    ``update`` may be in a wider dtype than ``param`` (fp32 statistics for a bf16 weight): the
-    arithmetic then happens in the wide dtype and the result is rounded once. A narrower
-    ``update`` (a bf16 Newton–Schulz output for an fp32 weight) is added in ``param``'s dtype
-    without a separate cast. ``update_scale`` folds a scalar factor (Muon's shape factor) into
-    the ``add_`` instead of a pass over ``update``.
+    Decoupled weight decay through :func:`decay_and_update_`. ``update_scale`` folds a scalar factor
+    (Muon's shape factor) into the ``add_`` instead of a pass over ``update``.
     """
-    step = -lr * update_scale
-    if torch.promote_types(param.dtype, update.dtype) == param.dtype:
-        if decay_first and weight_decay != 0.0:
-            param.mul_(1.0 - lr * weight_decay)
-        param.add_(update, alpha=step)
-        if not decay_first and weight_decay != 0.0:
-            param.mul_(1.0 - lr * weight_decay)
-        return
-    wide = param.to(update.dtype)
-    if decay_first and weight_decay != 0.0:
-        wide.mul_(1.0 - lr * weight_decay)
-    wide.add_(update, alpha=step)
-    if not decay_first and weight_decay != 0.0:
-        wide.mul_(1.0 - lr * weight_decay)
-    param.copy_(wide)
+    decay_and_update_(param, update, alpha=-lr * update_scale, decay=1.0 - lr * weight_decay, decay_first=decay_first)
 
 
 def adamw_step_(

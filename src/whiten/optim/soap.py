@@ -70,10 +70,13 @@ from whiten.linalg import (
     matmul_precision,
     orthogonal_iteration_flops,
     rayleigh_quotients,
+    rotate_matrix,
     rotation_flops,
     sorted_orthogonal_iteration,
+    stacking_helps,
 )
 from whiten.optim import _options as opt
+from whiten.optim._adamw import decay_and_update_
 from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
@@ -97,24 +100,6 @@ def _store(states: list[dict[str, Any]], key: str, batched: Tensor) -> None:
         return
     for state, value in zip(states, batched, strict=True):
         state[key].copy_(value)
-
-
-def to_eigenbasis(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
-    """``Q_L^T X Q_R`` (batched); a missing basis is the identity (an unpreconditioned side)."""
-    if Q_L is not None:
-        X = Q_L.mT @ X
-    if Q_R is not None:
-        X = X @ Q_R
-    return X
-
-
-def from_eigenbasis(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None) -> Tensor:
-    """``Q_L X Q_R^T`` (batched); a missing basis is the identity."""
-    if Q_L is not None:
-        X = Q_L @ X
-    if Q_R is not None:
-        X = X @ Q_R.mT
-    return X
 
 
 def _add_to_diagonal(A: Tensor, value: Tensor) -> Tensor:
@@ -299,7 +284,8 @@ class SOAP(WhitenOptimizer):
 
     # -- stepping -------------------------------------------------------------------------------
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        # one batched pass per (shape, dtype, device, step count, preconditioned sides)
+        # one batched pass per (shape, dtype, device, step count, preconditioned sides) where stacking pays
+        # (whiten.linalg.stacking_helps, the policy of map_batched: not on CPU); else one pass per matrix
         buckets: dict[tuple, list[int]] = {}
         for index, p in enumerate(params):
             state = self.state[p]
@@ -312,6 +298,7 @@ class SOAP(WhitenOptimizer):
                 state["step"],
                 "L" in state,
                 "R" in state,
+                None if stacking_helps(p.device) else index,
             )
             buckets.setdefault(key, []).append(index)
         for indices in buckets.values():
@@ -351,7 +338,7 @@ class SOAP(WhitenOptimizer):
         # (2) eigenbasis refresh, first moment rotated along, second moment only permuted
         if (t - 1) % group["precondition_frequency"] == 0 and (L is not None or R is not None):
             with matmul_precision(group["qr_fp32_matmul_prec"]):
-                moment = from_eigenbasis(exp_avg, Q_L, Q_R) if t > 1 else None  # exp_avg is 0 on step 1
+                moment = rotate_matrix(exp_avg, Q_L, Q_R, back=True) if t > 1 else None  # exp_avg is 0 on step 1
                 full = t == 1 or group["use_eigh"]
                 steps = group["power_iter_steps"]
                 if L is not None:
@@ -367,7 +354,7 @@ class SOAP(WhitenOptimizer):
                         Q_R, order = sorted_orthogonal_iteration(R, Q_R, steps)
                         exp_avg_sq = exp_avg_sq.take_along_dim(order.unsqueeze(-2), dim=-1)
                 if moment is not None:
-                    exp_avg = to_eigenbasis(moment, Q_L, Q_R)
+                    exp_avg = rotate_matrix(moment, Q_L, Q_R)
 
         # (3) l2 decay enters the Adam gradient only (a copy; the factors saw the raw gradient)
         weight_decay, method = group["weight_decay"], group["weight_decay_method"]
@@ -377,7 +364,7 @@ class SOAP(WhitenOptimizer):
 
         # (4) Adam in the eigenbasis
         with matmul_precision(group["fp32_matmul_prec"]):
-            G_rot = to_eigenbasis(G_adam, Q_L, Q_R)
+            G_rot = rotate_matrix(G_adam, Q_L, Q_R)
         exp_avg.lerp_(G_rot, 1.0 - beta1)
         exp_avg_sq.lerp_(G_rot.square(), 1.0 - beta2)
         bias1 = 1.0 - beta1**t if correct_bias else 1.0
@@ -389,7 +376,7 @@ class SOAP(WhitenOptimizer):
             momentum = exp_avg / bias1
         direction = momentum / (exp_avg_sq / bias2).sqrt_().add_(eps)
         with matmul_precision(group["fp32_matmul_prec"]):
-            update = from_eigenbasis(direction, Q_L, Q_R)
+            update = rotate_matrix(direction, Q_L, Q_R, back=True)
         max_rms = group["max_update_rms"]
         if max_rms > 0:
             rms = update.square().mean(dim=(-2, -1), keepdim=True).sqrt_()
@@ -403,7 +390,7 @@ class SOAP(WhitenOptimizer):
         else:
             decay = 1.0
         for p, U in zip(params, update, strict=True):
-            _decay_and_update_(p, U.view(p.shape), lr, decay)
+            decay_and_update_(p, U.view(p.shape), alpha=-lr, decay=decay)
 
         for key, value in (
             ("L", L),
@@ -447,20 +434,6 @@ class SOAP(WhitenOptimizer):
             return kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R)
         # an unpreconditioned side has S = I, so the other side's target is the normalised Gram
         return (gram(G) / n if L is not None else None, gram(G.mT) / m if R is not None else None)
-
-
-def _decay_and_update_(param: Tensor, update: Tensor, lr: float, decay: float) -> None:
-    """``W <- decay * W - lr * U``, rounded once into ``param``'s dtype when ``update`` is wider."""
-    if param.dtype == update.dtype:
-        if decay != 1.0:
-            param.mul_(decay)
-        param.add_(update, alpha=-lr)
-        return
-    wide = param.to(update.dtype)
-    if decay != 1.0:
-        wide.mul_(decay)
-    wide.add_(update, alpha=-lr)
-    param.copy_(wide)
 
 
 class REKLS(SOAP):
