@@ -364,3 +364,24 @@ def test_gram_from_block_triangle_equals_plain_product(shape):
     torch.testing.assert_close(gram(G.mT, block_rows=300), G.mT @ G, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="block_rows"):
         gram(X, block_rows=0)
+
+
+def test_principal_angles_resolve_tiny_angles():
+    """arccos of the cosines reads 0 below ~sqrt(2 eps) (1e-8 in fp64); the sines resolve it."""
+    angle = 1e-10
+    e = torch.eye(5, dtype=torch.float64)
+    tilted = e[:, :2].clone()
+    tilted[:, 1] = math.cos(angle) * e[:, 1] + math.sin(angle) * e[:, 4]
+    got = principal_angles(e[:, :2], tilted)
+    assert got[-1].item() == pytest.approx(angle, rel=1e-6)
+    assert principal_angles(tilted, e[:, :3]).shape == (2,)  # min(p, q) angles, either order
+
+
+def test_map_batched_returns_tuples_per_matrix():
+    """A kernel returning (factor, gram) gets its pair back per matrix, stacked or not, in input order."""
+    mats = [torch.randn(3, 5, dtype=torch.float64) for _ in range(3)] + [torch.randn(2, 4, dtype=torch.float64)]
+    for stack in (True, False):
+        out = map_batched(lambda X: (2 * X, X @ X.mT), mats, stack=stack)
+        for X, (double, gram_) in zip(mats, out, strict=True):
+            assert torch.equal(double, 2 * X)
+            torch.testing.assert_close(gram_, X @ X.mT)

@@ -1,15 +1,7 @@
-"""Principal angles between subspaces, accurate for small AND large angles.
+"""Principal angles between eigenbases for the diagnostics: checked ``n x k`` bases, float64 on CPU.
 
-``arccos`` of the singular values of ``A^T B`` (what ``whiten.linalg.principal_angles`` and the
-seed notebook compute) cannot resolve angles below ``~sqrt(2 eps)``: in fp32 every angle under
-about 0.03 degrees reads as 0 or as round-off noise (the notebook's "0.020 deg" entries). Here the
-small angles come from the sines instead (Björck & Golub 1973; Knyazev & Argentati 2002):
-
-* ``cos theta_i`` are the singular values of ``A^T B`` (descending -> angles ascending);
-* ``sin theta_i`` are the singular values of ``(I - B B^T) A`` (descending -> the LARGEST angles first);
-
-and each angle is taken from whichever is better conditioned (sine below 45 degrees, cosine above).
-Bases are orthonormalised (QR) and everything runs in float64.
+The kernel is :func:`whiten.linalg.principal_angles` (accurate for small and large angles: each angle
+from the better conditioned of its sine and cosine, Björck & Golub 1973; Knyazev & Argentati 2002).
 """
 
 from __future__ import annotations
@@ -18,6 +10,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from whiten.linalg import principal_angles
 
 
 def _orthonormal(X: Tensor, name: str) -> Tensor:
@@ -39,12 +33,7 @@ def subspace_angles(A: Tensor, B: Tensor) -> Tensor:
         raise ValueError(f"A and B must live in the same space, got {Qa.shape[0]} and {Qb.shape[0]} rows")
     if Qa.shape[1] > Qb.shape[1]:
         raise ValueError(f"A has more columns ({Qa.shape[1]}) than B ({Qb.shape[1]}); swap the arguments")
-    cos = torch.linalg.svdvals(Qa.mT @ Qb).clamp(0.0, 1.0)  # descending: smallest angle first
-    sin = torch.linalg.svdvals(Qa - Qb @ (Qb.mT @ Qa)).clamp(0.0, 1.0)  # descending: largest angle first
-    sin = torch.flip(sin, (0,))  # now pairs with cos: ascending angles
-    from_cos = torch.arccos(cos)
-    from_sin = torch.arcsin(sin)
-    return torch.where(cos * cos >= 0.5, from_sin, from_cos)
+    return principal_angles(Qa, Qb)
 
 
 def largest_angle_deg(Q: Tensor, Q_ref: Tensor, k: int) -> float:

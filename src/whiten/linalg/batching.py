@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
+
+#: what a batched kernel returns: one tensor, or a tuple of tensors (each with the batch dimension)
+Result = TypeVar("Result", Tensor, tuple[Tensor, ...])
 
 
 def stacking_helps(device: torch.device) -> bool:
@@ -21,12 +25,12 @@ def stacking_helps(device: torch.device) -> bool:
 
 
 def map_batched(
-    fn: Callable[[Tensor], Tensor],
+    fn: Callable[[Tensor], Result],
     matrices: Sequence[Tensor],
     *,
     stack: bool | None = None,
     dtype: torch.dtype | None = None,
-) -> list[Tensor]:
+) -> list[Result]:
     """Apply ``fn`` (which must accept a leading batch dimension) to every matrix.
 
     With ``stack=True``, matrices of the same shape, dtype and device are stacked and processed in
@@ -34,9 +38,10 @@ def map_batched(
     (default) stacks where :func:`stacking_helps` says so (not on CPU) and ``stack=False`` calls
     ``fn`` once per matrix. ``dtype``: the dtype of the stacked batch, so that a kernel computing
     in a narrower dtype (bf16 Newton–Schulz) gets its input cast during the stacking copy instead
-    of in a second pass; unstacked matrices are passed unchanged. Output order follows input.
+    of in a second pass; unstacked matrices are passed unchanged. Output order follows input. A kernel
+    returning a tuple of tensors (a factor and a Gram matrix) gets a tuple per matrix back.
     """
-    out: list[Tensor | None] = [None] * len(matrices)
+    out: list[Result | None] = [None] * len(matrices)
     buckets: dict[tuple, list[int]] = {}
     for index, mat in enumerate(matrices):
         do_stack = stacking_helps(mat.device) if stack is None else stack
@@ -53,5 +58,8 @@ def map_batched(
             batch[slot].copy_(matrices[index])  # one pass: stack and cast
         result = fn(batch)
         for slot, index in enumerate(indices):
-            out[index] = result[slot]
+            if isinstance(result, tuple):
+                out[index] = cast(Result, tuple(part[slot] for part in result))
+            else:
+                out[index] = result[slot]
     return out  # type: ignore[return-value]

@@ -85,12 +85,20 @@ def sorted_orthogonal_iteration(A: Tensor, Q: Tensor, steps: int = 1) -> tuple[T
 
 
 def principal_angles(A: Tensor, B: Tensor) -> Tensor:
-    """Principal angles (radians, ascending) between the column spans of ``A`` and ``B``.
+    """Principal angles (radians, ascending) between the column spans of ``A`` and ``B``, accurate for
+    small and large angles; ``min(p, q)`` angles for ``n x p`` and ``n x q`` bases (batched).
 
-    Both are orthonormalised first, so any full-column-rank bases are accepted. The largest
-    angle is the usual "how far did the subspace move" number.
+    Both are orthonormalised first (QR), so any full-column-rank bases are accepted. ``cos theta_i`` are
+    the singular values of ``A^T B``, ``sin theta_i`` those of ``(I - B B^T) A``; each angle comes from the
+    better conditioned of the two (sine below 45 degrees, cosine above): ``arccos`` alone cannot resolve
+    angles below ``~sqrt(2 eps)`` (Björck & Golub 1973; Knyazev & Argentati 2002). Computed in the inputs'
+    dtype (fp32 or wider). The largest angle is the usual "how far did the subspace move" number.
     """
-    Qa, _ = torch.linalg.qr(A)
-    Qb, _ = torch.linalg.qr(B)
-    cosines = torch.linalg.svdvals(Qa.mT @ Qb).clamp(-1.0, 1.0)
-    return torch.arccos(cosines)  # svdvals are descending, so the angles ascend
+    if A.shape[-1] > B.shape[-1]:
+        A, B = B, A
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    Qa, _ = torch.linalg.qr(A.to(dtype))
+    Qb, _ = torch.linalg.qr(B.to(dtype))
+    cos = torch.linalg.svdvals(Qa.mT @ Qb).clamp(0.0, 1.0)  # descending: smallest angle first
+    sin = torch.linalg.svdvals(Qa - Qb @ (Qb.mT @ Qa)).clamp(0.0, 1.0).flip(-1)  # paired with cos
+    return torch.where(cos * cos >= 0.5, torch.arcsin(sin), torch.arccos(cos))

@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from whiten.linalg import ns_schedule
+
 Check = Callable[[str, Any], None]
 
 
@@ -39,6 +41,17 @@ def beta_pair(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
     unit_interval(f"{name}[0]", value[0])
     unit_interval(f"{name}[1]", value[1])
+
+
+def closed_unit_interval(name: str, value: Any) -> None:
+    """A weight in ``[0, 1]`` (a shrinkage amount)."""
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def ns_coefficients(name: str, value: Any) -> None:
+    """Newton–Schulz coefficients: a name, one ``(a, b, c)`` or a list of them (:func:`whiten.linalg.ns_schedule`)."""
+    ns_schedule(value, 1)
 
 
 def positive_int(name: str, value: Any) -> None:

@@ -33,7 +33,6 @@ from whiten.linalg import (
     newton_schulz,
     newton_schulz_flops,
     ns_power_rounds,
-    ns_schedule,
     qr_flops,
     schatten_power_ns,
     schatten_power_stream,
@@ -47,10 +46,6 @@ from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
 _NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 #: coupled Newton–Schulz square-root iterations per root of HTMuon's NS variant (the reference's 5)
 _SQRT_STEPS = 5
-
-
-def _check_ns_coefficients(name: str, value: Any) -> None:
-    ns_schedule(value, 1)
 
 
 def shape_factor(shape: torch.Size | Sequence[int], adjust_lr_fn: str | None) -> float:
@@ -78,7 +73,7 @@ class _SpectralMomentum(PhasedOptimizer):
     option_checks: ClassVar[dict[str, opt.Check]] = {
         "momentum": opt.unit_interval,
         "nesterov": opt.boolean,
-        "ns_coefficients": _check_ns_coefficients,
+        "ns_coefficients": opt.ns_coefficients,
         "ns_steps": opt.positive_int,
         "ns_dtype": opt.choice(*_NS_DTYPES),
         "ns_method": opt.choice(*NS_METHODS),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -42,7 +43,6 @@ from whiten.linalg import (
     newton_schulz_left_factor,
     newton_schulz_spectral_factor,
     ns_evaluation,
-    ns_schedule,
     orthogonal_iteration,
     orthogonal_iteration_flops,
     qr_flops,
@@ -63,10 +63,6 @@ from whiten.optim.kl_shampoo import (
 
 COMPLEMENTS = ("left_whitened_orth", "orth")
 COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
-
-
-def _check_ns_coefficients(name: str, value: Any) -> None:
-    ns_schedule(value, 1)
 
 
 def ns_factor(X: Tensor, method: str) -> str:
@@ -116,6 +112,34 @@ def sort_tracked(state: dict[str, Any]) -> None:
     state["Y_sketch"] = state["Y_sketch"][:, order]
 
 
+@dataclass
+class SpikeFlatStep:
+    """One matrix's spike-and-flat step between :meth:`ProKLShampoo._pro_direction` and ``_pro_finish``.
+
+    ``sub``: the whitened subspace term ``B / (sqrt(lamL (x) Lam) + eps)``; ``U_r``: the active tracked
+    directions; ``X``: the complement coordinates that Newton–Schulz orthogonalises; ``whitened_norm``:
+    ``||S_L^{-1/2} M P_perp||_F`` when the scale needs it. Newton–Schulz fills either ``O = NS(X)``
+    (direct) or ``K`` and ``P = X X^T`` with ``NS(X) = K X`` (factored, :func:`ns_factor`).
+    """
+
+    index: int
+    G: Tensor
+    state: dict[str, Any]
+    sub: Tensor
+    U_r: Tensor
+    X: Tensor
+    whitened_norm: Tensor | None
+    O: Tensor | None = None
+    K: Tensor | None = None
+    P: Tensor | None = None
+
+    def factor(self) -> tuple[Tensor, Tensor]:
+        """``(K, P)`` of the factored evaluation."""
+        if self.K is None or self.P is None:
+            raise RuntimeError("the Newton-Schulz factor of this spike-and-flat step was not computed")
+        return self.K, self.P
+
+
 class ProKLShampoo(KLFactored):
     r"""Pro-KLShampoo: spike-and-flat right factor, orthogonalized complement (reconstruction, SPEC §5).
 
@@ -149,7 +173,7 @@ class ProKLShampoo(KLFactored):
         "complement": opt.choice(*COMPLEMENTS),
         "complement_scale": opt.choice(*COMPLEMENT_SCALES),
         "ns_steps": opt.positive_int,
-        "ns_coefficients": _check_ns_coefficients,
+        "ns_coefficients": opt.ns_coefficients,
         "ns_method": opt.choice(*NS_METHODS),
         "adaptive_rank": opt.boolean,
         "max_rank": opt.optional(opt.positive_int),
@@ -287,39 +311,38 @@ class ProKLShampoo(KLFactored):
                 self._pro_init(group, G, state)
                 updates[i] = torch.zeros_like(grad)
                 continue
-            pending.append((i, G, self._pro_direction(group, work_view(x.direction), state)))
+            pending.append(self._pro_direction(group, i, G, work_view(x.direction), state))
         if full:
             mapped = super()._map_phase(group, [params[i] for i in full], [inputs[i] for i in full])
             for i, update in zip(full, mapped, strict=True):
                 updates[i] = update
         if pending:
-            for (i, _, _), update in zip(pending, self._pro_updates(group, pending), strict=True):
-                updates[i] = update.reshape(params[i].shape)
+            for step, update in zip(pending, self._pro_updates(group, pending), strict=True):
+                updates[step.index] = update.reshape(params[step.index].shape)
         missing = [i for i, u in enumerate(updates) if u is None]
         if missing:  # every matrix is initialised, fully preconditioned or projected: never reached
             raise RuntimeError(f"Pro-KLShampoo produced no update for matrices {missing}")
         return updates  # type: ignore[return-value]
 
-    def _pro_updates(self, group: dict[str, Any], pending: list[tuple[int, Tensor, dict[str, Any]]]) -> list[Tensor]:
-        """Finish the spike-and-flat steps of ``pending`` ``(index, G, direction context)``; returns the updates."""
+    def _pro_updates(self, group: dict[str, Any], pending: list[SpikeFlatStep]) -> list[Tensor]:
+        """Finish the spike-and-flat steps of ``pending``; returns the updates."""
         # Newton–Schulz on the complement coordinates, batched over matrices of the same shape. A wide X
         # ("gram" / "spectral") gets K with NS(X) = K X from its m x m Gram matrix (see ns_factor).
         steps, coefficients = group["ns_steps"], group["ns_coefficients"]
-        kinds = [ns_factor(ctx["X"], group["ns_method"]) for _, _, ctx in pending]
-        kernels = {
-            "direct": lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype),
-            "gram": lambda X: torch.cat(newton_schulz_left_factor(X, steps, coefficients), dim=-1),
-            "spectral": lambda X: torch.cat(newton_schulz_spectral_factor(X, steps, coefficients), dim=-1),
-        }
-        for kind, kernel in kernels.items():
-            chosen = [i for i, k in enumerate(kinds) if k == kind]
-            for i, out in zip(chosen, map_batched(kernel, [pending[i][2]["X"] for i in chosen]), strict=True):
-                if kind == "direct":
-                    pending[i][2]["O"] = out
-                else:
-                    m = out.shape[-2]
-                    pending[i][2]["K"], pending[i][2]["P"] = out[:, :m], out[:, m:]
-        return [self._pro_finish(group, G, ctx["state"], ctx) for _, G, ctx in pending]
+        kinds = [ns_factor(step.X, group["ns_method"]) for step in pending]
+        direct = [step for step, kind in zip(pending, kinds, strict=True) if kind == "direct"]
+        for step, O in zip(
+            direct,
+            map_batched(lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype), [s.X for s in direct]),
+            strict=True,
+        ):
+            step.O = O
+        for kind, factor in (("gram", newton_schulz_left_factor), ("spectral", newton_schulz_spectral_factor)):
+            chosen = [step for step, k in zip(pending, kinds, strict=True) if k == kind]
+            batched = map_batched(lambda X, f=factor: f(X, steps, coefficients), [s.X for s in chosen])
+            for step, (K, P) in zip(chosen, batched, strict=True):
+                step.K, step.P = K, P
+        return [self._pro_finish(group, step) for step in pending]
 
     def _pro_init(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> None:
         """Initialisation step (no update): full left factor as KL-Shampoo, ``U`` = top right singular vectors."""
@@ -348,7 +371,9 @@ class ProKLShampoo(KLFactored):
         state["Y_sketch"] = U * init
         state["rank"] = min(group["rank"], R)
 
-    def _pro_direction(self, group: dict[str, Any], M: Tensor, state: dict[str, Any]) -> dict[str, Any]:
+    def _pro_direction(
+        self, group: dict[str, Any], index: int, G: Tensor, M: Tensor, state: dict[str, Any]
+    ) -> SpikeFlatStep:
         """The subspace term and the complement coordinates ``X`` of the momentum ``M`` (NS is applied afterwards)."""
         Mw = M.mT if state["transposed"] else M
         r = state["rank"]
@@ -365,10 +390,11 @@ class ProKLShampoo(KLFactored):
             whitened_norm = torch.linalg.matrix_norm(X)
         else:
             whitened_norm = torch.linalg.matrix_norm(X * inv_root) if group["complement_scale"] == "kl_norm" else None
-        return {"sub": sub, "U_r": U_r, "X": X, "whitened_norm": whitened_norm, "state": state}
+        return SpikeFlatStep(index, G, state, sub, U_r, X, whitened_norm)
 
-    def _pro_finish(self, group: dict[str, Any], G: Tensor, state: dict[str, Any], ctx: dict[str, Any]) -> Tensor:
+    def _pro_finish(self, group: dict[str, Any], ctx: SpikeFlatStep) -> Tensor:
         """Combine the two terms, update the statistics (raw ``G``, OLD values), refresh, adapt the rank."""
+        G, state = ctx.G, ctx.state
         transposed = state["transposed"]
         Gw = G.mT if transposed else G
         m, n = Gw.shape
@@ -381,18 +407,21 @@ class ProKLShampoo(KLFactored):
         elif kind == "muon_rms":
             scale = 0.2 * math.sqrt(max(m, n))
         else:
-            if "O" in ctx:
-                ns_norm = torch.linalg.matrix_norm(ctx["O"])
+            if ctx.O is not None:
+                ns_norm = torch.linalg.matrix_norm(ctx.O)
             else:  # ||K X||_F^2 = tr(K X X^T K^T)
-                ns_norm = ((ctx["K"] @ ctx["P"]) * ctx["K"]).sum().clamp(min=0.0).sqrt()
+                K, P = ctx.factor()
+                ns_norm = ((K @ P) * K).sum().clamp(min=0.0).sqrt()
             flat = effective_flat_value(Lam, sigma, r, n)
-            scale = flat.rsqrt() * ctx["whitened_norm"] / ns_norm.clamp(min=1e-30)
-        if "O" in ctx:
-            coords = ctx["O"] * scale
-            coords = torch.addmm(coords, ctx["sub"], ctx["U_r"].mT)
+            assert ctx.whitened_norm is not None  # computed for complement_scale="kl_norm"
+            scale = flat.rsqrt() * ctx.whitened_norm / ns_norm.clamp(min=1e-30)
+        if ctx.O is not None:
+            coords = ctx.O * scale
+            coords = torch.addmm(coords, ctx.sub, ctx.U_r.mT)
             update = Q_L @ coords  # m x n in the working orientation
         else:  # Q_L [sub U^T + c K X] = (Q_L sub) U^T + (c Q_L K) X: one m x m x n product
-            update = torch.addmm((Q_L @ ctx["sub"]) @ ctx["U_r"].mT, Q_L @ (ctx["K"] * scale), ctx["X"])
+            K, _ = ctx.factor()
+            update = torch.addmm((Q_L @ ctx.sub) @ ctx.U_r.mT, Q_L @ (K * scale), ctx.X)
         if transposed:
             update = update.mT
 

@@ -83,11 +83,6 @@ WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
 KL_INITS = ("safe", "peer")
 
 
-def _fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
 def _stack(tensors: list[Tensor]) -> Tensor:
     """Batch same-shape tensors; a single one becomes a view (no copy), so in-place ops reach it."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
@@ -173,7 +168,7 @@ class SOAP(WhitenOptimizer):
         "precondition_frequency": opt.positive_int,
         "max_precond_dim": opt.positive_int,
         "kl_init": opt.choice(*KL_INITS),
-        "kl_init_shrinkage": _fraction,
+        "kl_init_shrinkage": opt.closed_unit_interval,
     }
 
     def __init__(
