@@ -11,7 +11,7 @@ def test_routing_splits_vectors_and_scalars_to_adamw():
     W = nn.Parameter(torch.randn(6, 4))
     b = nn.Parameter(torch.randn(4))
     s = nn.Parameter(torch.tensor(0.5))  # 0-d parameters are valid and go to AdamW
-    opt = Muon([W, b, s], lr=0.02, adamw_lr=1e-3, adamw_weight_decay=0.01)
+    opt = Muon([W, b, s], lr=0.02, adamw_lr=1e-3, adamw_eps=1e-10, adamw_weight_decay=0.01)
     matrix_group, adamw_group = opt.param_groups
     assert matrix_group["use_matrix"] and matrix_group["params"] == [W]
     assert not adamw_group["use_matrix"] and adamw_group["lr"] == 1e-3 and adamw_group["weight_decay"] == 0.01

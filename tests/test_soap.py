@@ -1,4 +1,4 @@
-"""Tests of SOAP / KL-SOAP / REKLS (SPEC §3, §6).
+"""Tests of SOAP / SOAP-KL (``use_kl_shampoo``) / REKLS.
 
 The parity tests compare against ``reference_soap`` below: a deliberately plain float64
 re-implementation of the Emerging-Optimizers 0.3.0 step as SPEC §3 writes it (one parameter at a

@@ -69,6 +69,21 @@ COMMON_CHECKS: dict[str, opt.Check] = {
 }
 
 
+#: the built-in AdamW's options and their defaults, the same in every class (docs/shared_behaviour.md):
+#: ``adamw_lr=None`` is the group's ``lr``; ``adamw_betas`` / ``adamw_eps`` left at ``None`` take the method's
+#: own Adam value where the class names one (``WhitenOptimizer.adamw_inherits``), else ``ADAMW_FALLBACK``
+ADAMW_DEFAULTS: dict[str, Any] = {"adamw_lr": None, "adamw_betas": None, "adamw_eps": None, "adamw_weight_decay": 0.0}
+ADAMW_FALLBACK: dict[str, Any] = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
+
+
+def constructor_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a constructor call from its ``locals()``: everything but ``self``, ``params``, ``__class__``.
+
+    The constructor's signature is then the one table of an optimizer's options and defaults.
+    """
+    return {key: value for key, value in arguments.items() if key not in ("self", "params", "__class__")}
+
+
 def stat_dtype(param: Tensor) -> torch.dtype:
     """Statistics dtype for a parameter: fp64 for fp64 weights, fp32 otherwise."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -172,6 +187,9 @@ class WhitenOptimizer(Optimizer, ABC):
     """
 
     option_checks: ClassVar[Mapping[str, opt.Check]] = {}
+    #: AdamW options that default to one of the method's own options when left at ``None``
+    #: (SOAP: ``{"adamw_betas": "betas", "adamw_eps": "eps"}``); the others take ``ADAMW_FALLBACK``
+    adamw_inherits: ClassVar[Mapping[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -186,15 +204,17 @@ class WhitenOptimizer(Optimizer, ABC):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
         full = {
             "use_matrix": None,
-            "adamw_lr": None,
-            "adamw_betas": (0.9, 0.95),
-            "adamw_eps": 1e-8,
-            "adamw_weight_decay": 0.0,
+            **ADAMW_DEFAULTS,
             "maximize": False,
             "nonfinite": "skip",
             "distributed_mode": "replicate",
             **defaults,
         }
+        for key, fallback in ADAMW_FALLBACK.items():
+            if full[key] is None:
+                source = self.adamw_inherits.get(key)
+                full[key] = full[source] if source is not None else fallback
+        full["adamw_betas"] = tuple(full["adamw_betas"])
         self._validate(full)
         #: process group that splits the work of plain (DDP) parameters; ``None`` = the default group
         self.process_group: Any = None

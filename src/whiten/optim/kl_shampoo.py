@@ -49,7 +49,7 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
-from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
+from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, constructor_options, stat_dtype
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -127,6 +127,7 @@ class KLFactored(PhasedOptimizer):
     # whole-matrix step (phased_group, _unphased_step) and take the gather path under FSDP2.
     elementwise_state: ClassVar[tuple[str, ...]] = ("exp_avg", "step")
     map_inputs: ClassVar[int] = 2  # (M, G) per matrix travel to the map
+    adamw_inherits: ClassVar[dict[str, str]] = {"adamw_eps": "eps"}  # betas[1] is also the factor rate
 
     def phased_group(self, group: Mapping[str, Any]) -> bool:
         """Whether ``group`` runs as the three phases: KL-Shampoo (``"kl"``) yes, KL-SOAP (``"adam"``) no."""
@@ -311,28 +312,6 @@ class KLFactored(PhasedOptimizer):
         return update
 
 
-def _defaults(
-    lr: float,
-    betas: tuple[float, float],
-    shampoo_beta: float,
-    eps: float,
-    weight_decay: float,
-    precondition_frequency: int,
-    init_factor: float,
-    **extra: Any,
-) -> dict[str, Any]:
-    return dict(
-        lr=lr,
-        betas=betas,
-        shampoo_beta=shampoo_beta,
-        eps=eps,
-        weight_decay=weight_decay,
-        precondition_frequency=precondition_frequency,
-        init_factor=init_factor,
-        **extra,
-    )
-
-
 class KLShampoo(KLFactored):
     r"""KL-Shampoo (Lin et al., 2025, arXiv 2509.03378), faithful to the reference ``KLOpt``.
 
@@ -364,41 +343,23 @@ class KLShampoo(KLFactored):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-4,
+        *,
         betas: tuple[float, float] = (0.9, 0.98),
         shampoo_beta: float = -1,
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         precondition_frequency: int = 10,
         init_factor: float = 0.1,
-        *,
         max_precond_dim: int = 10000,
         state_dtype: str = "float32",
         adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
+        adamw_betas: tuple[float, float] | None = None,
+        adamw_eps: float | None = None,
         adamw_weight_decay: float = 0.0,
         maximize: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        defaults = _defaults(
-            lr,
-            betas,
-            shampoo_beta,
-            eps,
-            weight_decay,
-            precondition_frequency,
-            init_factor,
-            max_precond_dim=max_precond_dim,
-            state_dtype=state_dtype,
-            preconditioner="kl",
-            adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize,
-            nonfinite=nonfinite,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, {**constructor_options(locals()), "preconditioner": "kl"})
 
 
 class KLSOAP(KLFactored):
@@ -416,38 +377,20 @@ class KLSOAP(KLFactored):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-4,
+        *,
         betas: tuple[float, float] = (0.9, 0.98),
         shampoo_beta: float = -1,
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         precondition_frequency: int = 10,
         init_factor: float = 0.1,
-        *,
         max_precond_dim: int = 10000,
         state_dtype: str = "float32",
         adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
+        adamw_betas: tuple[float, float] | None = None,
+        adamw_eps: float | None = None,
         adamw_weight_decay: float = 0.0,
         maximize: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        defaults = _defaults(
-            lr,
-            betas,
-            shampoo_beta,
-            eps,
-            weight_decay,
-            precondition_frequency,
-            init_factor,
-            max_precond_dim=max_precond_dim,
-            state_dtype=state_dtype,
-            preconditioner="adam",
-            adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize,
-            nonfinite=nonfinite,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, {**constructor_options(locals()), "preconditioner": "adam"})

@@ -41,7 +41,7 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
-from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
+from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, constructor_options, stat_dtype
 
 _NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 #: coupled Newton–Schulz square-root iterations per root of HTMuon's NS variant (the reference's 5)
@@ -284,7 +284,8 @@ class Muon(_SpectralMomentum):
             eigenvalues of the Gram matrix (one ``eigh``; fp32/fp64 only).
         compile_ns: run the Newton–Schulz iteration through ``torch.compile``
             (:func:`whiten.linalg.compiled_newton_schulz`; opt-in, default off; compiles once per shape).
-        adamw_lr: lr of the AdamW half (default 3e-4; ``None`` means ``lr``).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the built-in AdamW (defaults shared by every
+            class: ``docs/shared_behaviour.md``; ``adamw_lr=None`` means ``lr``).
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
     """
 
@@ -292,6 +293,7 @@ class Muon(_SpectralMomentum):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
+        *,
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,
@@ -299,43 +301,19 @@ class Muon(_SpectralMomentum):
         eps: float = 1e-7,
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
-        *,
         ns_dtype: str = "float32",
         ns_method: str = "auto",
         compile_ns: bool = False,
-        adamw_lr: float | None = 3e-4,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-10,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] | None = None,
+        adamw_eps: float | None = None,
         adamw_weight_decay: float = 0.0,
         maximize: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            ns_coefficients=ns_coefficients,
-            eps=eps,
-            ns_steps=ns_steps,
-            adjust_lr_fn=adjust_lr_fn,
-            ns_dtype=ns_dtype,
-            ns_method=ns_method,
-            compile_ns=compile_ns,
-            power=0.0,
-            spectral_map="ns",
-            interval=1,
-            normuon=False,
-            normuon_beta2=0.95,
-            ns_ridge=1e-6,
-            adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize,
-            nonfinite=nonfinite,
-        )
-        super().__init__(params, defaults)
+        # HTMuon's options at their Muon values (power 0 is plain Newton–Schulz), so one step serves both
+        muon_map = dict(power=0.0, spectral_map="ns", interval=1, normuon=False, normuon_beta2=0.95, ns_ridge=1e-6)
+        super().__init__(params, {**constructor_options(locals()), **muon_map})
 
 
 class HTMuon(_SpectralMomentum):
@@ -366,6 +344,7 @@ class HTMuon(_SpectralMomentum):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float,
+        *,
         momentum: float = 0.95,
         weight_decay: float = 0.1,
         nesterov: bool = True,
@@ -373,7 +352,6 @@ class HTMuon(_SpectralMomentum):
         spectral_map: str = "svd",
         interval: int = 1,
         normuon: bool = False,
-        *,
         normuon_beta2: float = 0.95,
         ns_steps: int = 5,
         ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = KELLER_QUINTIC,
@@ -383,36 +361,11 @@ class HTMuon(_SpectralMomentum):
         ns_ridge: float = 1e-6,
         eps: float = 1e-7,
         adjust_lr_fn: str | None = None,
-        adamw_lr: float | None = 1e-3,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-10,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] | None = None,
+        adamw_eps: float | None = None,
         adamw_weight_decay: float = 0.0,
         maximize: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            power=power,
-            spectral_map=spectral_map,
-            interval=interval,
-            normuon=normuon,
-            normuon_beta2=normuon_beta2,
-            ns_steps=ns_steps,
-            ns_coefficients=ns_coefficients,
-            ns_dtype=ns_dtype,
-            ns_method=ns_method,
-            compile_ns=compile_ns,
-            ns_ridge=ns_ridge,
-            eps=eps,
-            adjust_lr_fn=adjust_lr_fn,
-            adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize,
-            nonfinite=nonfinite,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, constructor_options(locals()))

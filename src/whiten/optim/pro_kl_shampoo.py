@@ -50,10 +50,9 @@ from whiten.linalg import (
 )
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
-from whiten.optim.base import MapInput
+from whiten.optim.base import MapInput, constructor_options
 from whiten.optim.kl_shampoo import (
     KLFactored,
-    _defaults,
     _gradient_of,
     ema_factor_,
     factor_dtype,
@@ -185,13 +184,13 @@ class ProKLShampoo(KLFactored):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-4,
+        *,
         betas: tuple[float, float] = (0.9, 0.98),
         shampoo_beta: float = -1,
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         precondition_frequency: int = 10,
         init_factor: float = 0.1,
-        *,
         rank: int = 128,
         project_side: str = "auto",
         complement: str = "left_whitened_orth",
@@ -206,42 +205,13 @@ class ProKLShampoo(KLFactored):
         max_precond_dim: int = 10000,
         state_dtype: str = "float32",
         adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
+        adamw_betas: tuple[float, float] | None = None,
+        adamw_eps: float | None = None,
         adamw_weight_decay: float = 0.0,
         maximize: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        defaults = _defaults(
-            lr,
-            betas,
-            shampoo_beta,
-            eps,
-            weight_decay,
-            precondition_frequency,
-            init_factor,
-            rank=rank,
-            project_side=project_side,
-            complement=complement,
-            complement_scale=complement_scale,
-            ns_steps=ns_steps,
-            ns_coefficients=ns_coefficients,
-            ns_method=ns_method,
-            adaptive_rank=adaptive_rank,
-            max_rank=max_rank,
-            rank_tolerance=rank_tolerance,
-            rank_update_interval=rank_update_interval,
-            max_precond_dim=max_precond_dim,
-            state_dtype=state_dtype,
-            preconditioner="kl",
-            adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize,
-            nonfinite=nonfinite,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, {**constructor_options(locals()), "preconditioner": "kl"})
 
     def _validate(self, group: dict[str, Any]) -> None:
         super()._validate(group)

@@ -1,4 +1,4 @@
-r"""SOAP, KL-SOAP and REKLS: Adam in the eigenbasis of Kronecker factors (SPEC §3, seed 003).
+r"""SOAP, SOAP-KL and REKLS: Adam in the eigenbasis of Kronecker factors (Emerging-Optimizers semantics).
 
 A drop-in for NVIDIA Emerging-Optimizers 0.3.0 ``SOAP`` / ``REKLS`` (same constructor names,
 defaults and step), with the peer's known defects fixed (see ``docs/soap.md``). Per matrix
@@ -77,7 +77,7 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import decay_and_update_
-from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
+from whiten.optim.base import WhitenOptimizer, as_matrix, constructor_options, stat_dtype
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
 KL_INITS = ("safe", "peer")
@@ -104,7 +104,7 @@ def _add_to_diagonal(A: Tensor, value: Tensor) -> Tensor:
 
 
 class SOAP(WhitenOptimizer):
-    r"""SOAP: ShampoO with Adam in the Preconditioner's eigenbasis; KL-SOAP with ``use_kl_shampoo``.
+    r"""SOAP: ShampoO with Adam in the Preconditioner's eigenbasis; SOAP-KL with ``use_kl_shampoo``.
 
     .. math::
         L_t = \mathrm{lerp}(L_{t-1}, G G^\top, 1-\beta_s),\quad R_t = \mathrm{lerp}(R_{t-1}, G^\top G, 1-\beta_s),\\
@@ -130,7 +130,8 @@ class SOAP(WhitenOptimizer):
         qr_fp32_matmul_prec: matmul precision of the basis refresh and the momentum rotation.
         power_iter_steps: QR power iterations per refresh.
         max_update_rms: clip the update's RMS to this (0 = off).
-        use_kl_shampoo: KL-Shampoo factor statistics (KL-SOAP).
+        use_kl_shampoo: KL-Shampoo factor statistics (SOAP-KL, Emerging-Optimizers' ``use_kl_shampoo``; not
+            :class:`whiten.KLSOAP`, see ``docs/soap.md``).
         correct_shampoo_beta_bias: bias-correct the factor EMA; ``None`` follows ``correct_bias``.
         precondition_frequency: refresh the eigenbasis on steps ``t = 1, 1 + T, 1 + 2T, ...``
             (1 = every step, the peer's behaviour); the factors are updated every step.
@@ -171,15 +172,17 @@ class SOAP(WhitenOptimizer):
         "kl_init_shrinkage": opt.closed_unit_interval,
     }
 
+    adamw_inherits: ClassVar[dict[str, str]] = {"adamw_betas": "betas", "adamw_eps": "eps"}
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float,
+        *,
         betas: tuple[float, float] = (0.9, 0.95),
         shampoo_beta: float = 0.95,
         eps: float = 1e-8,
         weight_decay: float = 0.01,
-        *,
         weight_decay_method: str = "decoupled",
         nesterov: bool = False,
         correct_bias: bool = True,
@@ -201,34 +204,8 @@ class SOAP(WhitenOptimizer):
         maximize: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            weight_decay=weight_decay,
-            weight_decay_method=weight_decay_method,
-            nesterov=nesterov,
-            correct_bias=correct_bias,
-            fp32_matmul_prec=fp32_matmul_prec,
-            use_eigh=use_eigh,
-            qr_fp32_matmul_prec=qr_fp32_matmul_prec,
-            power_iter_steps=power_iter_steps,
-            max_update_rms=max_update_rms,
-            use_kl_shampoo=use_kl_shampoo,
-            correct_shampoo_beta_bias=correct_shampoo_beta_bias,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
-            kl_init=kl_init,
-            kl_init_shrinkage=kl_init_shrinkage,
-            adamw_lr=adamw_lr,
-            adamw_betas=tuple(betas if adamw_betas is None else adamw_betas),
-            adamw_eps=eps if adamw_eps is None else adamw_eps,
-            adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize,
-            nonfinite=nonfinite,
-        )
-        super().__init__(params, defaults)
+        options = constructor_options(locals())
+        super().__init__(params, {**options, "betas": tuple(betas)})
 
     # -- cost -----------------------------------------------------------------------------------
     def matrix_flops(self, shape: Sequence[int], group: Mapping[str, Any]) -> FlopCount:
@@ -432,38 +409,17 @@ class SOAP(WhitenOptimizer):
 
 
 class REKLS(SOAP):
-    """REKLS ("realtime eigen KL-SOAP"): :class:`SOAP` with ``use_eigh=True, use_kl_shampoo=True``.
+    """REKLS ("realtime eigen KL-SOAP" in Emerging-Optimizers; here SOAP-KL with ``eigh``): :class:`SOAP` with
+    ``use_eigh=True, use_kl_shampoo=True``.
 
     The factors take the KL-Shampoo statistics and the eigenbasis is recomputed by a full
-    ``eigh`` after every factor update (so it includes the current gradient). Same positional
-    arguments as Emerging-Optimizers' ``REKLS``; every other :class:`SOAP` keyword option
+    ``eigh`` after every factor update (so it includes the current gradient). The options of
+    Emerging-Optimizers' ``REKLS`` (keyword-only after ``lr``); every other :class:`SOAP` option
     (``fp32_matmul_prec``, ``kl_init``, ``precondition_frequency``, ``adamw_*``, ...) is accepted.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.95),
-        shampoo_beta: float = 0.95,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        *,
-        weight_decay_method: str = "decoupled",
-        **options: Any,
-    ) -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float, **options: Any) -> None:
         fixed = sorted({"use_eigh", "use_kl_shampoo"} & options.keys())
         if fixed:
             raise TypeError(f"REKLS fixes use_eigh=True and use_kl_shampoo=True; do not pass {fixed} (use SOAP)")
-        super().__init__(
-            params,
-            lr,
-            betas,
-            shampoo_beta,
-            eps,
-            weight_decay,
-            weight_decay_method=weight_decay_method,
-            use_eigh=True,
-            use_kl_shampoo=True,
-            **options,
-        )
+        super().__init__(params, lr, use_eigh=True, use_kl_shampoo=True, **options)

@@ -1,0 +1,46 @@
+"""One constructor convention: keyword-only after ``lr``, the same built-in AdamW defaults in every class."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from whiten.optim import KLSOAP, REKLS, SOAP, HTMuon, KLShampoo, Muon, ProKLShampoo
+from whiten.optim.base import ADAMW_DEFAULTS
+
+CLASSES = [Muon, HTMuon, SOAP, REKLS, KLShampoo, KLSOAP, ProKLShampoo]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_everything_after_lr_is_keyword_only(cls: type) -> None:
+    parameters = list(inspect.signature(cls.__init__).parameters.values())
+    assert [p.name for p in parameters[:3]] == ["self", "params", "lr"]
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in parameters[3:])
+    with pytest.raises(TypeError):
+        cls([torch.zeros(2, 2, requires_grad=True)], 0.01, 0.5)
+
+
+@pytest.mark.parametrize("cls", [c for c in CLASSES if c is not REKLS])  # REKLS forwards **options to SOAP
+def test_adamw_defaults_are_shared(cls: type) -> None:
+    signature = inspect.signature(cls.__init__).parameters
+    assert {name: signature[name].default for name in ADAMW_DEFAULTS} == ADAMW_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "expected"),
+    [
+        (Muon, {"lr": 0.02}, (0.02, (0.9, 0.95), 1e-8)),
+        (HTMuon, {"lr": 0.05}, (0.05, (0.9, 0.95), 1e-8)),
+        (SOAP, {"lr": 0.01, "betas": (0.8, 0.9), "eps": 1e-6}, (0.01, (0.8, 0.9), 1e-6)),  # SOAP's own Adam
+        (KLShampoo, {"lr": 3e-3, "eps": 1e-7}, (3e-3, (0.9, 0.95), 1e-7)),  # betas[1] is the factor rate too
+        (ProKLShampoo, {"lr": 3e-3}, (3e-3, (0.9, 0.95), 1e-8)),
+    ],
+)
+def test_adamw_defaults_resolve_in_one_place(cls: type, options: dict, expected: tuple) -> None:
+    W, b = torch.zeros(3, 4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    adamw_group = cls([W, b], **options).param_groups[1]
+    assert (adamw_group["lr"], adamw_group["adamw_betas"], adamw_group["adamw_eps"]) == expected
+    explicit = cls([W, b], **options, adamw_lr=1e-4, adamw_betas=(0.5, 0.6), adamw_eps=1e-3).param_groups[1]
+    assert (explicit["lr"], explicit["adamw_betas"], explicit["adamw_eps"]) == (1e-4, (0.5, 0.6), 1e-3)
