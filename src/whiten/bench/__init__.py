@@ -1,1 +1,1 @@
-"""The ``whiten bench`` language-model pre-training comparison (SPEC §9)."""
+"""The ``whiten bench`` language-model pre-training comparison (``docs/bench.md``)."""

@@ -1,4 +1,4 @@
-"""Heavy-tailed self-regularisation (HT-SR) metrics of weight matrices (SPEC §8.3).
+"""Heavy-tailed self-regularisation (HT-SR) metrics of weight matrices (``docs/diagnostics/``).
 
 For a weight matrix ``W`` (conv weights flattened to ``(out, in*kh*kw)``) the empirical spectral
 density (ESD) is the set of eigenvalues of ``W^T W``, i.e. ``lam = svdvals(W)^2`` (``min(m, n)``

@@ -1,4 +1,4 @@
-"""Spike-and-flat spectra of Kronecker factors (SPEC §8.2; Pro-KLShampoo, arXiv 2605.06316).
+"""Spike-and-flat spectra of Kronecker factors (Pro-KLShampoo, arXiv 2605.06316; ``docs/diagnostics/spectra.md``).
 
 For every matrix parameter and side of a Kronecker-factored optimizer (SOAP / REKLS / KL-Shampoo /
 KL-SOAP: ``L`` is ``m x m``, ``R`` is ``n x n``; Pro-KLShampoo: full ``L`` and the restricted side

@@ -15,11 +15,9 @@ Result = TypeVar("Result", Tensor, tuple[Tensor, ...])
 def stacking_helps(device: torch.device) -> bool:
     """Whether stacking same-shape matrices into one batched call pays off on ``device``.
 
-    On accelerators one batched call replaces many small kernel launches. On CPU it does not pay:
-    measured with ``benchmarks/step_bench.py`` (1 thread, process time, torch 2.13), a stacked
-    fp32 Newton–Schulz over six 768x768 matrices ran 1.24x slower than six separate calls
-    (``bmm`` is slower than ``mm`` there), 768x3072 was 1.02-1.11x slower, bf16 was 1.0-1.07x
-    slower, and the stacking copy comes on top.
+    On accelerators one batched call replaces many small kernel launches. On CPU it does not pay
+    (``bmm`` is slower than ``mm`` there, and the stacking copy comes on top; measured in
+    ``docs/performance.md``). The one batching policy: :func:`map_batched` and SOAP's buckets use it.
     """
     return device.type != "cpu"
 

@@ -3,10 +3,9 @@
 A Gram matrix is symmetric, so half of a plain ``X @ X.mT`` is wasted work. Splitting the ``d`` rows
 of ``X`` (``d x k``) into ``b`` blocks, the blocks ``X_i X_j^T`` with ``j >= i`` are computed
 (``b (b + 1) / 2`` of the ``b^2`` products) and the blocks below the diagonal are filled with
-their transposes. For GPT-2's 3072-row Grams (``b = 4``) that is
-10/16 of the multiply-adds: measured 0.115 s against 0.19 s for ``G^T G`` of a 768 x 3072 ``G``
-on one CPU thread. Every entry is the same dot product as in ``X @ X.mT`` (only BLAS's
-summation order may differ), so results agree to round-off.
+their transposes. For GPT-2's 3072-row Grams (``b = 4``) that is 10/16 of the multiply-adds
+(timings in ``docs/performance.md``). Every entry is the same dot product as in ``X @ X.mT`` (only
+BLAS's summation order may differ), so results agree to round-off.
 
 The Kronecker factor statistics of SOAP and KL-Shampoo (``G G^T``, ``G^T G`` and their whitened
 forms ``(G Q_R) diag(1/lam_R) (G Q_R)^T``) are Grams of this kind.

@@ -8,7 +8,7 @@ Pure tensor functions (no optimizer state) shared by :class:`whiten.KLShampoo`, 
   others and normalised by ``numel / d_k`` (arXiv 2509.03378; yorkerlin/KL-Methods). A dimension
   whose basis is ``None`` is not preconditioned (identity factor, unit eigenvalues).
 * :func:`ema_eigenvalues`: the reference's EMA eigenvalue step with its clamp.
-* :func:`spike_flat_statistics`: the restricted-side statistics of Pro-KLShampoo (SPEC §5, facts 2-3),
+* :func:`spike_flat_statistics`: the restricted-side statistics of Pro-KLShampoo (``docs/pro_kl_shampoo.md``),
   where the right factor is ``S_R = U diag(Lam) U^T + sigma (I - U U^T)``.
 
 The KL gap of the spike-and-flat family and the rank rule built on it are in :mod:`whiten.linalg.spectrum`.
@@ -150,7 +150,7 @@ def effective_flat_value(Lam: Tensor, sigma: Tensor, rank: int, n: int) -> Tenso
 
     When ``R`` directions are tracked (eigenvalue estimates ``Lam``) and ``sigma`` is the mean eigenvalue
     over the other ``n - R`` directions, the family with only the first ``rank`` directions has flat value
-    ``tr(P_perp C) / (n - rank) = ((n - R) sigma + sum(Lam[rank:])) / (n - rank)`` (SPEC §5 fact 2).
+    ``tr(P_perp C) / (n - rank) = ((n - R) sigma + sum(Lam[rank:])) / (n - rank)`` (``docs/pro_kl_shampoo.md``).
     """
     R = Lam.shape[-1]
     if rank == R:
@@ -178,7 +178,7 @@ def spike_flat_statistics(
     estimates ``Lam``; the preconditioner uses the first ``rank <= R`` of them and the flat value
     ``sigma_eff`` of :func:`effective_flat_value`, i.e. ``S_R^{-1} = U_r Lam_r^{-1} U_r^T + sigma_eff^{-1}
     (I - U_r U_r^T)``. With ``S_L^{-1} = Q_L diag(1/lam_L) Q_L^T`` and ``C = (1/m) G^T S_L^{-1} G``
-    (SPEC §5 facts 2-3, all from the OLD values)::
+    (``docs/pro_kl_shampoo.md``, all from the OLD values)::
 
         left     = (1/n) [ GU_r Lam_r^{-1} GU_r^T + sigma_eff^{-1} (G G^T - GU_r GU_r^T) ]
         lam_left = diag(Q_L^T left Q_L)

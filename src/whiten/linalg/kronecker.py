@@ -2,7 +2,7 @@
 
 For a gradient ``G`` (``m x n``) and a preconditioner ``S = S_L (x) S_R`` kept as eigenbases and
 eigenvalues (``S^{-1} = Q diag(1/lam) Q^T``, never formed), KL-Shampoo's fixed point
-(arXiv 2509.03378; SPEC §4) is ``S_L = (1/n) E[G S_R^{-1} G^T]``, ``S_R = (1/m) E[G^T S_L^{-1} G]``.
+(arXiv 2509.03378; ``docs/kl_shampoo.md``) is ``S_L = (1/n) E[G S_R^{-1} G^T]``, ``S_R = (1/m) E[G^T S_L^{-1} G]``.
 The functions here return the one-sample targets that the optimizers average with an EMA.
 """
 

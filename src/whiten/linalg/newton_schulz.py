@@ -103,10 +103,10 @@ def prefers_gram(shape: Sequence[int], compute_dtype: torch.dtype) -> bool:
 
     For ``s x l`` (``s <= l``) the direct iteration costs ``steps (4 s^2 l + 2 s^3)`` matmul FLOPs
     and the Gram one ``4 s^2 l + 8 steps s^3``: at 5 steps it is cheaper from ``l >= 1.5 s``
-    (measured 1.8-1.9x faster for 768 x 2304 and 768 x 3072 on CPU, fp32). In fp32 it is also
-    closer to the exact polynomial (relative error vs fp64 ~2e-6 against ~1e-4 for the direct
-    iteration on 768 x 3072 Gaussian inputs; ~8e-5 for inputs with condition number 1e8). In
-    bf16 it is ~3x less accurate than the direct iteration, so ``auto`` keeps bf16 direct.
+    (timings in ``docs/performance.md``). In fp32 it is also closer to the exact polynomial
+    (relative error vs fp64 ~2e-6 against ~1e-4 for the direct iteration on 768 x 3072 Gaussian
+    inputs; ~8e-5 for inputs with condition number 1e8). In bf16 it is ~3x less accurate than the
+    direct iteration, so ``auto`` keeps bf16 direct.
     """
     short, long = sorted((shape[-2], shape[-1]))
     return compute_dtype in (torch.float32, torch.float64) and long >= 1.5 * short
@@ -243,8 +243,8 @@ def newton_schulz_spectral_factor(
 
     This is the same polynomial as the matrix iteration (it agrees with it to round-off in float64;
     ``tests/test_pro_kl_shampoo.py``), evaluated with one ``m x m x n`` product, one ``eigh`` of ``P``
-    and one ``m^3`` product instead of ``5 (2 m^2 n + m^3)`` multiply-adds: on one CPU thread it is
-    2-3x faster than the direct or Gram iteration for ``m = 768``. A zero singular value gets
+    and one ``m^3`` product instead of ``5 (2 m^2 n + m^3)`` multiply-adds (timings in
+    ``docs/performance.md``). A zero singular value gets
     ``q = prod_k a_k / nu``, which multiplies nothing (``V^T X`` vanishes there). The scalar recursion
     runs in float64; ``eigh`` uses :func:`whiten.linalg.eigh_descending` (fp64 / jitter fallback).
     Batched over leading dimensions.

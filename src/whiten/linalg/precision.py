@@ -2,8 +2,8 @@
 
 On CUDA, ``torch.set_float32_matmul_precision("high")`` lets fp32 matmuls run on TF32 tensor
 cores (operands rounded to a 10-bit mantissa) and ``"medium"`` allows bf16 (7-bit mantissa).
-On CPU PyTorch ignores the setting, so the precision effects studied in the seed notebook (an
-eigenbasis jumping after a gradient spike under TF32) cannot be seen there. :func:`emulate_matmul_precision`
+On CPU PyTorch ignores the setting, so precision effects (an eigenbasis jumping after a gradient
+spike under TF32, ``docs/diagnostics/spike.md``) cannot be seen there. :func:`emulate_matmul_precision`
 reproduces the operand rounding on any device: inside it, every fp32 matrix product
 (``@``, ``mm``, ``bmm``, ``matmul``, ``addmm``, ``baddbmm``, ``tensordot``, two-operand ``einsum``)
 first rounds its operands

@@ -1,10 +1,10 @@
 """Spike-and-flat statistics of a Kronecker factor's spectrum (Pro-KLShampoo's adaptive-rank rule).
 
-Pro-KLShampoo (arXiv 2605.06316; SPEC §5) restricts one KL-Shampoo factor ``C`` (``d x d``, the
+Pro-KLShampoo (arXiv 2605.06316; ``docs/pro_kl_shampoo.md``) restricts one KL-Shampoo factor ``C`` (``d x d``, the
 factor of the side being restricted; ``k`` is the OTHER dimension of the ``m x n`` parameter) to
 ``U Lam U^T + sigma (I - U U^T)`` with ``U`` the top-``r`` eigenvectors. With the other factor
 fixed, the KL-optimal ``sigma`` is the tail's arithmetic mean and the excess KL over the full
-factor is (SPEC §5 fact 2, [derived])::
+factor is (derived in ``docs/pro_kl_shampoo.md``)::
 
     gap(r) = KL( N(0, S_other (x) C) || N(0, S_other (x) C_r) )
            = k (d - r) / 2 * log( AM(lam_{r+1..d}) / GM(lam_{r+1..d}) )

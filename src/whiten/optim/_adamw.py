@@ -106,8 +106,8 @@ def adamw_foreach_(
 
     Parameters whose weight, gradient and statistics share one dtype (fp32 or fp64 weights) are
     stepped by PyTorch's fused AdamW kernel, one call per (device, dtype, step count) bucket:
-    it reads and writes each tensor once instead of the ~10 passes of the eager formula (about
-    8x faster on CPU). Its arithmetic is ``W (1 - lr wd) - (lr / b1) m / (sqrt(v) / sqrt(b2) +
+    it reads and writes each tensor once instead of the ~10 passes of the eager formula
+    (``docs/performance.md``). Its arithmetic is ``W (1 - lr wd) - (lr / b1) m / (sqrt(v) / sqrt(b2) +
     eps)``, equal to the eager ``m / b1 / (sqrt(v / b2) + eps)`` up to rounding. Other
     parameters (bf16 weights with fp32 statistics, sharded tensors) take :func:`adamw_step_`.
     """

@@ -1,4 +1,4 @@
-"""Shared machinery of every ``whiten`` optimizer (SPEC §6).
+"""Shared machinery of every ``whiten`` optimizer (``docs/shared_behaviour.md``, ``docs/architecture.md``).
 
 :class:`WhitenOptimizer` is a thin ``torch.optim.Optimizer`` that
 

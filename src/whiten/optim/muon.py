@@ -9,8 +9,8 @@ Both run, per matrix parameter ``W`` (``m x n``; conv weights flattened to ``(ou
     O   <- O * sqrt(max(1, m/n))                      # "original" (Keller)  or  0.2 sqrt(max(m, n))
     W   <- W (1 - lr wd) - lr O                       # decoupled decay with the unadjusted lr
 
-Sources: KellerJordan/Muon, ``torch.optim.Muon`` (PyTorch 2.9+), HTMuon (TDCSZ327/HTmuon,
-seed 004). See ``docs/muon_htmuon.md`` for defaults and deliberate deviations.
+Sources: KellerJordan/Muon, ``torch.optim.Muon`` (PyTorch 2.9+), HTMuon (reference code
+TDCSZ327/HTmuon). See ``docs/muon_htmuon.md`` for defaults and deliberate deviations.
 """
 
 from __future__ import annotations
@@ -278,8 +278,8 @@ class Muon(_SpectralMomentum):
             ``torch.optim.Muon``), or ``"float64"``.
         ns_method: ``"auto"`` (default), ``"direct"``, ``"gram"`` or ``"spectral"``: how the same NS
             polynomial is evaluated (:func:`whiten.linalg.newton_schulz`). ``"auto"`` runs it on the small
-            Gram matrix for fp32/fp64 matrices with one side >= 1.5x the other (1.8x faster on GPT-2's
-            768 x 3072 on CPU, and closer to the exact polynomial in fp32) and directly otherwise
+            Gram matrix for fp32/fp64 matrices with one side >= 1.5x the other (fewer FLOPs, and closer
+            to the exact polynomial in fp32; :func:`whiten.linalg.prefers_gram`) and directly otherwise
             (bf16 included, where the Gram path loses accuracy). ``"spectral"`` evaluates it on the
             eigenvalues of the Gram matrix (one ``eigh``; fp32/fp64 only).
         compile_ns: run the Newton–Schulz iteration through ``torch.compile``
@@ -317,7 +317,7 @@ class Muon(_SpectralMomentum):
 
 
 class HTMuon(_SpectralMomentum):
-    r"""HTMuon: Muon with singular values mapped to ``s^p`` instead of 1 (seed 004, TDCSZ327/HTmuon).
+    r"""HTMuon: Muon with singular values mapped to ``s^p`` instead of 1 (reference code TDCSZ327/HTmuon).
 
     .. math::
         U_t = A\,\mathrm{diag}(s)\,B^\top,\quad

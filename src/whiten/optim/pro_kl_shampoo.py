@@ -1,7 +1,7 @@
 """Pro-KLShampoo: KL-Shampoo with one factor restricted to the spike-and-flat family (arXiv 2605.06316).
 
-The paper's full text is not available; this is the reconstruction of SPEC §5 from its abstract and
-KL-Shampoo's fixed point (``docs/pro_kl_shampoo.md`` has the derivation and every open choice).
+The paper's full text is not available; this is a reconstruction from its abstract and KL-Shampoo's
+fixed point (``docs/pro_kl_shampoo.md`` has the derivation and every open choice).
 Orient ``W`` (``m x n``) so that the restricted side has ``n`` columns (``project_side``). The right
 factor is ``S_R = U diag(Lam) U^T + sigma (I - U U^T)`` with ``U`` an ``n x r`` tracked orthonormal
 subspace; the left factor is a full KL-Shampoo factor. Per step::
@@ -140,7 +140,7 @@ class SpikeFlatStep:
 
 
 class ProKLShampoo(KLFactored):
-    r"""Pro-KLShampoo: spike-and-flat right factor, orthogonalized complement (reconstruction, SPEC §5).
+    r"""Pro-KLShampoo: spike-and-flat right factor, orthogonalized complement (a reconstruction).
 
     .. math::
         S_R = U\Lambda U^\top + \sigma P_\perp,\quad
@@ -159,7 +159,7 @@ class ProKLShampoo(KLFactored):
             or ``"muon_rms"`` (``0.2 sqrt(max(m, n))``).
         ns_steps, ns_coefficients: Newton–Schulz iteration (:func:`whiten.linalg.newton_schulz`).
         ns_method: how that polynomial is evaluated (:func:`ns_factor`): ``"spectral"`` (default; one ``eigh``
-            of the ``m x m`` Gram matrix, 2-3x cheaper on CPU), ``"auto"``, ``"gram"`` or ``"direct"``.
+            of the ``m x m`` Gram matrix; ``docs/performance.md``), ``"auto"``, ``"gram"`` or ``"direct"``.
         adaptive_rank: choose ``r`` per layer from the tracked spectrum (:func:`adaptive_rank`)
             every ``rank_update_interval`` steps, between 1 and ``max_rank`` (default ``2 rank``), with a
             KL-gap ``rank_tolerance`` in nats per row; ``rank`` is the starting value.

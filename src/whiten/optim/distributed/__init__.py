@@ -1,4 +1,4 @@
-"""Scale-out of every ``whiten`` optimizer over ``torch.distributed`` (SPEC §10).
+"""Scale-out of every ``whiten`` optimizer over ``torch.distributed`` (``docs/distributed.md``).
 
 The mechanism is generic: it only needs the contract of :class:`whiten.optim.WhitenOptimizer`
 subclasses (``_matrix_step(group, params, grads)`` updates full matrices in place and keeps
