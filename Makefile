@@ -19,6 +19,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks docs
 	$(PY) -m ruff format --check src tests benchmarks docs
+	$(PY) -m mypy src/whiten/linalg src/whiten/optim
 	$(PY) -m pytest -q -x tests
 
 bench: $(STAMP)
@@ -34,6 +35,7 @@ bench-step: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks docs
 	$(PY) -m ruff format --check src tests benchmarks docs
+	$(PY) -m mypy src/whiten/linalg src/whiten/optim
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

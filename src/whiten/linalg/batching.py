@@ -40,18 +40,20 @@ def map_batched(
     returning a tuple of tensors (a factor and a Gram matrix) gets a tuple per matrix back.
     """
     out: list[Result | None] = [None] * len(matrices)
-    buckets: dict[tuple, list[int]] = {}
+    buckets: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[int]] = {}
     for index, mat in enumerate(matrices):
         do_stack = stacking_helps(mat.device) if stack is None else stack
         if not do_stack:
             out[index] = fn(mat)
             continue
         buckets.setdefault((tuple(mat.shape), mat.dtype, mat.device), []).append(index)
-    for (shape, mat_dtype, device), indices in buckets.items():
+    for key, indices in buckets.items():
+        batch_shape: tuple[int, ...] = key[0]
+        mat_dtype, device = key[1], key[2]
         if len(indices) == 1:
             out[indices[0]] = fn(matrices[indices[0]])
             continue
-        batch = torch.empty((len(indices), *shape), dtype=dtype or mat_dtype, device=device)
+        batch = torch.empty((len(indices), *batch_shape), dtype=dtype or mat_dtype, device=device)
         for slot, index in enumerate(indices):
             batch[slot].copy_(matrices[index])  # one pass: stack and cast
         result = fn(batch)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,7 +84,7 @@ def ns_schedule(coefficients: str | Sequence[float] | Sequence[Sequence[float]],
             f"ns_coefficients={coefficients!r} is not a known set; use one of {NS_COEFFICIENT_SETS} "
             "or an explicit (a, b, c) tuple"
         )
-    seq = list(coefficients)
+    seq: list[Any] = list(coefficients)
     if len(seq) == 3 and all(isinstance(v, (int, float)) for v in seq):
         return NSSchedule((tuple(float(v) for v in seq),) * steps, 1.0)  # type: ignore[arg-type]
     if seq and all(isinstance(t, Sequence) and len(t) == 3 for t in seq):

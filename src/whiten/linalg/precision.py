@@ -89,7 +89,7 @@ class _OperandRounding(TorchFunctionMode):
         super().__init__()
         self.bits = bits
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         bits = self.bits
         if bits is None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, final
+from typing import Any, ClassVar, Protocol, cast, final
 
 import torch
 import torch.distributed as dist
@@ -99,13 +99,18 @@ def is_sharded(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor; any other tensor itself."""
+    return cast("DTensor", t).to_local() if is_sharded(t) else t
+
+
 def local_norms(tensors: Sequence[Tensor]) -> Tensor:
     """fp64 vector of the 2-norms of ``tensors`` (of this rank's shard for DTensors), one host-side stack.
 
     The finiteness check of a step: a NaN or Inf anywhere makes the norm non-finite. The norm is
     accumulated in the statistics dtype of each tensor (:func:`stat_dtype`).
     """
-    local = [t.to_local() if is_sharded(t) else t for t in tensors]
+    local = [local_tensor(t) for t in tensors]
     device = local[0].device
     return torch.stack(
         [torch.linalg.vector_norm(t.detach(), dtype=stat_dtype(t)).to(device, torch.float64) for t in local]
@@ -424,7 +429,7 @@ class WhitenOptimizer(Optimizer, ABC):
         for state in self.state.values():
             for value in state.values():
                 if isinstance(value, Tensor):
-                    local = value.to_local() if is_sharded(value) else value  # this rank's shard
+                    local = local_tensor(value)  # this rank's shard
                     total += local.numel() * local.element_size()
         return total
 
@@ -454,7 +459,7 @@ class WhitenOptimizer(Optimizer, ABC):
         for key_id, tensors in saved.items():
             param = params.get(key_id)
             state = self.state.get(param) if param is not None else None
-            if state is None:
+            if param is None or state is None:
                 continue
             for key, value in tensors.items():
                 if isinstance(state.get(key), Tensor) and state[key].dtype != value.dtype:

@@ -33,7 +33,8 @@ def split_parameters(
             leaf = module_name.rsplit(".", 1)[-1]
             if isinstance(module, nn.Embedding) or (leaf in heads and isinstance(module, nn.Linear)):
                 special.add(id(module.weight))
-    matrix, adamw = [], []
+    matrix: list[tuple[str, Tensor]] = []
+    adamw: list[tuple[str, Tensor]] = []
     for name, param in model.named_parameters():  # named_parameters de-duplicates tied weights
         if not param.requires_grad:
             continue

@@ -281,23 +281,26 @@ class KLFactored(PhasedOptimizer):
         update = rotate_all(precond, bases, back=True)
 
         # (2) statistics from the RAW gradient with the OLD bases and eigenvalues (both sides, Jacobi order)
-        if G.ndim == 2 and bases[0] is not None and bases[1] is not None:
-            Q_L, Q_R = bases
-            lam_L, lam_R = lams
+        factor_targets: Sequence[Tensor | None]
+        lam_targets: Sequence[Tensor | None]
+        Q_L, Q_R = bases if len(bases) == 2 else (None, None)
+        lam_L, lam_R = lams if len(lams) == 2 else (None, None)
+        if Q_L is not None and Q_R is not None and lam_L is not None and lam_R is not None:
             GQ = G @ Q_R
             QG = Q_L.mT @ G
             m, n = G.shape
             E = Q_L.mT @ GQ if m <= n else QG @ Q_R  # the cheaper of the two products
-            factor_targets = list(kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R, rotated=(GQ, QG)))
-            lam_targets = list(kl_eigenvalue_targets(E, lam_L, lam_R))  # type: ignore[arg-type]
+            factor_targets = kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R, rotated=(GQ, QG))
+            lam_targets = kl_eigenvalue_targets(E, lam_L, lam_R)
         else:
             stats = kl_tensor_statistics(G, bases, lams)
             factor_targets, lam_targets = stats.factors, stats.eigenvalues
         for k, name in enumerate(names):
-            if bases[k] is None:
+            factor_target, lam_target = factor_targets[k], lam_targets[k]
+            if bases[k] is None or factor_target is None or lam_target is None:
                 continue
-            ema_factor_(state[name], factor_targets[k], beta)  # type: ignore[arg-type]
-            state[f"lam_{name}"] = ema_eigenvalues(state[f"lam_{name}"], lam_targets[k], beta, G.shape[k])  # type: ignore[arg-type]
+            ema_factor_(state[name], factor_target, beta)
+            state[f"lam_{name}"] = ema_eigenvalues(state[f"lam_{name}"], lam_target, beta, G.shape[k])
 
         # (3) eigenbasis refresh every T steps: one warm-started QR step, eigenvalues kept
         if step % group["precondition_frequency"] == 0:

@@ -88,7 +88,7 @@ class _SpectralMomentum(PhasedOptimizer):
         "ns_ridge": opt.nonneg,
     }
 
-    def _validate(self, group: dict[str, Any]) -> None:
+    def _validate(self, group: Mapping[str, Any]) -> None:
         super()._validate(group)
         if group.get("spectral_map") == "ns" and group.get("power", 0.0) > 1:
             raise ValueError(f"spectral_map='ns' supports 0 < power <= 1, got power={group['power']}")
@@ -168,8 +168,9 @@ class _SpectralMomentum(PhasedOptimizer):
                 outputs[i] = O
 
         results = []
-        for p, U, O in zip(params, matrices, outputs, strict=True):
-            assert O is not None
+        for p, U, mapped_O in zip(params, matrices, outputs, strict=True):
+            assert mapped_O is not None
+            O = mapped_O
             if group["normuon"] or p.dtype != U.dtype:
                 # fp32 arithmetic; a bf16 weight is then updated in fp32 and rounded once
                 O = O.to(U.dtype)

@@ -23,7 +23,7 @@ parameter is trained by the full KL-Shampoo path of :class:`whiten.KLShampoo` (s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -213,7 +213,7 @@ class ProKLShampoo(KLFactored):
     ) -> None:
         super().__init__(params, {**constructor_options(locals()), "preconditioner": "kl"})
 
-    def _validate(self, group: dict[str, Any]) -> None:
+    def _validate(self, group: Mapping[str, Any]) -> None:
         super()._validate(group)
         if group.get("preconditioner", "kl") != "kl":
             raise ValueError("ProKLShampoo supports only preconditioner='kl' (KL-SOAP has no spike-and-flat variant)")
@@ -307,9 +307,13 @@ class ProKLShampoo(KLFactored):
             strict=True,
         ):
             step.O = O
-        for kind, factor in (("gram", newton_schulz_left_factor), ("spectral", newton_schulz_spectral_factor)):
+        factors: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+            "gram": lambda X: newton_schulz_left_factor(X, steps, coefficients),
+            "spectral": lambda X: newton_schulz_spectral_factor(X, steps, coefficients),
+        }
+        for kind, factor in factors.items():
             chosen = [step for step, k in zip(pending, kinds, strict=True) if k == kind]
-            batched = map_batched(lambda X, f=factor: f(X, steps, coefficients), [s.X for s in chosen])
+            batched = map_batched(factor, [s.X for s in chosen])
             for step, (K, P) in zip(chosen, batched, strict=True):
                 step.K, step.P = K, P
         return [self._pro_finish(group, step) for step in pending]

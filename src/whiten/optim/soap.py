@@ -243,16 +243,16 @@ class SOAP(WhitenOptimizer):
     # -- state ----------------------------------------------------------------------------------
     def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         m, n = as_matrix(param).shape
-        kw = dict(dtype=stat_dtype(param), device=param.device)
+        dtype, device = stat_dtype(param), param.device
         state["step"] = 0
-        state["exp_avg"] = torch.zeros(m, n, **kw)
-        state["exp_avg_sq"] = torch.zeros(m, n, **kw)
+        state["exp_avg"] = torch.zeros(m, n, dtype=dtype, device=device)
+        state["exp_avg_sq"] = torch.zeros(m, n, dtype=dtype, device=device)
         if m <= group["max_precond_dim"]:
-            state["L"] = torch.zeros(m, m, **kw)
-            state["Q_L"] = torch.eye(m, **kw)
+            state["L"] = torch.zeros(m, m, dtype=dtype, device=device)
+            state["Q_L"] = torch.eye(m, dtype=dtype, device=device)
         if n <= group["max_precond_dim"]:
-            state["R"] = torch.zeros(n, n, **kw)
-            state["Q_R"] = torch.eye(n, **kw)
+            state["R"] = torch.zeros(n, n, dtype=dtype, device=device)
+            state["Q_R"] = torch.eye(n, dtype=dtype, device=device)
 
     # -- stepping -------------------------------------------------------------------------------
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -291,7 +291,7 @@ class SOAP(WhitenOptimizer):
         # never modified in place: for one fp32 parameter this is a view of p.grad
         G = _stack([as_matrix(g).to(dtype) for g in grads])
         L, R, Q_L, Q_R = stacked("L"), stacked("R"), stacked("Q_L"), stacked("Q_R")
-        exp_avg, exp_avg_sq = stacked("exp_avg"), stacked("exp_avg_sq")
+        exp_avg, exp_avg_sq = _stack([s["exp_avg"] for s in states]), _stack([s["exp_avg_sq"] for s in states])
 
         # (1) Kronecker factors, statistics from the raw gradient and the OLD factors and bases
         shampoo_beta = group["shampoo_beta"]
@@ -302,9 +302,9 @@ class SOAP(WhitenOptimizer):
             shampoo_beta = 1.0 - (1.0 - shampoo_beta) / (1.0 - shampoo_beta**t)
         with matmul_precision(group["fp32_matmul_prec"]):
             left, right = self._factor_targets(group, G, L, R, Q_L, Q_R, first=t == 1)
-        if L is not None:
+        if L is not None and left is not None:
             L.lerp_(left, 1.0 - shampoo_beta)
-        if R is not None:
+        if R is not None and right is not None:
             R.lerp_(right, 1.0 - shampoo_beta)
 
         # (2) eigenbasis refresh, first moment rotated along, second moment only permuted
@@ -314,13 +314,13 @@ class SOAP(WhitenOptimizer):
                 full = t == 1 or group["use_eigh"]
                 steps = group["power_iter_steps"]
                 if L is not None:
-                    if full:
+                    if full or Q_L is None:
                         Q_L = eigh_descending(L)[1]
                     else:
                         Q_L, order = sorted_orthogonal_iteration(L, Q_L, steps)  # one L Q_L for both
                         exp_avg_sq = exp_avg_sq.take_along_dim(order.unsqueeze(-1), dim=-2)
                 if R is not None:
-                    if full:
+                    if full or Q_R is None:
                         Q_R = eigh_descending(R)[1]
                     else:
                         Q_R, order = sorted_orthogonal_iteration(R, Q_R, steps)
@@ -400,9 +400,9 @@ class SOAP(WhitenOptimizer):
             right = _add_to_diagonal(gram(G.mT) * ((1.0 - shrink) / m), shrink * mu) if R is not None else None
             return left, right
         eps = group["eps"]
-        lam_L = rayleigh_quotients(L, Q_L).clamp_min(eps) if L is not None else None
-        lam_R = rayleigh_quotients(R, Q_R).clamp_min(eps) if R is not None else None
-        if L is not None and R is not None:
+        if L is not None and R is not None and Q_L is not None and Q_R is not None:
+            lam_L = rayleigh_quotients(L, Q_L).clamp_min(eps)
+            lam_R = rayleigh_quotients(R, Q_R).clamp_min(eps)
             return kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R)
         # an unpreconditioned side has S = I, so the other side's target is the normalised Gram
         return (gram(G) / n if L is not None else None, gram(G.mT) / m if R is not None else None)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from whiten.optim.base import local_tensor
 from whiten.optim.distributed.ownership import holds_state, is_sharded
 from whiten.optim.distributed.steps import elementwise_keys
 
@@ -88,7 +89,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     # parameter names as DCP writes them (wrapper prefixes such as DDP's "module." removed), in group order
     named = {
         fqn: p
-        for saved, group in zip(optim_sd["param_groups"], optimizer.param_groups, strict=True)
+        for saved, group in zip(cast(list, optim_sd["param_groups"]), optimizer.param_groups, strict=True)
         for fqn, p in zip(saved["params"], group["params"], strict=True)
     }
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
@@ -114,12 +115,12 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
                 # AdamW state, a phased group's momentum: a DTensor like the param (DCP reshards it)
                 value: Any = torch.empty_like(param.detach(), dtype=dtype)
             else:
-                device = param.to_local().device if is_sharded(param) else param.device
+                device = local_tensor(param).device if is_sharded(param) else param.device
                 value = torch.empty(tuple(md.size), dtype=dtype, device=device)
         else:
             value = 0  # plain Python value (step counter): DCP replaces it with the saved object
         state.setdefault(fqn, {})[key] = value
-    optim_sd["state"] = state
+    optim_sd["state"] = cast(Any, state)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     set_model_state_dict(model, model_sd)
     # the state was loaded for this run's distributed_mode, which WhitenOptimizer.load_state_dict keeps

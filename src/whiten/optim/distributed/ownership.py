@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
-    from torch.distributed.tensor import Shard
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import Placement
 except ImportError:  # pragma: no cover - builds without distributed support
-    Shard = None  # type: ignore[assignment,misc]
+    DTensor = Shard = None  # type: ignore[assignment,misc]
 
 from whiten.optim.base import is_sharded, local_norms
 from whiten.optim.distributed.cost import assign_owners, matrix_flops
@@ -51,16 +53,31 @@ def comm_stats(optimizer: Any) -> CommStats:
 
 
 # -- helpers on parameters -----------------------------------------------------------------------
+def mesh_of(t: Tensor) -> DeviceMesh:
+    """The device mesh of a DTensor."""
+    return cast(DTensor, t).device_mesh
+
+
+def placements_of(t: Tensor) -> tuple[Placement, ...]:
+    """The placements of a DTensor."""
+    return tuple(cast(DTensor, t).placements)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor, gathered from every rank (collective)."""
+    return cast(DTensor, t).full_tensor()
+
+
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
 def process_group_of(optimizer: Any, params: Sequence[Tensor]) -> Any:
     """The group that splits the work: the device mesh's group for DTensors, else the optimizer's."""
-    meshes = []
+    meshes: list[DeviceMesh] = []
     for p in params:  # per-module fully_shard calls build equal but distinct DeviceMesh objects
-        if is_sharded(p) and all(p.device_mesh != m for m in meshes):
-            meshes.append(p.device_mesh)
+        if is_sharded(p) and all(mesh_of(p) != m for m in meshes):
+            meshes.append(mesh_of(p))
     if len(meshes) > 1:
         raise ValueError("distributed_mode='split' needs all sharded parameters of a group on one device mesh")
     if meshes:
@@ -76,7 +93,7 @@ def process_group_of(optimizer: Any, params: Sequence[Tensor]) -> Any:
 
 def _shard_bounds(p: Tensor, world: int) -> tuple[int, list[tuple[int, int]]]:
     """``(dim, [(start, length) per rank])`` of a ``Shard(dim)`` DTensor (``torch.chunk`` layout)."""
-    placements = p.placements
+    placements = placements_of(p)
     if len(placements) != 1 or not isinstance(placements[0], Shard):
         raise ValueError(
             f"distributed_mode='split' needs parameters sharded as (Shard(dim),) (FSDP2), got {placements}; "
@@ -155,8 +172,8 @@ def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
         bad = (~torch.isfinite(norms)).to(torch.float64) * torch.tensor(sharded, dtype=torch.float64, device=device)
         meshes: list[Any] = []
         for g in grads:  # equal meshes (one per fully_shard call) need one reduction
-            if is_sharded(g) and all(g.device_mesh != m for m in meshes):
-                meshes.append(g.device_mesh)
+            if is_sharded(g) and all(mesh_of(g) != m for m in meshes):
+                meshes.append(mesh_of(g))
         for mesh in meshes:
             for dim in range(mesh.ndim):
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))

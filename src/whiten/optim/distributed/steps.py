@@ -14,14 +14,17 @@ try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
 except ImportError:  # pragma: no cover - builds without distributed support
     DTensor = None  # type: ignore[assignment,misc]
 
-from whiten.optim.base import PhasedOptimizer, WhitenOptimizer
+from whiten.optim.base import PhasedOptimizer, WhitenOptimizer, local_tensor
 from whiten.optim.distributed.ownership import (
     CommStats,
     _shard_bounds,
     _state_moved_to,
     comm_stats,
+    full_tensor,
     is_sharded,
+    mesh_of,
     owners_of,
+    placements_of,
     process_group_of,
 )
 
@@ -87,9 +90,9 @@ def _chunk_layout(params: Sequence[Tensor], me: int, world: int) -> list[tuple[i
     layout = [_shard_bounds(p, world) for p in params]
     for p, (dim, bounds) in zip(params, layout, strict=True):
         expected = [bounds[me][1] if d == dim else size for d, size in enumerate(p.shape)]
-        if list(p.to_local().shape) != expected:
+        if list(local_tensor(p).shape) != expected:
             raise RuntimeError(
-                f"local shard of shape {tuple(p.to_local().shape)} of a {tuple(p.shape)} parameter is not the "
+                f"local shard of shape {tuple(local_tensor(p).shape)} of a {tuple(p.shape)} parameter is not the "
                 f"torch.chunk layout {tuple(expected)} that distributed_mode='split' assumes; use 'replicate'"
             )
     return layout
@@ -157,10 +160,10 @@ def _phased_sharded_step(
     shard of the parameter. DTensors outside the FSDP2 layout (replicated, 2-D meshes; replicate
     mode only) gather the inputs with ``full_tensor`` and slice ``O`` locally.
     """
-    meshes = [p.device_mesh for p in params]
+    meshes = [mesh_of(p) for p in params]
     if owners is not None:
         pg = process_group_of(optimizer, group["params"])
-    elif all(_is_row_sharded(p) and p.device_mesh == meshes[0] for p in params):
+    elif all(_is_row_sharded(p) and mesh_of(p) == meshes[0] for p in params):
         pg = meshes[0].get_group()
     else:
         pg = None
@@ -178,22 +181,22 @@ def _phased_sharded_step(
     if pg is None:
         whole = []
         for p, x, ts in zip(params, inputs, parts, strict=True):
-            full = [t.full_tensor() if is_sharded(t) else t for t in ts]
-            world = p.device_mesh.size()
+            full = [full_tensor(t) if is_sharded(t) else t for t in ts]
+            world = mesh_of(p).size()
             for t in full:
                 nbytes = t.numel() * t.element_size()
                 stats.add("all_gather", nbytes // world, nbytes - nbytes // world)
             whole.append(x.with_tensors(full))
         mapped = optimizer._map_phase(group, params, whole)
         # every rank holds the same whole O: slice locally, no communication
-        updates = [
-            distribute_tensor(O, p.device_mesh, p.placements, src_data_rank=None)
+        updates: list[Tensor] = [
+            distribute_tensor(O, mesh_of(p), placements_of(p), src_data_rank=None)
             for p, O in zip(params, mapped, strict=True)
         ]
         optimizer._apply_phase(group, params, updates)
         return
     me, world = dist.get_rank(pg), dist.get_world_size(pg)
-    device = params[0].to_local().device
+    device = local_tensor(params[0]).device
     local: list[Tensor | None] = [None] * len(params)
 
     def owned_by(i: int, rank: int) -> bool:
@@ -203,7 +206,7 @@ def _phased_sharded_step(
         idx = [i for i, ts in enumerate(parts) if ts[0].dtype == dtype]
         mine = [i for i in idx if owned_by(i, me)]
         # 1. my shard of the map's inputs of every matrix to its owner(s)
-        send = [[t.to_local() for i in idx if owned_by(i, rank) for t in parts[i]] for rank in range(world)]
+        send = [[local_tensor(t) for i in idx if owned_by(i, rank) for t in parts[i]] for rank in range(world)]
         recv = [sum(len(parts[i]) * _shard_numel(params[i], layout[i], s) for i in mine) for s in range(world)]
         got = _counted_all_to_all(stats, pg, send, recv, dtype, device)
         # 2. assemble the whole inputs on the owner and map them there
@@ -230,14 +233,14 @@ def _phased_sharded_step(
             offset = 0
             for i in idx:
                 if owned_by(i, s):
-                    shape = params[i].to_local().shape
+                    shape = local_tensor(params[i]).shape
                     local[i] = got[s][offset : offset + shape.numel()].view(shape)
                     offset += shape.numel()
     updates = []
     for p, u in zip(params, local, strict=True):
         assert u is not None
         updates.append(
-            DTensor.from_local(u, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            DTensor.from_local(u, mesh_of(p), placements_of(p), run_check=False, shape=p.shape, stride=p.stride())
         )
     optimizer._apply_phase(group, params, updates)
 
@@ -246,8 +249,8 @@ def _replicated_sharded_step(
     optimizer: WhitenOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
 ) -> None:
     """FSDP2, replicate mode: gather each matrix, step on the whole matrix everywhere, keep the shard."""
-    meshes = [p.device_mesh for p in params if is_sharded(p)]
-    if all(is_sharded(p) and _is_row_sharded(p) and p.device_mesh == meshes[0] for p in params):
+    meshes = [mesh_of(p) for p in params if is_sharded(p)]
+    if all(is_sharded(p) and _is_row_sharded(p) and mesh_of(p) == meshes[0] for p in params):
         # the FSDP2 layout: one batched exchange for all matrices instead of two collectives each
         _split_sharded_step(optimizer, group, params, grads, None, meshes[0].get_group())
         return
@@ -258,9 +261,9 @@ def _replicated_sharded_step(
             full_params.append(p)
             full_grads.append(g)
             continue
-        fp = p.detach().full_tensor()
-        fg = g.full_tensor() if is_sharded(g) else g
-        world = p.device_mesh.size()
+        fp = full_tensor(p.detach())
+        fg = full_tensor(g) if is_sharded(g) else g
+        world = mesh_of(p).size()
         nbytes = fp.numel() * fp.element_size() + fg.numel() * fg.element_size()
         stats.add("all_gather", nbytes // world, nbytes - nbytes // world)
         full_params.append(fp)
@@ -270,8 +273,8 @@ def _replicated_sharded_step(
     for p, fp in zip(params, full_params, strict=True):
         if is_sharded(p):
             # every rank holds the same full value: slice locally, no communication
-            shard = distribute_tensor(fp, p.device_mesh, p.placements, src_data_rank=None)
-            p.to_local().copy_(shard.to_local())
+            shard = distribute_tensor(fp, mesh_of(p), placements_of(p), src_data_rank=None)
+            local_tensor(p).copy_(local_tensor(shard))
 
 
 def _split_replicated_step(
@@ -323,7 +326,7 @@ def _all_to_all(
 
 def _is_row_sharded(p: Tensor) -> bool:
     """A DTensor on a 1-D mesh with one ``Shard`` placement (the FSDP2 layout)."""
-    return p.device_mesh.ndim == 1 and len(p.placements) == 1 and isinstance(p.placements[0], Shard)
+    return mesh_of(p).ndim == 1 and len(placements_of(p)) == 1 and isinstance(placements_of(p)[0], Shard)
 
 
 def _split_sharded_step(
@@ -342,7 +345,7 @@ def _split_sharded_step(
     me, world = dist.get_rank(pg), dist.get_world_size(pg)
     stats = comm_stats(optimizer)
     layout = _chunk_layout(params, me, world)
-    device = params[0].to_local().device
+    device = local_tensor(params[0]).device
 
     def owned_by(i: int, rank: int) -> bool:
         return owners is None or owners[id(params[i])] == rank
@@ -361,7 +364,7 @@ def _split_sharded_step(
         for rank in range(world):
             for i in idx:
                 if owned_by(i, rank):
-                    send[rank] += [params[i].to_local().detach(), grads[i].to_local()]
+                    send[rank] += [local_tensor(params[i]).detach(), local_tensor(grads[i])]
         got = exchange(send, [2 * sum(rows(i, s) for i in mine) for s in range(world)], dtype)
         # 2. assemble whole matrices on the owner and step there
         assembled = _assemble_whole(got, mine, params, layout, dict.fromkeys(mine, 2))
@@ -374,7 +377,7 @@ def _split_sharded_step(
         if owners is None:  # replicate: every rank has every new value, keep my slice
             for i, fp in zip(mine, full_params, strict=True):
                 dim, bounds = layout[i]
-                params[i].to_local().copy_(fp.narrow(dim, *bounds[me]))
+                local_tensor(params[i]).copy_(fp.narrow(dim, *bounds[me]))
             continue
         # 3. each rank's shard of the new values back
         back: list[list[Tensor]] = [[] for _ in range(world)]
@@ -388,6 +391,6 @@ def _split_sharded_step(
             offset = 0
             for i in idx:
                 if owned_by(i, s):
-                    local = params[i].to_local()
+                    local = local_tensor(params[i])
                     local.copy_(got[s][offset : offset + local.numel()].view(local.shape))
                     offset += local.numel()
