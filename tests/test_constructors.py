@@ -22,10 +22,14 @@ def test_everything_after_lr_is_keyword_only(cls: type) -> None:
         cls([torch.zeros(2, 2, requires_grad=True)], 0.01, 0.5)
 
 
-@pytest.mark.parametrize("cls", [c for c in CLASSES if c is not REKLS])  # REKLS forwards **options to SOAP
+@pytest.mark.parametrize("cls", CLASSES)
 def test_adamw_defaults_are_shared(cls: type) -> None:
-    signature = inspect.signature(cls.__init__).parameters
-    assert {name: signature[name].default for name in ADAMW_DEFAULTS} == ADAMW_DEFAULTS
+    """The shared options come in ``**common`` (base.CommonOptions) with the base's defaults; a typo is an error."""
+    assert "adamw_lr" not in inspect.signature(cls.__init__).parameters
+    group = cls([torch.zeros(2, 2, requires_grad=True)], lr=0.01).defaults
+    assert group["adamw_weight_decay"] == ADAMW_DEFAULTS["adamw_weight_decay"] and group["nonfinite"] == "skip"
+    with pytest.raises(TypeError, match="adamw_lrr"):
+        cls([torch.zeros(2, 2, requires_grad=True)], lr=0.01, adamw_lrr=1e-3)
 
 
 @pytest.mark.parametrize(

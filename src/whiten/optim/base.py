@@ -34,7 +34,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, cast, final
+from typing import Any, ClassVar, Protocol, TypedDict, cast, final
 
 import torch
 import torch.distributed as dist
@@ -76,12 +76,41 @@ ADAMW_DEFAULTS: dict[str, Any] = {"adamw_lr": None, "adamw_betas": None, "adamw_
 ADAMW_FALLBACK: dict[str, Any] = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
 
 
-def constructor_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of a constructor call from its ``locals()``: everything but ``self``, ``params``, ``__class__``.
+class CommonOptions(TypedDict, total=False):
+    """Options every class takes, by keyword (``**common: Unpack[CommonOptions]``); defaults in the base.
 
-    The constructor's signature is then the one table of an optimizer's options and defaults.
+    ``adamw_*``: the built-in AdamW (:data:`ADAMW_DEFAULTS`); ``maximize``: ascend instead of descend;
+    ``nonfinite``: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
     """
-    return {key: value for key, value in arguments.items() if key not in ("self", "params", "__class__")}
+
+    adamw_lr: float | None
+    adamw_betas: tuple[float, float] | None
+    adamw_eps: float | None
+    adamw_weight_decay: float
+    maximize: bool
+    nonfinite: str
+
+
+#: the defaults of :class:`CommonOptions` beyond the AdamW ones
+COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "nonfinite": "skip"}
+
+
+def constructor_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a constructor call from its ``locals()``: its named options and its ``**common``.
+
+    The constructor's signature is the table of the method's own options and defaults; the options of
+    :class:`CommonOptions` come in ``common`` (defaults filled by :class:`WhitenOptimizer`). An unknown
+    keyword there is a ``TypeError``, as for any named argument.
+    """
+    common = dict(arguments.get("common", {}))
+    unknown = sorted(set(common) - set(CommonOptions.__annotations__))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown}; the options shared by every class are "
+            f"{sorted(CommonOptions.__annotations__)}"
+        )
+    named = {k: v for k, v in arguments.items() if k not in ("self", "params", "common", "__class__")}
+    return {**named, **common}
 
 
 def stat_dtype(param: Tensor) -> torch.dtype:
@@ -210,8 +239,7 @@ class WhitenOptimizer(Optimizer, ABC):
         full = {
             "use_matrix": None,
             **ADAMW_DEFAULTS,
-            "maximize": False,
-            "nonfinite": "skip",
+            **COMMON_DEFAULTS,
             "distributed_mode": "replicate",
             **defaults,
         }

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
-from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, constructor_options, stat_dtype
+from whiten.optim.base import CommonOptions, MapInput, PhasedOptimizer, as_matrix, constructor_options, stat_dtype
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,6 +128,25 @@ class KLFactored(PhasedOptimizer):
     elementwise_state: ClassVar[tuple[str, ...]] = ("exp_avg", "step")
     map_inputs: ClassVar[int] = 2  # (M, G) per matrix travel to the map
     adamw_inherits: ClassVar[dict[str, str]] = {"adamw_eps": "eps"}  # betas[1] is also the factor rate
+    #: the group option ``preconditioner`` a class builds: ``"kl"`` (KL-Shampoo) or ``"adam"`` (KL-SOAP)
+    preconditioner_kind: ClassVar[str] = "kl"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        *,
+        betas: tuple[float, float] = (0.9, 0.98),
+        shampoo_beta: float = -1,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        init_factor: float = 0.1,
+        max_precond_dim: int = 10000,
+        state_dtype: str = "float32",
+        **common: Unpack[CommonOptions],
+    ) -> None:
+        super().__init__(params, {**constructor_options(locals()), "preconditioner": self.preconditioner_kind})
 
     def phased_group(self, group: Mapping[str, Any]) -> bool:
         """Whether ``group`` runs as the three phases: KL-Shampoo (``"kl"``) yes, KL-SOAP (``"adam"``) no."""
@@ -342,28 +361,6 @@ class KLShampoo(KLFactored):
         nonfinite: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
-        *,
-        betas: tuple[float, float] = (0.9, 0.98),
-        shampoo_beta: float = -1,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
-        init_factor: float = 0.1,
-        max_precond_dim: int = 10000,
-        state_dtype: str = "float32",
-        adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] | None = None,
-        adamw_eps: float | None = None,
-        adamw_weight_decay: float = 0.0,
-        maximize: bool = False,
-        nonfinite: str = "skip",
-    ) -> None:
-        super().__init__(params, {**constructor_options(locals()), "preconditioner": "kl"})
-
 
 class KLSOAP(KLFactored):
     r"""KL-SOAP: KL-Shampoo's factors and eigenbases, Adam in the eigenbasis (reference ``using_klsoap=True``).
@@ -376,24 +373,4 @@ class KLSOAP(KLFactored):
     the new basis; the second moment ``v`` is not. Same arguments as :class:`KLShampoo`.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
-        *,
-        betas: tuple[float, float] = (0.9, 0.98),
-        shampoo_beta: float = -1,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
-        init_factor: float = 0.1,
-        max_precond_dim: int = 10000,
-        state_dtype: str = "float32",
-        adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] | None = None,
-        adamw_eps: float | None = None,
-        adamw_weight_decay: float = 0.0,
-        maximize: bool = False,
-        nonfinite: str = "skip",
-    ) -> None:
-        super().__init__(params, {**constructor_options(locals()), "preconditioner": "adam"})
+    preconditioner_kind: ClassVar[str] = "adam"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
-from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, constructor_options, stat_dtype
+from whiten.optim.base import CommonOptions, MapInput, PhasedOptimizer, as_matrix, constructor_options, stat_dtype
 
 _NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 #: coupled Newton–Schulz square-root iterations per root of HTMuon's NS variant (the reference's 5)
@@ -305,12 +305,7 @@ class Muon(_SpectralMomentum):
         ns_dtype: str = "float32",
         ns_method: str = "auto",
         compile_ns: bool = False,
-        adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] | None = None,
-        adamw_eps: float | None = None,
-        adamw_weight_decay: float = 0.0,
-        maximize: bool = False,
-        nonfinite: str = "skip",
+        **common: Unpack[CommonOptions],
     ) -> None:
         # HTMuon's options at their Muon values (power 0 is plain Newton–Schulz), so one step serves both
         muon_map = dict(power=0.0, spectral_map="ns", interval=1, normuon=False, normuon_beta2=0.95, ns_ridge=1e-6)
@@ -362,11 +357,6 @@ class HTMuon(_SpectralMomentum):
         ns_ridge: float = 1e-6,
         eps: float = 1e-7,
         adjust_lr_fn: str | None = None,
-        adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] | None = None,
-        adamw_eps: float | None = None,
-        adamw_weight_decay: float = 0.0,
-        maximize: bool = False,
-        nonfinite: str = "skip",
+        **common: Unpack[CommonOptions],
     ) -> None:
         super().__init__(params, constructor_options(locals()))

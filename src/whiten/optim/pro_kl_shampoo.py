@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ from whiten.linalg import (
 )
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
-from whiten.optim.base import MapInput, constructor_options
+from whiten.optim.base import CommonOptions, MapInput, constructor_options
 from whiten.optim.kl_shampoo import (
     KLFactored,
     _gradient_of,
@@ -204,14 +204,10 @@ class ProKLShampoo(KLFactored):
         rank_update_interval: int = 100,
         max_precond_dim: int = 10000,
         state_dtype: str = "float32",
-        adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] | None = None,
-        adamw_eps: float | None = None,
-        adamw_weight_decay: float = 0.0,
-        maximize: bool = False,
-        nonfinite: str = "skip",
+        **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(params, {**constructor_options(locals()), "preconditioner": "kl"})
+        # KLFactored's constructor takes KL-Shampoo's options only: build the groups from these
+        super(KLFactored, self).__init__(params, {**constructor_options(locals()), "preconditioner": "kl"})
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         super()._validate(group)

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 import torch
 from torch import Tensor
@@ -77,7 +77,7 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import decay_and_update_
-from whiten.optim.base import WhitenOptimizer, as_matrix, constructor_options, stat_dtype
+from whiten.optim.base import CommonOptions, WhitenOptimizer, as_matrix, constructor_options, stat_dtype
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
 KL_INITS = ("safe", "peer")
@@ -197,12 +197,7 @@ class SOAP(WhitenOptimizer):
         max_precond_dim: int = 8192,
         kl_init: str = "safe",
         kl_init_shrinkage: float = 0.5,
-        adamw_lr: float | None = None,
-        adamw_betas: tuple[float, float] | None = None,
-        adamw_eps: float | None = None,
-        adamw_weight_decay: float = 0.0,
-        maximize: bool = False,
-        nonfinite: str = "skip",
+        **common: Unpack[CommonOptions],
     ) -> None:
         options = constructor_options(locals())
         super().__init__(params, {**options, "betas": tuple(betas)})
