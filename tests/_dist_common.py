@@ -7,12 +7,13 @@ split in equal halves, and the optimizers under test with small but non-trivial 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from whiten.optim import KLSOAP, REKLS, SOAP, HTMuon, KLShampoo, Muon, ProKLShampoo
 
 STEPS = 20
 HALF = 10
@@ -56,32 +57,19 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _factories() -> dict[str, Callable[[Any], Any]]:
-    """Optimizer name -> constructor taking the parameters (only the classes that exist)."""
-    specs = {
-        "Muon": ("whiten.optim.muon", "Muon", dict(lr=0.02, weight_decay=0.1, adamw_lr=0.01)),
-        "HTMuon": ("whiten.optim.muon", "HTMuon", dict(lr=0.05, power=0.125, spectral_map="svd", adamw_lr=0.01)),
-        "SOAP": ("whiten.optim.soap", "SOAP", dict(lr=0.01, precondition_frequency=2, adamw_lr=0.01)),
-        "REKLS": ("whiten.optim.soap", "REKLS", dict(lr=0.003, adamw_lr=0.01)),
-        "KLShampoo": ("whiten.optim.kl_shampoo", "KLShampoo", dict(lr=0.01, precondition_frequency=3)),
-        "KLSOAP": ("whiten.optim.kl_shampoo", "KLSOAP", dict(lr=0.01, precondition_frequency=3)),
-        "ProKLShampoo": (
-            "whiten.optim.pro_kl_shampoo",
-            "ProKLShampoo",
-            dict(lr=0.01, rank=2, precondition_frequency=3),
-        ),
-    }
-    out = {}
-    for name, (module, cls_name, kwargs) in specs.items():
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError):
-            continue
-        out[name] = lambda params, cls=cls, kwargs=kwargs: cls(params, **kwargs)
-    return out
-
-
-FACTORIES = _factories()
+#: optimizer name -> (class, options) of the runs; every exported optimizer class (tests/test_distributed.py)
+SETTINGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "Muon": (Muon, dict(lr=0.02, weight_decay=0.1, adamw_lr=0.01)),
+    "HTMuon": (HTMuon, dict(lr=0.05, power=0.125, spectral_map="svd", adamw_lr=0.01)),
+    "SOAP": (SOAP, dict(lr=0.01, precondition_frequency=2, adamw_lr=0.01)),
+    "REKLS": (REKLS, dict(lr=0.003, adamw_lr=0.01)),
+    "KLShampoo": (KLShampoo, dict(lr=0.01, precondition_frequency=3)),
+    "KLSOAP": (KLSOAP, dict(lr=0.01, precondition_frequency=3)),
+    "ProKLShampoo": (ProKLShampoo, dict(lr=0.01, rank=2, precondition_frequency=3)),
+}
+FACTORIES: dict[str, Callable[[Any], Any]] = {
+    name: (lambda params, cls=cls, kwargs=kwargs: cls(params, **kwargs)) for name, (cls, kwargs) in SETTINGS.items()
+}
 OPTIMIZERS = sorted(FACTORIES)
 
 

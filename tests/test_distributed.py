@@ -87,8 +87,25 @@ def _assert_follows(result: dict, ref: tuple[list[float], dict[str, torch.Tensor
         assert error <= rtol, f"{name}: relative error {error} against the single-process run"
 
 
-def test_required_optimizers_present() -> None:
-    assert set(REQUIRED) <= set(OPTIMIZERS)
+def test_every_optimizer_is_covered_and_phased_as_the_tests_assume() -> None:
+    """The runs cover every optimizer class whiten.optim exports, and the constants the traffic and layout
+    tests below rely on (PHASED, MAP_INPUTS) are what the implementation says, not a second copy."""
+    import inspect
+
+    import whiten.optim
+
+    exported = {
+        name
+        for name in whiten.optim.__all__
+        if isinstance(cls := getattr(whiten.optim, name), type)
+        and issubclass(cls, whiten.optim.WhitenOptimizer)
+        and not inspect.isabstract(cls)
+    }
+    assert exported == set(OPTIMIZERS) and set(REQUIRED) <= exported
+    for name in OPTIMIZERS:
+        optimizer = make_optimizer(name, make_model())
+        assert wd.is_phased(optimizer) == (name in PHASED), name
+        assert wd.gathered_tensors(optimizer) == MAP_INPUTS.get(name, 2), name
 
 
 @pytest.mark.distributed
