@@ -48,3 +48,16 @@ def test_adamw_defaults_resolve_in_one_place(cls: type, options: dict, expected:
     assert (adamw_group["lr"], adamw_group["adamw_betas"], adamw_group["adamw_eps"]) == expected
     explicit = cls([W, b], **options, adamw_lr=1e-4, adamw_betas=(0.5, 0.6), adamw_eps=1e-3).param_groups[1]
     assert (explicit["lr"], explicit["adamw_betas"], explicit["adamw_eps"]) == (1e-4, (0.5, 0.6), 1e-3)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_constructor_option_names_are_what_the_constructor_takes(cls: type) -> None:
+    names = cls.constructor_option_names()
+    assert names[0] == "lr" and {"adamw_lr", "adamw_eps", "maximize", "nonfinite"} <= set(names)
+    W = torch.zeros(3, 3, requires_grad=True)
+    defaults = cls([W], lr=0.01).defaults
+    assert set(names) <= set(defaults)  # every accepted option is stored in the groups
+    with pytest.raises(TypeError):
+        cls([W], lr=0.01, **{"not_an_option": 1})
+    rekls = REKLS.constructor_option_names()  # followed through **options to SOAP, less what REKLS fixes
+    assert "power_iter_steps" in rekls and "use_eigh" not in rekls

@@ -1,30 +1,8 @@
 """whiten: matrix-whitening optimizers for LLM pre-training."""
 
-from whiten.optim import (
-    KLSOAP,
-    REKLS,
-    SOAP,
-    HTMuon,
-    KLShampoo,
-    Muon,
-    ProKLShampoo,
-    WhitenOptimizer,
-    param_groups,
-    split_parameters,
-)
+from whiten import optim as _optim
+from whiten.optim import *  # noqa: F403 - the public names are whiten.optim.__all__
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "KLSOAP",
-    "REKLS",
-    "SOAP",
-    "HTMuon",
-    "KLShampoo",
-    "Muon",
-    "ProKLShampoo",
-    "WhitenOptimizer",
-    "__version__",
-    "param_groups",
-    "split_parameters",
-]
+__all__ = [*_optim.__all__, "__version__"]

@@ -31,6 +31,7 @@ registers itself with :func:`register_distributed_stepper`; a step calls it only
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -224,6 +225,8 @@ class WhitenOptimizer(Optimizer, ABC):
     #: AdamW options that default to one of the method's own options when left at ``None``
     #: (SOAP: ``{"adamw_betas": "betas", "adamw_eps": "eps"}``); the others take ``ADAMW_FALLBACK``
     adamw_inherits: ClassVar[Mapping[str, str]] = {}
+    #: parent-class options this class fixes and refuses (REKLS: ``use_eigh``, ``use_kl_shampoo``)
+    fixed_options: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -252,6 +255,29 @@ class WhitenOptimizer(Optimizer, ABC):
         #: process group that splits the work of plain (DDP) parameters; ``None`` = the default group
         self.process_group: Any = None
         super().__init__(params, full)
+
+    @classmethod
+    def constructor_option_names(cls) -> tuple[str, ...]:
+        """Every keyword option the constructor accepts (``lr`` included), following ``**options`` of a
+        subclass to its parent's constructor and ``**common`` to :class:`CommonOptions`."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = vars(klass).get("__init__")
+            if init is None:
+                continue
+            parameters = list(inspect.signature(init).parameters.values())
+            names += [
+                p.name
+                for p in parameters
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "params")
+            ]
+            var_keyword = [p for p in parameters if p.kind == p.VAR_KEYWORD]
+            if not var_keyword:
+                break
+            if var_keyword[0].name == "common":
+                names += list(CommonOptions.__annotations__)
+                break
+        return tuple(name for name in dict.fromkeys(names) if name not in cls.fixed_options)
 
     def set_distributed_mode(self, mode: str, process_group: Any = None) -> None:
         """Set ``distributed_mode`` (``"replicate"`` or ``"split"``) of every group and of the defaults.

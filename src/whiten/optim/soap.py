@@ -413,8 +413,10 @@ class REKLS(SOAP):
     (``fp32_matmul_prec``, ``kl_init``, ``precondition_frequency``, ``adamw_*``, ...) is accepted.
     """
 
+    fixed_options: ClassVar[tuple[str, ...]] = ("use_eigh", "use_kl_shampoo")
+
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float, **options: Any) -> None:
-        fixed = sorted({"use_eigh", "use_kl_shampoo"} & options.keys())
+        fixed = sorted(set(self.fixed_options) & options.keys())
         if fixed:
             raise TypeError(f"REKLS fixes use_eigh=True and use_kl_shampoo=True; do not pass {fixed} (use SOAP)")
         super().__init__(params, lr, use_eigh=True, use_kl_shampoo=True, **options)
