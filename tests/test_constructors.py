@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from whiten.optim import KLSOAP, REKLS, SOAP, HTMuon, KLShampoo, Muon, ProKLShampoo
-from whiten.optim.base import ADAMW_DEFAULTS
+from whiten.optim._options import ADAMW_DEFAULTS
 
 CLASSES = [Muon, HTMuon, SOAP, REKLS, KLShampoo, KLSOAP, ProKLShampoo]
 

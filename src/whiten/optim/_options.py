@@ -1,4 +1,4 @@
-"""The one place that validates optimizer options.
+"""The one place that validates optimizer options, and the defaults every class shares.
 
 Each optimizer declares a table ``{option name: check}``; :func:`validate_group` runs it on
 every parameter group at construction and in ``add_param_group``, so a bad value is refused
@@ -9,11 +9,54 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 from whiten.linalg import ns_schedule
 
 Check = Callable[[str, Any], None]
+
+#: the built-in AdamW's options and their defaults, the same in every class (docs/shared_behaviour.md):
+#: ``adamw_lr=None`` is the group's ``lr``; ``adamw_betas`` / ``adamw_eps`` left at ``None`` take the method's
+#: own Adam value where the class names one (``WhitenOptimizer.adamw_inherits``), else ``ADAMW_FALLBACK``
+ADAMW_DEFAULTS: dict[str, Any] = {"adamw_lr": None, "adamw_betas": None, "adamw_eps": None, "adamw_weight_decay": 0.0}
+ADAMW_FALLBACK: dict[str, Any] = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
+
+
+class CommonOptions(TypedDict, total=False):
+    """Options every class takes, by keyword (``**common: Unpack[CommonOptions]``); defaults in the base.
+
+    ``adamw_*``: the built-in AdamW (:data:`ADAMW_DEFAULTS`); ``maximize``: ascend instead of descend;
+    ``nonfinite``: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see ``WhitenOptimizer``).
+    """
+
+    adamw_lr: float | None
+    adamw_betas: tuple[float, float] | None
+    adamw_eps: float | None
+    adamw_weight_decay: float
+    maximize: bool
+    nonfinite: str
+
+
+#: the defaults of :class:`CommonOptions` beyond the AdamW ones
+COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "nonfinite": "skip"}
+
+
+def constructor_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a constructor call from its ``locals()``: its named options and its ``**common``.
+
+    The constructor's signature is the table of the method's own options and defaults; the options of
+    :class:`CommonOptions` come in ``common`` (defaults filled by ``WhitenOptimizer``). An unknown
+    keyword there is a ``TypeError``, as for any named argument.
+    """
+    common = dict(arguments.get("common", {}))
+    unknown = sorted(set(common) - set(CommonOptions.__annotations__))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown}; the options shared by every class are "
+            f"{sorted(CommonOptions.__annotations__)}"
+        )
+    named = {k: v for k, v in arguments.items() if k not in ("self", "params", "common", "__class__")}
+    return {**named, **common}
 
 
 def _is_number(value: Any) -> bool:

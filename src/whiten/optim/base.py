@@ -35,7 +35,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypedDict, cast, final
+from typing import Any, ClassVar, Protocol, cast, final
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,12 @@ from torch.optim import Optimizer
 from whiten.linalg.flops import FlopCount
 from whiten.optim import _options as opt
 from whiten.optim._adamw import adamw_foreach_
+from whiten.optim._options import (
+    ADAMW_DEFAULTS,
+    ADAMW_FALLBACK,
+    COMMON_DEFAULTS,
+    CommonOptions,
+)
 
 try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
     from torch.distributed.tensor import DTensor
@@ -68,50 +74,6 @@ COMMON_CHECKS: dict[str, opt.Check] = {
     "nonfinite": opt.choice("skip", "raise"),
     "distributed_mode": opt.choice(*MODES),
 }
-
-
-#: the built-in AdamW's options and their defaults, the same in every class (docs/shared_behaviour.md):
-#: ``adamw_lr=None`` is the group's ``lr``; ``adamw_betas`` / ``adamw_eps`` left at ``None`` take the method's
-#: own Adam value where the class names one (``WhitenOptimizer.adamw_inherits``), else ``ADAMW_FALLBACK``
-ADAMW_DEFAULTS: dict[str, Any] = {"adamw_lr": None, "adamw_betas": None, "adamw_eps": None, "adamw_weight_decay": 0.0}
-ADAMW_FALLBACK: dict[str, Any] = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
-
-
-class CommonOptions(TypedDict, total=False):
-    """Options every class takes, by keyword (``**common: Unpack[CommonOptions]``); defaults in the base.
-
-    ``adamw_*``: the built-in AdamW (:data:`ADAMW_DEFAULTS`); ``maximize``: ascend instead of descend;
-    ``nonfinite``: ``"skip"`` or ``"raise"`` on a NaN/Inf gradient (see :class:`WhitenOptimizer`).
-    """
-
-    adamw_lr: float | None
-    adamw_betas: tuple[float, float] | None
-    adamw_eps: float | None
-    adamw_weight_decay: float
-    maximize: bool
-    nonfinite: str
-
-
-#: the defaults of :class:`CommonOptions` beyond the AdamW ones
-COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "nonfinite": "skip"}
-
-
-def constructor_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of a constructor call from its ``locals()``: its named options and its ``**common``.
-
-    The constructor's signature is the table of the method's own options and defaults; the options of
-    :class:`CommonOptions` come in ``common`` (defaults filled by :class:`WhitenOptimizer`). An unknown
-    keyword there is a ``TypeError``, as for any named argument.
-    """
-    common = dict(arguments.get("common", {}))
-    unknown = sorted(set(common) - set(CommonOptions.__annotations__))
-    if unknown:
-        raise TypeError(
-            f"unexpected keyword argument(s) {unknown}; the options shared by every class are "
-            f"{sorted(CommonOptions.__annotations__)}"
-        )
-    named = {k: v for k, v in arguments.items() if k not in ("self", "params", "common", "__class__")}
-    return {**named, **common}
 
 
 def stat_dtype(param: Tensor) -> torch.dtype:

@@ -41,7 +41,8 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
-from whiten.optim.base import CommonOptions, MapInput, PhasedOptimizer, as_matrix, constructor_options, stat_dtype
+from whiten.optim._options import CommonOptions, constructor_options
+from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
 
 _NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 #: coupled Newton–Schulz square-root iterations per root of HTMuon's NS variant (the reference's 5)

@@ -50,7 +50,8 @@ from whiten.linalg import (
 )
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
-from whiten.optim.base import CommonOptions, MapInput, constructor_options
+from whiten.optim._options import CommonOptions, constructor_options
+from whiten.optim.base import MapInput
 from whiten.optim.kl_shampoo import (
     KLFactored,
     _gradient_of,

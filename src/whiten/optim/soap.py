@@ -77,7 +77,8 @@ from whiten.linalg import (
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import decay_and_update_
-from whiten.optim.base import CommonOptions, WhitenOptimizer, as_matrix, constructor_options, stat_dtype
+from whiten.optim._options import CommonOptions, constructor_options
+from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
 KL_INITS = ("safe", "peer")
