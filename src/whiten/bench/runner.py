@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from whiten.bench.data import TokenData, train_batch, val_batches
 from whiten.bench.launch import launched, rank_slice
 from whiten.bench.models import ModelConfig, build_model, count_parameters
-from whiten.bench.optimizers import build_optimizer, get_spec, optimizer_state_bytes
+from whiten.bench.optimizers import build_optimizer, check_bench_options, optimizer_state_bytes
+from whiten.optim.registry import get as get_spec
 
 
 @dataclass
@@ -90,6 +91,11 @@ class BenchConfig:
             get_spec(name)
         if len(set(self.optimizers)) != len(self.optimizers):
             raise ValueError(f"--optimizers lists a name twice: {self.optimizers}")
+        for name, options in self.options.items():
+            spec = get_spec(name)
+            if name not in self.optimizers:
+                raise ValueError(f"--option names {name!r}, which is not in --optimizers {self.optimizers}")
+            check_bench_options(spec, options)
         for name, lr in self.lrs.items():
             get_spec(name)
             if not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
@@ -126,6 +132,10 @@ class BenchConfig:
             raise ValueError(f"--record-every {self.record_every} must be >= 0 (0 = off)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads} must be >= 1")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"--device {self.device!r} is not a device; use cpu or cuda[:i]") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device} requested but CUDA is not available; use --device cpu")
 
