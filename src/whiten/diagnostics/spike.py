@@ -24,8 +24,6 @@ they are accurate below the ``~0.03`` degree floor of the notebook's fp32 ``arcc
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,36 +35,34 @@ from torch import Tensor
 
 from whiten.diagnostics.angles import angle_trajectory_deg
 from whiten.linalg import PRECISIONS, emulate_global_matmul_precision, matmul_precision
+from whiten.optim import registry
 
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """How the spike experiment builds one optimizer and which bases it records."""
-
-    label: str
-    module: str
-    cls: str
-    options: dict[str, Any]
-    bases: tuple[str, ...]
-    kl_init: bool  # accepts kl_init="safe"|"peer"
-
-
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "soap": OptimizerSpec(
-        "SOAP (KL)",
-        "whiten.optim.soap",
-        "SOAP",
-        {"use_kl_shampoo": True, "use_eigh": False, "power_iter_steps": 1},
-        ("Q_L",),
-        True,
-    ),
-    "rekls": OptimizerSpec("REKLS", "whiten.optim.soap", "REKLS", {}, ("Q_L",), True),
-    "klshampoo": OptimizerSpec("KL-Shampoo", "whiten.optim.kl_shampoo", "KLShampoo", {}, ("Q_L",), False),
-    "klsoap": OptimizerSpec("KL-SOAP", "whiten.optim.kl_shampoo", "KLSOAP", {}, ("Q_L",), False),
-    "proklshampoo": OptimizerSpec(
-        "Pro-KLShampoo", "whiten.optim.pro_kl_shampoo", "ProKLShampoo", {}, ("Q_L", "U"), False
-    ),
+# the knobs the experiment sets on every optimizer (SpikeConfig fields), and how a user sets them
+SET_BY_SPIKE = {
+    "lr": "the spike experiment (lr = 1)",
+    "betas": "the spike experiment",
+    "weight_decay": "the spike experiment",
+    "shampoo_beta": "the spike experiment",
+    "precondition_frequency": "--precondition-frequency",
+    "kl_init": "--kl-init",
+    "fp32_matmul_prec": "--precisions",
 }
+
+
+def spike_names() -> list[str]:
+    """Registry names whose optimizer keeps an eigenbasis the experiment can record."""
+    return [name for name in registry.names() if registry.get(name).bases]
+
+
+def spike_spec(name: str) -> registry.OptimizerSpec:
+    """The registry spec of ``name``; ``ValueError`` for an unknown name or one without an eigenbasis."""
+    spec = registry.get(name)
+    if not spec.bases:
+        raise ValueError(
+            f"optimizer {name!r} keeps no eigenbasis to record; choose from {', '.join(spike_names())}, pro-kls-rN"
+        )
+    return spec
+
 
 KL_INIT_CHOICES = ("safe", "peer")
 
@@ -85,22 +81,27 @@ class SpikeConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     shampoo_beta: float = 0.95
     weight_decay: float = 0.0
-    optimizers: tuple[str, ...] = ("soap", "rekls")
+    optimizers: tuple[str, ...] = ("soap-kl", "rekls")  # registry names (pro-kls-rN: Pro-KLShampoo at rank N)
     precisions: tuple[str, ...] = ("high", "highest")
     kl_inits: tuple[str, ...] = ("safe",)
     top_k: int = 8
     offsets: tuple[int, ...] = (1, 2, 5, 10)
     precondition_frequency: int = 1  # KL-Shampoo / Pro-KLShampoo refresh every step, like SOAP
-    rank: int = 16  # Pro-KLShampoo's tracked rank
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra constructor options per name
     device: str = "cpu"
     n_eigenvalues: int = 10
 
     def validate(self) -> None:
         if len(self.shape) != 2 or min(self.shape) < 2:
             raise ValueError(f"shape must be two dimensions >= 2, got {self.shape}")
-        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
-        if unknown or not self.optimizers:
-            raise ValueError(f"optimizers {unknown or '[]'} not known; choose from {sorted(OPTIMIZERS)}")
+        if not self.optimizers:
+            raise ValueError(f"optimizers is empty; choose from {', '.join(spike_names())}, pro-kls-rN")
+        for name in self.optimizers:
+            spike_spec(name)
+        for name, options in self.options.items():
+            if name not in self.optimizers:
+                raise ValueError(f"--option names {name!r}, which is not in --optimizers {list(self.optimizers)}")
+            spike_spec(name).check_options(options, SET_BY_SPIKE)
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise ValueError(f"precisions {bad or '[]'} not valid; choose from {PRECISIONS}")
@@ -130,37 +131,23 @@ def gradient_sequence(config: SpikeConfig) -> Iterator[Tensor]:
         yield torch.randn(config.shape, generator=gen, dtype=torch.float32) * scale
 
 
-def _optimizer_class(spec: OptimizerSpec) -> type[torch.optim.Optimizer]:
-    try:
-        module = importlib.import_module(spec.module)
-        return getattr(module, spec.cls)
-    except (ModuleNotFoundError, AttributeError) as err:
-        raise ValueError(f"optimizer {spec.cls} ({spec.module}) is not available in this installation") from err
-
-
-def _build(spec: OptimizerSpec, param: Tensor, config: SpikeConfig, precision: str, kl_init: str):
-    cls = _optimizer_class(spec)
-    accepted = inspect.signature(cls.__init__).parameters
-    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-
-    def accepts(name: str) -> bool:
-        return name in accepted or (has_kwargs and name in inspect.signature(cls.__mro__[1].__init__).parameters)
-
-    options: dict[str, Any] = {"lr": config.lr, "betas": config.betas, "weight_decay": config.weight_decay}
-    options.update(spec.options)
-    for name, value in (
-        ("shampoo_beta", config.shampoo_beta),
-        ("precondition_frequency", config.precondition_frequency),
-        ("rank", config.rank),
-    ):
-        if accepts(name):
-            options[name] = value
+def _build(
+    spec: registry.OptimizerSpec, param: Tensor, config: SpikeConfig, precision: str, kl_init: str
+) -> torch.optim.Optimizer:
+    """The optimizer at the experiment's settings; what each class takes is declared in the registry."""
+    options: dict[str, Any] = {
+        "lr": config.lr,
+        "betas": config.betas,
+        "weight_decay": config.weight_decay,
+        "shampoo_beta": config.shampoo_beta,
+        "precondition_frequency": config.precondition_frequency,
+        **config.options.get(spec.name, {}),
+    }
     if spec.kl_init:
         options["kl_init"] = kl_init
-    own_precision = accepts("fp32_matmul_prec")
-    if own_precision:
+    if spec.own_precision:
         options["fp32_matmul_prec"] = precision
-    return cls([param], **options), own_precision
+    return spec.build([param], **options)
 
 
 def _step_context(device: torch.device, precision: str, own_precision: bool) -> contextlib.AbstractContextManager:
@@ -191,10 +178,11 @@ class SpikeRun:
 
 def run_one(config: SpikeConfig, optimizer: str, precision: str, kl_init: str = "safe") -> SpikeRun:
     """Drive one optimizer through the gradient sequence and measure its basis rotation."""
-    spec = OPTIMIZERS[optimizer]
+    spec = spike_spec(optimizer)
+    own_precision = spec.own_precision
     device = torch.device(config.device)
     param = torch.zeros(config.shape, device=device, dtype=torch.float32, requires_grad=True)
-    opt, own_precision = _build(spec, param, config, precision, kl_init)
+    opt = _build(spec, param, config, precision, kl_init)
     trajectories: dict[str, list[Tensor]] = {b: [] for b in spec.bases}
     top_eigs: list[list[float]] = []
     start = time.perf_counter()
@@ -205,7 +193,7 @@ def run_one(config: SpikeConfig, optimizer: str, precision: str, kl_init: str = 
         state = opt.state[param]
         for basis in spec.bases:
             if basis not in state:
-                raise ValueError(f"{spec.cls} keeps no state {basis!r}; cannot record that basis")
+                raise ValueError(f"{spec.cls.__name__} keeps no state {basis!r}; cannot record that basis")
             Q = state[basis].detach().to("cpu", torch.float32, copy=True)
             if basis == "U" and isinstance(state.get("Lam"), Tensor):
                 # the tracked subspace's columns come in QR order; "top-k" means the k largest Lam
@@ -217,7 +205,7 @@ def run_one(config: SpikeConfig, optimizer: str, precision: str, kl_init: str = 
     seconds = time.perf_counter() - start
     run = SpikeRun(
         optimizer=optimizer,
-        label=spec.label + (f" [{kl_init} KL init]" if spec.kl_init and kl_init != "safe" else ""),
+        label=spec.name + (f" [{kl_init} KL init]" if spec.kl_init and kl_init != "safe" else ""),
         precision=precision,
         kl_init=kl_init if spec.kl_init else None,
         device=str(device),
@@ -372,7 +360,7 @@ def run_spike_experiment(
     config.validate()
     runs = []
     for name in config.optimizers:
-        inits: Sequence[str] = config.kl_inits if OPTIMIZERS[name].kl_init else ("safe",)
+        inits: Sequence[str] = config.kl_inits if spike_spec(name).kl_init else ("safe",)
         for kl_init in inits:
             for precision in config.precisions:
                 run = run_one(config, name, precision, kl_init)

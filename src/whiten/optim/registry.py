@@ -221,3 +221,12 @@ def parse_option(text: str) -> tuple[str, str, Any]:
     except (ValueError, SyntaxError):
         parsed = value
     return name, key, parsed
+
+
+def parse_options(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Repeated ``--option NAME.KEY=VALUE`` -> ``{name: {key: value}}`` (names and keys checked later)."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, key, value = parse_option(item)
+        options.setdefault(name, {})[key] = value
+    return options
