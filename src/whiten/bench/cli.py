@@ -184,15 +184,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # testing: checkpoint and stop after N steps
 
 
+def _training_command(
+    subparsers: argparse._SubParsersAction, name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    """``whiten bench`` / ``whiten sweep``: the common flags and ``--out``."""
+    parser = subparsers.add_parser(name, help=summary, description=description)
+    _add_common(parser)
+    parser.add_argument("--out", help=f"results folder (default: results/{name}-<preset>)")
+    return parser
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser(
+    bench = _training_command(
+        subparsers,
         "bench",
-        help="LM pre-training comparison of optimizers",
-        description="Train the same model on the same data with each optimizer and "
-        "compare validation loss vs tokens and wall-clock.",
+        "LM pre-training comparison of optimizers",
+        "Train the same model on the same data with each optimizer and compare validation loss vs tokens and "
+        "wall-clock.",
     )
-    _add_common(bench)
-    bench.add_argument("--out", help="results folder (default: results/bench-<preset>)")
     bench.add_argument("--list", action="store_true", help="print the accepted optimizer names and exit")
     bench.add_argument(
         "--nproc",
@@ -204,14 +213,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     bench.set_defaults(func=cmd_bench)
 
-    sweep = subparsers.add_parser(
+    sweep = _training_command(
+        subparsers,
         "sweep",
-        help="learning-rate sweep per optimizer (picks the bench defaults)",
-        description="Train each optimizer at several learning rates on the same "
-        "data and seeds; report the final val loss per lr.",
+        "learning-rate sweep per optimizer (picks the bench defaults)",
+        "Train each optimizer at several learning rates on the same data and seeds; report the final val loss per lr.",
     )
-    _add_common(sweep)
-    sweep.add_argument("--out", help="results folder (default: results/sweep-<preset>)")
     sweep.add_argument(
         "--grid",
         action="append",

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     spike = inner.add_parser(
         "spike",
-        help="eigenbasis rotation around a gradient spike (seed notebook 003)",
+        help="eigenbasis rotation around a gradient spike (docs/diagnostics/spike.md)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = SpikeConfig()

@@ -1,10 +1,10 @@
-"""Eigenbasis rotation around a gradient spike (SPEC §8.1; seed notebook 003).
+"""Eigenbasis rotation around a gradient spike (docs/diagnostics/spike.md).
 
 One ``(128, 64)`` parameter receives i.i.d. ``N(0, 1)`` gradients (CPU generator, seed 0, so the
 sequence is the same on every device) with a ``1000x`` gradient at iteration ``spike_at = 50``
-(0-based, as the notebook). After every step the optimizer's eigenbasis (``Q_L``; for
+(0-based, as the original SOAP-vs-REKLS experiment). After every step the optimizer's eigenbasis (``Q_L``; for
 Pro-KLShampoo also the tracked subspace ``U``) is recorded and compared with two references of
-the same run: ``Q(spike_at - 1)`` (pre-spike) and ``Q(spike_at)`` (post-spike). The notebook's
+the same run: ``Q(spike_at - 1)`` (pre-spike) and ``Q(spike_at)`` (post-spike). The original experiment's
 tables report, for offsets ``N``, the top-1 angle and the largest principal angle of the top-``k``
 subspaces to the pre-spike basis at iteration ``spike_at - 1 - N`` ("before": steady-state drift)
 and ``spike_at - 1 + N`` ("after": the spike plus ``N - 1`` recovery steps), and the top
@@ -18,7 +18,7 @@ refresh), i.e. the same blocks a GPU would run in TF32. Optimizers without a pre
 their whole step at the requested precision (reported as ``precision_scope="step"``).
 
 Angles are computed in float64 from sines and cosines (:mod:`whiten.diagnostics.angles`), so
-they are accurate below the ``~0.03`` degree floor of the notebook's fp32 ``arccos``.
+they are accurate below the ``~0.03`` degree floor of the original experiment's fp32 ``arccos``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ KL_INIT_CHOICES = ("safe", "peer")
 
 @dataclass
 class SpikeConfig:
-    """The experiment's knobs; defaults are the seed notebook's (SPEC §8.1)."""
+    """The experiment's knobs; defaults are the original experiment's (docs/diagnostics/spike.md)."""
 
     shape: tuple[int, int] = (128, 64)
     seed: int = 0
@@ -97,7 +97,10 @@ class SpikeConfig:
         if not self.optimizers:
             raise ValueError(f"optimizers is empty; choose from {', '.join(spike_names())}, pro-kls-rN")
         for name in self.optimizers:
-            spike_spec(name)
+            try:
+                spike_spec(name)
+            except ValueError as err:
+                raise ValueError(f"--optimizers: {err}") from None
         for name, options in self.options.items():
             if name not in self.optimizers:
                 raise ValueError(f"--option names {name!r}, which is not in --optimizers {list(self.optimizers)}")
@@ -124,7 +127,7 @@ class SpikeConfig:
 
 
 def gradient_sequence(config: SpikeConfig) -> Iterator[Tensor]:
-    """The notebook's gradients: ``randn * normal_scale``, ``* spike_scale`` also at ``spike_at`` (fp32, CPU)."""
+    """The original experiment's gradients: ``randn * normal_scale``, ``* spike_scale`` at ``spike_at`` (fp32, CPU)."""
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     for i in range(config.steps):
         scale = config.spike_scale * config.normal_scale if i == config.spike_at else config.normal_scale
@@ -259,7 +262,7 @@ def offset_table(run: SpikeRun | dict[str, Any], basis: str, config: SpikeConfig
 
 
 def eigenvalue_table(run: SpikeRun, config: SpikeConfig) -> list[dict[str, Any]]:
-    """The notebook's eigenvalue rows: steps (1-based) around the spike, eig[0], eig[1], eig[4], eig[9], top/2nd."""
+    """The original experiment's eigenvalue rows: steps (1-based) around the spike, eig[0, 1, 4, 9], top/2nd."""
     rows = []
     s = config.spike_at
     for i in (s - 5, s - 1, s, s + 1, s + 4, s + 9, s + 19):
@@ -296,7 +299,7 @@ class SpikeResult:
 
 
 def format_spike_tables(result: dict[str, Any]) -> str:
-    """The notebook's tables, one per run and basis, then the eigenvalue tables."""
+    """The original experiment's tables, one per run and basis, then the eigenvalue tables."""
     cfg = result["config"]
     s, topk = cfg["spike_at"], f"top-{cfg['top_k']}"
     out: list[str] = []
@@ -347,7 +350,7 @@ def run_spike_experiment(
     progress: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> SpikeResult:
-    """Run every (optimizer, KL init, precision) of ``config`` (defaults: the notebook's setup).
+    """Run every (optimizer, KL init, precision) of ``config`` (defaults: the original experiment's setup).
 
     Keyword overrides replace config fields, e.g. ``run_spike_experiment(steps=80, optimizers=("rekls",))``.
     ``kl_inits`` apply to the optimizers that have that option (SOAP, REKLS); the others run once.

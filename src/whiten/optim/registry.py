@@ -97,6 +97,8 @@ class OptimizerSpec:
 
 
 _KL_FACTORS = ("L", "R")
+# SOAP's family (SOAP, REKLS): one eigenbasis and two factors, both KL inits, its own matmul precision
+_SOAP_FAMILY: dict[str, Any] = {"bases": ("Q_L",), "factors": _KL_FACTORS, "kl_init": True, "own_precision": True}
 _SPECS = (
     OptimizerSpec("adamw", torch.optim.AdamW, 1e-3, "torch.optim.AdamW (the baseline)"),
     OptimizerSpec("muon", Muon, 4e-2, "Muon: Newton-Schulz orthogonalised Nesterov momentum"),
@@ -106,10 +108,7 @@ _SPECS = (
         SOAP,
         1e-2,
         "SOAP: Adam in Shampoo's eigenbasis",
-        bases=("Q_L",),
-        factors=_KL_FACTORS,
-        kl_init=True,
-        own_precision=True,
+        **_SOAP_FAMILY,
     ),
     OptimizerSpec(
         "soap-kl",
@@ -117,20 +116,14 @@ _SPECS = (
         1e-2,
         "SOAP with KL-Shampoo factor statistics (use_kl_shampoo=True), QR refresh (lr not swept)",
         {"use_kl_shampoo": True},
-        bases=("Q_L",),
-        factors=_KL_FACTORS,
-        kl_init=True,
-        own_precision=True,
+        **_SOAP_FAMILY,
     ),
     OptimizerSpec(
         "rekls",
         REKLS,
         1e-2,
         "REKLS: KL-SOAP with a full eigh every step (lr not swept)",
-        bases=("Q_L",),
-        factors=_KL_FACTORS,
-        kl_init=True,
-        own_precision=True,
+        **_SOAP_FAMILY,
     ),
     OptimizerSpec(
         "kl-shampoo",
