@@ -277,6 +277,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
 def _prepare(args: argparse.Namespace, kind: str) -> tuple[BenchConfig, Path]:
     """The config and results folder of a bench or sweep; every check runs before the folder is touched."""
     out = Path(args.out or f"results/{kind}-{args.preset or 'default'}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a results folder")
     config_path = out / "config.json"
     if args.resume:
         if not config_path.exists():

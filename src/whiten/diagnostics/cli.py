@@ -146,6 +146,8 @@ def _write_json(obj: Any, path: Path) -> None:
 def cmd_spike(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is a file, not a folder")
     torch.set_num_threads(args.threads)
     config = SpikeConfig(
         shape=args.shape,
@@ -185,11 +187,15 @@ def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dic
         if not path.is_file():
             raise FileNotFoundError(f"{str(path)!r} does not exist")
         text = path.read_text()
-        items = (
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-            if path.suffix == ".jsonl"
-            else (json.loads(text))
-        )
+        try:
+            items = (
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+                if path.suffix == ".jsonl"
+                else (json.loads(text))
+            )
+        except json.JSONDecodeError as err:
+            kind = "JSON lines" if path.suffix == ".jsonl" else "JSON"
+            raise ValueError(f"{str(path)!r} is not valid {kind}: {err}") from None
         items = items if isinstance(items, list) else [items]
         records = []
         for item in items:
@@ -249,6 +255,8 @@ def _file_name(label: str) -> str:
 def cmd_spectra(args: argparse.Namespace) -> int:
     if args.rank < 0:
         raise ValueError(f"--rank must be >= 0, got {args.rank}")
+    if args.max_panels < 1:
+        raise ValueError(f"--max-panels must be >= 1, got {args.max_panels}")
     if not args.tol >= 0:
         raise ValueError(f"--tol must be >= 0 (nats per column of the other side), got {args.tol}")
     records: list[dict[str, Any]] = []
