@@ -22,6 +22,22 @@ def test_every_name_builds_its_class_with_the_options_the_name_fixes() -> None:
     assert registry.get("pro-kls-r3").options == {"rank": 3} and registry.get("kl-shampoo").cls is KLShampoo
 
 
+def test_the_state_keys_the_diagnostics_read_are_the_ones_each_optimizer_keeps() -> None:
+    """``bases`` (spike) and ``factors`` (spectra) name real state keys: a renamed key fails here."""
+    torch.manual_seed(0)
+    for name in [*registry.names(), "pro-kls-r3"]:
+        spec = registry.get(name)
+        param = torch.nn.Parameter(torch.randn(80, 72))  # wider than every listed rank: Pro-KLShampoo tracks U
+        opt = spec.build([param], lr=1e-3, precondition_frequency=1) if spec.bases else spec.build([param], lr=1e-3)
+        for _ in range(2):
+            param.grad = torch.randn(80, 72)
+            opt.step()
+        state = opt.state[param]
+        assert set(spec.bases) <= set(state) and set(spec.factors) <= set(state), (name, sorted(state))
+        assert bool(spec.bases) == bool(spec.factors), name  # what keeps a basis keeps factors
+    assert not registry.get("muon").factors and not registry.get("adamw").bases
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [

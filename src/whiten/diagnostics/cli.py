@@ -11,7 +11,13 @@ import torch
 
 from whiten.diagnostics.alpha import XMIN_RULES, LayerAlpha, format_alpha_table, mean_by_type, weight_alpha
 from whiten.diagnostics.io import checkpoint_step, find_model_state, labelled_sources, load_checkpoint
-from whiten.diagnostics.spectra import FACTOR_SOURCES, factor_spectra, format_spectra_table, spectrum_stats
+from whiten.diagnostics.spectra import (
+    FACTOR_SOURCES,
+    expected_factors,
+    factor_spectra,
+    format_spectra_table,
+    spectrum_stats,
+)
 from whiten.diagnostics.spike import KL_INIT_CHOICES, SpikeConfig, run_spike_experiment, spike_names
 from whiten.linalg import PRECISIONS
 from whiten.optim.registry import parse_options
@@ -226,8 +232,7 @@ def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dic
     factors = factor_spectra(checkpoint, rank=args.rank, tol=args.tol, use=args.use, allow_empty=True)
     if not factors:
         raise NoFactorsError(
-            f"{str(path)!r} holds no Kronecker factor (expected per-parameter keys 'L'/'R' or 'U'/'Lam'/'sigma', "
-            "as SOAP, KL-Shampoo and Pro-KLShampoo keep); was the optimizer stepped?"
+            f"{str(path)!r} holds no Kronecker factor ({expected_factors()}); was the optimizer stepped?"
         )
     return [
         {
