@@ -13,8 +13,9 @@ initialisation and one full refresh period), then times single steps and reports
 * the ratio to a reference (the peer the target is stated against) and to the fastest peer.
 
 Peers (the optional ``[peers]`` extra, never a runtime dependency): ``torch.optim.Muon``,
-HeavyBall (``heavyball``) and ``pytorch_optimizer``. A missing peer or a ``whiten`` optimizer
-that does not exist yet is reported as unavailable; the rest still runs. HeavyBall compiles its
+HeavyBall (``heavyball``) and ``pytorch_optimizer``. A missing peer is reported as unavailable;
+the rest still runs. The ``whiten`` rows are built through :mod:`whiten.optim.registry`; a
+constructor error there stops the run. HeavyBall compiles its
 kernels with ``torch.compile`` by default; it runs eagerly here (as ours) unless
 ``--compile-peers``. Non-matrix parameters (embeddings, positions, LayerNorm) go to AdamW for
 every method: our built-in AdamW, the peer's own where it has one (pytorch_optimizer), otherwise
@@ -624,6 +625,8 @@ def run_config(
         try:
             case = Case(specs, method, device, args.seed)
         except (ImportError, AttributeError, TypeError, ValueError, RuntimeError) as exc:
+            if not method.is_peer:  # ours are built through the registry: a bad option is a bug, not a blank row
+                raise
             row["status"] = f"unavailable: {type(exc).__name__}: {exc}"
             log(f"  {method.label:32s} {row['status']}")
             return None, row
