@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(PY) -m whiten bench --out results/bench-default
 
 bench-kron: $(STAMP)
-	$(PY) benchmarks/kron_step.py --out results/kron-step
+	$(PY) benchmarks/step_bench.py --kron --out results/kron-step
 
 bench-step: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[peers]' || echo "peer libraries unavailable; benchmarking ours only"

@@ -13,8 +13,9 @@ initialisation and one full refresh period), then times single steps and reports
 * the ratio to a reference (the peer the target is stated against) and to the fastest peer.
 
 Peers (the optional ``[peers]`` extra, never a runtime dependency): ``torch.optim.Muon``,
-HeavyBall (``heavyball``) and ``pytorch_optimizer``. A missing peer or a ``whiten`` optimizer
-that does not exist yet is reported as unavailable; the rest still runs. HeavyBall compiles its
+HeavyBall (``heavyball``) and ``pytorch_optimizer``. A missing peer is reported as unavailable;
+the rest still runs. The ``whiten`` rows are built through :mod:`whiten.optim.registry`; a
+constructor error there stops the run. HeavyBall compiles its
 kernels with ``torch.compile`` by default; it runs eagerly here (as ours) unless
 ``--compile-peers``. Non-matrix parameters (embeddings, positions, LayerNorm) go to AdamW for
 every method: our built-in AdamW, the peer's own where it has one (pytorch_optimizer), otherwise
@@ -26,6 +27,7 @@ Usage::
     python benchmarks/step_bench.py --quick --out results/step-quick
     python benchmarks/step_bench.py --device cuda --out results/step-cuda
     python benchmarks/step_bench.py --list                               # configs and methods
+    python benchmarks/step_bench.py --kron --out results/kron-step       # `make bench-kron`: Kronecker methods
 
 Timings on a shared machine are noisy: threads are pinned (``--threads``), methods of the small
 configurations are interleaved round-robin so that load bursts hit all of them, and medians are
@@ -55,6 +57,8 @@ from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_flops as flops
+
+from whiten.optim import registry
 
 # --------------------------------------------------------------------------------------------
 # configurations
@@ -170,29 +174,12 @@ def _find_class(module: str, name: str) -> type:
     return cls
 
 
-_WHITEN_MODULES = (
-    "whiten",
-    "whiten.optim",
-    "whiten.optim.muon",
-    "whiten.optim.soap",
-    "whiten.optim.kl_shampoo",
-    "whiten.optim.pro_kl_shampoo",
-)
-
-
-def _whiten_class(name: str) -> type:
-    for module in _WHITEN_MODULES:
-        try:
-            cls = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if cls is not None:
-            return cls
-    raise ImportError(f"whiten.{name} does not exist (yet)")
-
-
 def _construct(cls: type, params: Any, notes: list[str], **kwargs: Any) -> Any:
-    """Call ``cls`` with the keyword arguments it accepts; note the ones it does not."""
+    """Call a PEER's ``cls`` with the keyword arguments its installed version accepts; note the others.
+
+    Only for third-party peers, whose options vary between releases; ``whiten`` optimizers are built
+    through :mod:`whiten.optim.registry`, where an unknown option is an error.
+    """
     sig = inspect.signature(cls.__init__)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     accepted = {k: v for k, v in kwargs.items() if takes_any or k in sig.parameters}
@@ -215,7 +202,9 @@ def _whiten_groups(matrices: list[Tensor], others: list[Tensor], **matrix_option
     return groups
 
 
-def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) -> list[Method]:
+def method_table(
+    ranks: Sequence[int], period: int, compile_ns: bool = False, pro_ns_method: str | None = None
+) -> list[Method]:
     methods: list[Method] = []
     T = period
 
@@ -232,8 +221,7 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
     )
 
     def whiten_adamw(mats: list[Tensor], others: list[Tensor]) -> Stepper:
-        cls = _whiten_class("Muon")
-        return Stepper(cls([{"params": mats + others, "use_matrix": False}], lr=LR, adamw_lr=LR))
+        return Stepper(registry.get("muon").build([{"params": mats + others, "use_matrix": False}], lr=LR, adamw_lr=LR))
 
     methods.append(
         Method(
@@ -310,9 +298,10 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
         short = "bf16" if dtype == "bfloat16" else "fp32"
 
         def ours_muon(mats: list[Tensor], others: list[Tensor], dtype: str = dtype) -> Stepper:
-            cls = _whiten_class("Muon")
             return Stepper(
-                cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, compile_ns=compile_ns, **muon_common)
+                registry.get("muon").build(
+                    _whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, compile_ns=compile_ns, **muon_common
+                )
             )
 
         methods.append(
@@ -330,9 +319,10 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
         )
 
     def ours_muon_gram(mats: list[Tensor], others: list[Tensor]) -> Stepper:
-        cls = _whiten_class("Muon")
         return Stepper(
-            cls(_whiten_groups(mats, others), adamw_lr=LR, ns_dtype="bfloat16", ns_method="gram", **muon_common)
+            registry.get("muon").build(
+                _whiten_groups(mats, others), adamw_lr=LR, ns_dtype="bfloat16", ns_method="gram", **muon_common
+            )
         )
 
     methods.append(
@@ -353,8 +343,11 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
     for kind in ("svd", "ns", "stream"):
 
         def ours_ht(mats: list[Tensor], others: list[Tensor], kind: str = kind) -> Stepper:
-            cls = _whiten_class("HTMuon")
-            return Stepper(cls(_whiten_groups(mats, others), lr=0.03, power=0.125, spectral_map=kind, adamw_lr=LR))
+            return Stepper(
+                registry.get("htmuon").build(
+                    _whiten_groups(mats, others), lr=0.03, power=0.125, spectral_map=kind, adamw_lr=LR
+                )
+            )
 
         methods.append(
             Method(
@@ -369,14 +362,9 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
         )
 
     # --- SOAP ----------------------------------------------------------------------------------
-    soap_notes: list[str] = []
-
     def ours_soap(mats: list[Tensor], others: list[Tensor]) -> Stepper:
-        cls = _whiten_class("SOAP")
-        opt = _construct(
-            cls,
+        opt = registry.get("soap").build(
             _whiten_groups(mats, others),
-            soap_notes,
             lr=LR,
             betas=(0.9, 0.95),
             shampoo_beta=0.95,
@@ -396,7 +384,6 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
             ours_soap,
             lambda m, n: flops.soap(m, n, T),
             period=T,
-            notes=soap_notes,
         )
     )
 
@@ -452,11 +439,10 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
     )
 
     # --- KL-Shampoo ------------------------------------------------------------------------------
-    kl_notes: list[str] = []
-
     def ours_kl(mats: list[Tensor], others: list[Tensor]) -> Stepper:
-        cls = _whiten_class("KLShampoo")
-        opt = _construct(cls, _whiten_groups(mats, others), kl_notes, lr=LR, precondition_frequency=T, adamw_lr=LR)
+        opt = registry.get("kl-shampoo").build(
+            _whiten_groups(mats, others), lr=LR, precondition_frequency=T, adamw_lr=LR
+        )
         return Stepper(opt)
 
     methods.append(
@@ -468,7 +454,6 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
             ours_kl,
             lambda m, n: flops.kl_shampoo(m, n, T),
             period=T,
-            notes=kl_notes,
         )
     )
     methods.append(
@@ -485,13 +470,12 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
     )
 
     # --- Pro-KLShampoo ---------------------------------------------------------------------------
-    pro_notes: list[str] = []
+    pro_options = {} if pro_ns_method is None else {"ns_method": pro_ns_method}
     for r in ranks:
 
         def ours_pro(mats: list[Tensor], others: list[Tensor], r: int = r) -> Stepper:
-            cls = _whiten_class("ProKLShampoo")
-            opt = _construct(
-                cls, _whiten_groups(mats, others), pro_notes, lr=LR, rank=r, precondition_frequency=T, adamw_lr=LR
+            opt = registry.get(f"pro-kls-r{r}").build(
+                _whiten_groups(mats, others), lr=LR, precondition_frequency=T, adamw_lr=LR, **pro_options
             )
             return Stepper(opt)
 
@@ -500,12 +484,11 @@ def method_table(ranks: Sequence[int], period: int, compile_ns: bool = False) ->
                 f"whiten.ProKLShampoo[r={r}]",
                 "whiten",
                 "pro_kl_shampoo",
-                f"rank {r}, refresh every {T}",
+                f"rank {r}, refresh every {T}" + (f", ns_method={pro_ns_method}" if pro_ns_method else ""),
                 ours_pro,
                 lambda m, n, r=r: flops.pro_kl_shampoo(m, n, r, T),
                 period=T,
                 reference="whiten.KLShampoo",
-                notes=pro_notes,
             )
         )
     return methods
@@ -642,6 +625,8 @@ def run_config(
         try:
             case = Case(specs, method, device, args.seed)
         except (ImportError, AttributeError, TypeError, ValueError, RuntimeError) as exc:
+            if not method.is_peer:  # ours are built through the registry: a bad option is a bug, not a blank row
+                raise
             row["status"] = f"unavailable: {type(exc).__name__}: {exc}"
             log(f"  {method.label:32s} {row['status']}")
             return None, row
@@ -789,10 +774,48 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_fmt_ratio(r['ratio_to_fastest_peer'], r['fastest_peer'])} |"
             )
         lines.append("")
+    lines += kron_summary(result["results"])
     notes = sorted({n for row in result["results"] for n in row["notes"]})
     if notes:
         lines += ["Settings that could not be passed:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+KRON_TARGET = "whiten.ProKLShampoo[r=128]"
+KRON_TARGET_TIME, KRON_TARGET_BYTES = 0.60, 0.35  # Pro-KLShampoo r=128 vs KL-Shampoo (docs/pro_kl_shampoo.md)
+
+
+def kron_summary(results: list[dict[str, Any]]) -> list[str]:
+    """``--kron``: state bytes vs KL-Shampoo per shape, sums over the shapes, the Pro-KLShampoo targets."""
+    ok = [r for r in results if r["status"] == "ok" and r["family"] in KRON_FAMILIES and r["config"] != "gpt2-small"]
+    kl = {r["config"]: r for r in ok if r["method"] == "whiten.KLShampoo"}
+    if not kl:
+        return []
+    shapes = list(kl)
+    lines = [
+        f"## Kronecker methods vs KL-Shampoo (sum over {', '.join(shapes)})",
+        "",
+        "| method | step ms | state MiB | time / KL | bytes / KL |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    kl_time = sum(r["median_s"] for r in kl.values())
+    kl_bytes = sum(r["state_bytes"] for r in kl.values())
+    for method in dict.fromkeys(r["method"] for r in ok):
+        rows = [r for r in ok if r["method"] == method and r["config"] in kl]
+        if len(rows) == len(shapes):
+            t, b = sum(r["median_s"] for r in rows), sum(r["state_bytes"] for r in rows)
+            lines.append(f"| {method} | {t * 1e3:.1f} | {b / 2**20:.2f} | {t / kl_time:.2f} | {b / kl_bytes:.3f} |")
+    targets = [r for r in ok if r["method"] == KRON_TARGET and r["config"] in kl]
+    if targets:
+        lines += ["", f"Targets for {KRON_TARGET} (time <= {KRON_TARGET_TIME}x, bytes <= {KRON_TARGET_BYTES}x):", ""]
+        for r in targets:
+            time_ratio = r["median_s"] / kl[r["config"]]["median_s"]
+            bytes_ratio = r["state_bytes"] / kl[r["config"]]["state_bytes"]
+            lines.append(
+                f"- {r['config']}: time {time_ratio:.2f}x ({'met' if time_ratio <= KRON_TARGET_TIME else 'NOT met'}), "
+                f"bytes {bytes_ratio:.3f}x ({'met' if bytes_ratio <= KRON_TARGET_BYTES else 'NOT met'})"
+            )
+    return [*lines, ""]
 
 
 # --------------------------------------------------------------------------------------------
@@ -821,6 +844,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "meaningful with --threads 1) or 'wall' (default on CUDA)",
     )
     ap.add_argument("--quick", action="store_true", help="two shapes, fewer steps, no whole model")
+    ap.add_argument(
+        "--kron",
+        action="store_true",
+        help="`make bench-kron`: SOAP, KL-Shampoo and Pro-KLShampoo (ranks 32-256) on the four GPT-2 matrix shapes, "
+        "with the sums over the shapes and the Pro-KLShampoo r=128 targets",
+    )
+    ap.add_argument("--ns-method", default=None, help="Pro-KLShampoo ns_method (default: its own default)")
     ap.add_argument("--configs", nargs="*", help=f"subset of {', '.join(FULL_CONFIGS)}")
     ap.add_argument(
         "--kron-configs",
@@ -860,6 +890,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--list", action="store_true", help="print configs and methods and exit")
     args = ap.parse_args(argv)
+    if args.kron:
+        shapes = [f"{m}x{n}" for m, n in GPT2_MATRIX_SHAPES]
+        args.configs = args.configs or shapes
+        args.kron_configs = args.kron_configs if args.kron_configs is not None else shapes
+        args.methods = args.methods or r"^whiten\.(SOAP|KLShampoo|ProKLShampoo)"
     if args.quick:
         args.steps = args.steps or 4
         args.rounds = args.rounds or 2
@@ -876,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     all_configs = configs()
-    methods = method_table(args.ranks, args.period, compile_ns=args.compile)
+    methods = method_table(args.ranks, args.period, compile_ns=args.compile, pro_ns_method=args.ns_method)
     if args.methods:
         methods = [m for m in methods if re.search(args.methods, m.label)]
     if args.list:

@@ -16,10 +16,12 @@ import torch
 
 from whiten.bench import runner
 from whiten.bench.cli import PRESETS
-from whiten.bench.optimizers import availability, build_optimizer, get_spec, optimizer_state_bytes
+from whiten.bench.optimizers import build_optimizer, optimizer_state_bytes
 from whiten.bench.report import PLOT_FILES, time_to_target
 from whiten.bench.runner import BenchConfig, lr_factor
 from whiten.cli import main
+from whiten.optim.registry import get as get_spec
+from whiten.optim.registry import names as registry_names
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a small model and a handful of steps: every test here runs in a few seconds
@@ -49,7 +51,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _available() -> list[str]:
-    names = [n for n, reason in availability().items() if reason is None]
+    names = registry_names()
     # one rank of Pro-KLShampoo is enough here; the others differ in an option only
     return [n for n in names if not n.startswith("pro-kls") or n == "pro-kls-r8"]
 
@@ -66,7 +68,7 @@ def _train_losses(out: Path, run_id: str) -> list[float]:
 def test_every_available_optimizer_trains_and_outputs_parse(corpus, tmp_path, capsys):
     names = _available()
     # every optimizer of the issue exists now: one that became unavailable must fail here, not be skipped
-    assert {"adamw", "muon", "htmuon", "soap", "rekls", "kl-shampoo", "klsoap", "pro-kls-r8"} <= set(names)
+    assert {"adamw", "muon", "htmuon", "soap", "soap-kl", "rekls", "kl-shampoo", "klsoap", "pro-kls-r8"} <= set(names)
     out = tmp_path / "res"
     code = _bench(corpus, out, "--optimizers", ",".join(names), "--steps", "16", "--seeds", "0")
     assert code == 0
@@ -178,6 +180,52 @@ def test_bad_configurations_exit_nonzero_with_one_line(corpus, tmp_path, capsys,
     assert _bench(corpus, tmp_path / "bad", *args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("whiten bench: error:")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("muon.badkey=1", "optimizer 'muon' (Muon) has no option 'badkey'; valid options: lr, weight_decay"),
+        ("muon.lr=0.1", "option 'lr' is set by --lr NAME=VALUE"),
+        ("muon.weight_decay=0.1", "option 'weight_decay' is set by --weight-decay"),
+        ("muon.adamw_lr=0.1", "option 'adamw_lr' is set by --embed-lr"),
+        ("muon.ns_method=bogus", "optimizer 'muon': ns_method='bogus' is not valid"),
+        ("pro-kls-r8.rank=4", "option 'rank' is fixed by the name (rank=8)"),
+        ("adamw.betas=(0.9,0.9)", "option 'betas' is set by the bench"),
+        ("nosuch.x=1", "unknown optimizer 'nosuch'"),
+        ("klshampoo.x=1", "unknown optimizer 'klshampoo'; it is spelt 'kl-shampoo' now"),
+        ("htmuon.power=0.2", "--option names 'htmuon', which is not in --optimizers"),
+    ],
+)
+def test_bad_option_is_one_line_exit_2_before_the_results_folder_exists(corpus, tmp_path, capsys, option, message):
+    out = tmp_path / "bad"
+    assert _bench(corpus, out, "--optimizers", "adamw,muon,pro-kls-r8", "--steps", "2", "--option", option) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("whiten bench: error:"), err
+    assert not out.exists()  # no half-made folder: a later --resume is not poisoned
+    sweep = ["sweep", "--data", str(corpus), *TINY, "--out", str(out), "--optimizers", "adamw,muon,pro-kls-r8"]
+    assert main([*sweep, "--steps", "2", "--option", option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("whiten sweep: error:") and not out.exists()
+
+
+def test_a_good_option_reaches_the_optimizer(corpus, tmp_path):
+    out = tmp_path / "ok"
+    assert (
+        _bench(corpus, out, "--optimizers", "pro-kls-r8", "--steps", "2", "--option", "pro-kls-r8.init_factor=0.5") == 0
+    )
+    saved = json.loads((out / "config.json").read_text())["bench"]["options"]
+    assert saved == {"pro-kls-r8": {"init_factor": 0.5}}
+    cfg = BenchConfig.from_dict(json.loads((out / "config.json").read_text())["bench"])
+    from whiten.bench.models import build_model, model_config
+
+    model = build_model(model_config("gpt-tiny", vocab_size=64, ctx=16), seed=0)
+    options = cfg.options["pro-kls-r8"]
+    opt = build_optimizer(
+        get_spec("pro-kls-r8"), model, lr=1e-3, weight_decay=0.0, embed_lr=1e-3, extra_options=options
+    )
+    assert {g["init_factor"] for g in opt.param_groups if g.get("use_matrix")} == {0.5}
+    assert {g["rank"] for g in opt.param_groups if g.get("use_matrix")} == {8}
 
 
 def test_missing_data_and_nothing_to_resume(tmp_path, capsys):
@@ -332,8 +380,8 @@ def test_lr_flag_merges_with_the_preset_lrs():
     from whiten.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--preset", "mini", "--lr", "muon=0.02"])
-    cfg, _ = build_config(args)
+    cfg = build_config(args)
     assert cfg.lr_for("muon") == 0.02  # the flag wins
     assert cfg.lr_for("pro-kls-r32") == PRESETS["mini"]["lrs"]["pro-kls-r32"] != get_spec("pro-kls-r32").default_lr
-    plain, _ = build_config(build_parser().parse_args(["bench", "--lr", "muon=0.02"]))
+    plain = build_config(build_parser().parse_args(["bench", "--lr", "muon=0.02"]))
     assert plain.lr_for("pro-kls-r16") == get_spec("pro-kls-r16").default_lr and plain.lrs == {"muon": 0.02}

@@ -498,7 +498,7 @@ def test_plots_are_written(tmp_path) -> None:
 
     torch.set_num_threads(1)
     data = run_spike_experiment(
-        steps=14, spike_at=11, shape=(12, 6), offsets=(1, 2), top_k=2, optimizers=("rekls", "proklshampoo"), rank=2
+        steps=14, spike_at=11, shape=(12, 6), offsets=(1, 2), top_k=2, optimizers=("rekls", "pro-kls-r2")
     ).to_json()
     model, opt = _trained_optimizer("KLShampoo")
     paths = [

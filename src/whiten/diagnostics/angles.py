@@ -39,7 +39,7 @@ def subspace_angles(A: Tensor, B: Tensor) -> Tensor:
 def largest_angle_deg(Q: Tensor, Q_ref: Tensor, k: int) -> float:
     """Largest principal angle (degrees) between the top-``k`` columns of ``Q`` and of ``Q_ref``.
 
-    ``k = 1`` is the acute angle between the leading vectors (the notebook's "top-1" number).
+    ``k = 1`` is the acute angle between the leading vectors (the "top-1" number of docs/diagnostics/spike.md).
     """
     if not isinstance(k, int) or k < 1 or k > min(Q.shape[-1], Q_ref.shape[-1]):
         raise ValueError(f"k must be an integer in [1, {min(Q.shape[-1], Q_ref.shape[-1])}], got {k!r}")

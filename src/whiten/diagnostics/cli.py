@@ -10,10 +10,17 @@ from typing import Any
 import torch
 
 from whiten.diagnostics.alpha import XMIN_RULES, LayerAlpha, format_alpha_table, mean_by_type, weight_alpha
-from whiten.diagnostics.io import find_model_state, load_checkpoint, run_sources
-from whiten.diagnostics.spectra import FACTOR_SOURCES, factor_spectra, format_spectra_table, spectrum_stats
-from whiten.diagnostics.spike import KL_INIT_CHOICES, OPTIMIZERS, SpikeConfig, run_spike_experiment
+from whiten.diagnostics.io import checkpoint_step, find_model_state, labelled_sources, load_checkpoint
+from whiten.diagnostics.spectra import (
+    FACTOR_SOURCES,
+    expected_factors,
+    factor_spectra,
+    format_spectra_table,
+    spectrum_stats,
+)
+from whiten.diagnostics.spike import KL_INIT_CHOICES, SpikeConfig, run_spike_experiment, spike_names
 from whiten.linalg import PRECISIONS
+from whiten.optim.registry import parse_options
 
 
 def _csv(kind: type = str):
@@ -40,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     spike = inner.add_parser(
         "spike",
-        help="eigenbasis rotation around a gradient spike (seed notebook 003)",
+        help="eigenbasis rotation around a gradient spike (docs/diagnostics/spike.md)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = SpikeConfig()
@@ -49,7 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spike.add_argument("--spike-at", type=int, default=d.spike_at, help="0-based iteration of the spike")
     spike.add_argument("--spike-scale", type=float, default=d.spike_scale)
     spike.add_argument("--steps", type=int, default=d.steps)
-    spike.add_argument("--optimizers", type=_csv(), default=d.optimizers, help=f"comma list of {sorted(OPTIMIZERS)}")
+    spike.add_argument(
+        "--optimizers",
+        type=_csv(),
+        default=d.optimizers,
+        help=f"comma list of {', '.join(spike_names())}, pro-kls-rN (Pro-KLShampoo at rank N)",
+    )
     spike.add_argument("--precisions", type=_csv(), default=d.precisions, help=f"comma list of {PRECISIONS}")
     spike.add_argument(
         "--kl-init",
@@ -59,7 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     spike.add_argument("--top-k", type=int, default=d.top_k)
     spike.add_argument("--offsets", type=_csv(int), default=d.offsets)
-    spike.add_argument("--rank", type=int, default=d.rank, help="Pro-KLShampoo tracked rank")
+    spike.add_argument(
+        "--option",
+        dest="option_items",
+        action="append",
+        help="extra constructor option OPTIMIZER.KEY=VALUE (repeatable), e.g. pro-kls-r16.init_factor=0.5",
+    )
     spike.add_argument(
         "--precondition-frequency",
         type=int,
@@ -74,18 +91,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spike.add_argument("--no-plots", action="store_true")
     spike.set_defaults(func=cmd_spike)
 
-    spectra = inner.add_parser(
+    spectra = _instrument(
+        inner,
         "spectra",
-        help="spike-and-flat spectra of Kronecker factors from checkpoints",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    spectra.add_argument(
-        "inputs",
-        nargs="+",
-        type=Path,
-        help="torch.save'd optimizer state_dicts / checkpoints (one per training stage), a bench "
-        "diagnostics.jsonl or JSON list of record_spectra snapshots, or a bench run folder or "
-        "results folder (whiten bench --record-every N)",
+        "spike-and-flat spectra of Kronecker factors from checkpoints",
+        "optimizer state_dicts / checkpoints (one per training stage; Lightning .ckpt included), a bench "
+        "diagnostics.jsonl or JSON list of record_spectra snapshots, a bench run or results folder "
+        "(whiten bench --record-every N), or a Hugging Face Trainer checkpoint-N folder or output_dir; "
+        "LABEL=PATH names the run",
+        "write spectra.json and spectra.png (several runs: spectra_RUN.png each) here",
     )
     spectra.add_argument("--rank", type=int, default=16, help="r at which energy, AM/GM and KL gap are reported")
     spectra.add_argument(
@@ -101,32 +115,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="'factor': eigenvalues of stored L/R; 'lam': KL-Shampoo's EMA eigenvalues",
     )
     spectra.add_argument("--max-panels", type=int, default=12)
-    spectra.add_argument("--trusted", action="store_true", help="allow pickled objects (torch.load weights_only=False)")
-    spectra.add_argument(
-        "--out", type=Path, help="write spectra.json and spectra.png (several runs: spectra_RUN.png each) here"
-    )
-    spectra.add_argument("--no-plots", action="store_true")
     spectra.set_defaults(func=cmd_spectra)
 
-    alpha = inner.add_parser(
+    alpha = _instrument(
+        inner,
         "alpha",
-        help="power-law alpha of weight-matrix ESDs (HT-SR)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    alpha.add_argument(
-        "inputs",
-        nargs="+",
-        help="model state_dicts / checkpoints, bench diagnostics.jsonl, or a bench "
-        "run or results folder (one run per run folder); LABEL=PATH names a run "
-        "(e.g. muon=runs/muon/ckpt.pt)",
+        "power-law alpha of weight-matrix ESDs (HT-SR)",
+        "model state_dicts / checkpoints (Lightning .ckpt included), bench diagnostics.jsonl, a bench run or "
+        "results folder (one run per run folder), or a Hugging Face Trainer checkpoint-N folder or output_dir; "
+        "LABEL=PATH names a run (e.g. muon=runs/muon/ckpt.pt; a path that exists is never split at '=')",
+        "write alpha.json and alpha.png here",
     )
     alpha.add_argument("--xmin", choices=XMIN_RULES, default="ks", help="x_min rule: KS minimiser or median")
     alpha.add_argument("--min-tail", type=int, default=10)
     alpha.add_argument("--include", type=_csv(), help="only parameters whose name contains one of these")
-    alpha.add_argument("--trusted", action="store_true", help="allow pickled objects (torch.load weights_only=False)")
-    alpha.add_argument("--out", type=Path, help="write alpha.json and alpha.png here")
-    alpha.add_argument("--no-plots", action="store_true")
     alpha.set_defaults(func=cmd_alpha)
+
+
+def _instrument(
+    inner: argparse._SubParsersAction, name: str, summary: str, inputs: str, out: str
+) -> argparse.ArgumentParser:
+    """A checkpoint-reading instrument: its input paths, --trusted, --out and --no-plots."""
+    parser = inner.add_parser(name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help=inputs)
+    parser.add_argument("--trusted", action="store_true", help="allow pickled objects (torch.load weights_only=False)")
+    parser.add_argument("--out", type=Path, help=out)
+    parser.add_argument("--no-plots", action="store_true")
+    return parser
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -137,6 +152,8 @@ def _write_json(obj: Any, path: Path) -> None:
 def cmd_spike(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is a file, not a folder")
     torch.set_num_threads(args.threads)
     config = SpikeConfig(
         shape=args.shape,
@@ -149,7 +166,7 @@ def cmd_spike(args: argparse.Namespace) -> int:
         kl_inits=args.kl_init,
         top_k=args.top_k,
         offsets=args.offsets,
-        rank=args.rank,
+        options=parse_options(args.option_items or []),
         precondition_frequency=args.precondition_frequency,
         device=args.device,
     )
@@ -176,11 +193,15 @@ def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dic
         if not path.is_file():
             raise FileNotFoundError(f"{str(path)!r} does not exist")
         text = path.read_text()
-        items = (
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-            if path.suffix == ".jsonl"
-            else (json.loads(text))
-        )
+        try:
+            items = (
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+                if path.suffix == ".jsonl"
+                else (json.loads(text))
+            )
+        except json.JSONDecodeError as err:
+            kind = "JSON lines" if path.suffix == ".jsonl" else "JSON"
+            raise ValueError(f"{str(path)!r} is not valid {kind}: {err}") from None
         items = items if isinstance(items, list) else [items]
         records = []
         for item in items:
@@ -207,12 +228,11 @@ def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dic
             )
         return records
     checkpoint = load_checkpoint(path, trusted=args.trusted)
-    step = checkpoint.get("step") if isinstance(checkpoint, dict) else None
+    step = checkpoint_step(path, checkpoint)
     factors = factor_spectra(checkpoint, rank=args.rank, tol=args.tol, use=args.use, allow_empty=True)
     if not factors:
         raise NoFactorsError(
-            f"{str(path)!r} holds no Kronecker factor (expected per-parameter keys 'L'/'R' or 'U'/'Lam'/'sigma', "
-            "as SOAP, KL-Shampoo and Pro-KLShampoo keep); was the optimizer stepped?"
+            f"{str(path)!r} holds no Kronecker factor ({expected_factors()}); was the optimizer stepped?"
         )
     return [
         {
@@ -240,11 +260,13 @@ def _file_name(label: str) -> str:
 def cmd_spectra(args: argparse.Namespace) -> int:
     if args.rank < 0:
         raise ValueError(f"--rank must be >= 0, got {args.rank}")
+    if args.max_panels < 1:
+        raise ValueError(f"--max-panels must be >= 1, got {args.max_panels}")
     if not args.tol >= 0:
         raise ValueError(f"--tol must be >= 0 (nats per column of the other side), got {args.tol}")
     records: list[dict[str, Any]] = []
     for item in args.inputs:
-        sources = run_sources(item)
+        sources = labelled_sources(item, "optimizer")
         for run, path in sources:
             try:
                 records += _spectra_records(path, args, run)
@@ -287,10 +309,7 @@ def _alpha_from_jsonl(path: Path) -> list[LayerAlpha]:
 def cmd_alpha(args: argparse.Namespace) -> int:
     runs: dict[str, list[LayerAlpha]] = {}
     for item in args.inputs:
-        label, _, raw = item.rpartition("=") if "=" in item else ("", "", item)
-        sources = run_sources(raw)
-        for run, path in sources:
-            name = label if label and len(sources) == 1 else (f"{label}/{run}" if label else run)
+        for name, path in labelled_sources(item, "model"):
             if path.suffix == ".jsonl":
                 layers = _alpha_from_jsonl(path)
                 if layers[0].xmin_rule != args.xmin:

@@ -31,9 +31,20 @@ from torch import Tensor, nn
 
 from whiten.diagnostics.io import find_optimizer_state, optimizer_param_names
 from whiten.linalg.spectrum import energy_captured, kl_gap_all, tail_log_am_gm_all
+from whiten.optim import registry
 from whiten.optim.pro_kl_shampoo import adaptive_rank
 
 FACTOR_SOURCES = ("factor", "lam")
+
+
+def expected_factors() -> str:
+    """Which per-parameter state keys hold factors, by optimizer (from the registry), for error messages."""
+    keys: dict[tuple[str, ...], list[str]] = {}
+    for name in registry.names():
+        spec = registry.get(name)
+        if spec.factors:
+            keys.setdefault(spec.factors, []).append(name)
+    return "expected per-parameter keys " + " or ".join(f"{'/'.join(k)} ({', '.join(v)})" for k, v in keys.items())
 
 
 @dataclass
@@ -186,8 +197,7 @@ def factor_spectra(
             )
     if not results and not allow_empty:
         raise ValueError(
-            "no Kronecker factor found in the optimizer state (expected per-parameter keys 'L'/'R' or "
-            "'U'/'Lam'/'sigma', as SOAP, KL-Shampoo and Pro-KLShampoo keep); was the optimizer stepped?"
+            f"no Kronecker factor found in the optimizer state ({expected_factors()}); was the optimizer stepped?"
         )
     return results
 

@@ -1,10 +1,10 @@
-"""Eigenbasis rotation around a gradient spike (SPEC §8.1; seed notebook 003).
+"""Eigenbasis rotation around a gradient spike (docs/diagnostics/spike.md).
 
 One ``(128, 64)`` parameter receives i.i.d. ``N(0, 1)`` gradients (CPU generator, seed 0, so the
 sequence is the same on every device) with a ``1000x`` gradient at iteration ``spike_at = 50``
-(0-based, as the notebook). After every step the optimizer's eigenbasis (``Q_L``; for
+(0-based, as the original SOAP-vs-REKLS experiment). After every step the optimizer's eigenbasis (``Q_L``; for
 Pro-KLShampoo also the tracked subspace ``U``) is recorded and compared with two references of
-the same run: ``Q(spike_at - 1)`` (pre-spike) and ``Q(spike_at)`` (post-spike). The notebook's
+the same run: ``Q(spike_at - 1)`` (pre-spike) and ``Q(spike_at)`` (post-spike). The original experiment's
 tables report, for offsets ``N``, the top-1 angle and the largest principal angle of the top-``k``
 subspaces to the pre-spike basis at iteration ``spike_at - 1 - N`` ("before": steady-state drift)
 and ``spike_at - 1 + N`` ("after": the spike plus ``N - 1`` recovery steps), and the top
@@ -18,14 +18,12 @@ refresh), i.e. the same blocks a GPU would run in TF32. Optimizers without a pre
 their whole step at the requested precision (reported as ``precision_scope="step"``).
 
 Angles are computed in float64 from sines and cosines (:mod:`whiten.diagnostics.angles`), so
-they are accurate below the ``~0.03`` degree floor of the notebook's fp32 ``arccos``.
+they are accurate below the ``~0.03`` degree floor of the original experiment's fp32 ``arccos``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,43 +35,41 @@ from torch import Tensor
 
 from whiten.diagnostics.angles import angle_trajectory_deg
 from whiten.linalg import PRECISIONS, emulate_global_matmul_precision, matmul_precision
+from whiten.optim import registry
 
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """How the spike experiment builds one optimizer and which bases it records."""
-
-    label: str
-    module: str
-    cls: str
-    options: dict[str, Any]
-    bases: tuple[str, ...]
-    kl_init: bool  # accepts kl_init="safe"|"peer"
-
-
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "soap": OptimizerSpec(
-        "SOAP (KL)",
-        "whiten.optim.soap",
-        "SOAP",
-        {"use_kl_shampoo": True, "use_eigh": False, "power_iter_steps": 1},
-        ("Q_L",),
-        True,
-    ),
-    "rekls": OptimizerSpec("REKLS", "whiten.optim.soap", "REKLS", {}, ("Q_L",), True),
-    "klshampoo": OptimizerSpec("KL-Shampoo", "whiten.optim.kl_shampoo", "KLShampoo", {}, ("Q_L",), False),
-    "klsoap": OptimizerSpec("KL-SOAP", "whiten.optim.kl_shampoo", "KLSOAP", {}, ("Q_L",), False),
-    "proklshampoo": OptimizerSpec(
-        "Pro-KLShampoo", "whiten.optim.pro_kl_shampoo", "ProKLShampoo", {}, ("Q_L", "U"), False
-    ),
+# the knobs the experiment sets on every optimizer (SpikeConfig fields), and how a user sets them
+SET_BY_SPIKE = {
+    "lr": "the spike experiment (lr = 1)",
+    "betas": "the spike experiment",
+    "weight_decay": "the spike experiment",
+    "shampoo_beta": "the spike experiment",
+    "precondition_frequency": "--precondition-frequency",
+    "kl_init": "--kl-init",
+    "fp32_matmul_prec": "--precisions",
 }
+
+
+def spike_names() -> list[str]:
+    """Registry names whose optimizer keeps an eigenbasis the experiment can record."""
+    return [name for name in registry.names() if registry.get(name).bases]
+
+
+def spike_spec(name: str) -> registry.OptimizerSpec:
+    """The registry spec of ``name``; ``ValueError`` for an unknown name or one without an eigenbasis."""
+    spec = registry.get(name)
+    if not spec.bases:
+        raise ValueError(
+            f"optimizer {name!r} keeps no eigenbasis to record; choose from {', '.join(spike_names())}, pro-kls-rN"
+        )
+    return spec
+
 
 KL_INIT_CHOICES = ("safe", "peer")
 
 
 @dataclass
 class SpikeConfig:
-    """The experiment's knobs; defaults are the seed notebook's (SPEC §8.1)."""
+    """The experiment's knobs; defaults are the original experiment's (docs/diagnostics/spike.md)."""
 
     shape: tuple[int, int] = (128, 64)
     seed: int = 0
@@ -85,22 +81,36 @@ class SpikeConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     shampoo_beta: float = 0.95
     weight_decay: float = 0.0
-    optimizers: tuple[str, ...] = ("soap", "rekls")
+    optimizers: tuple[str, ...] = ("soap-kl", "rekls")  # registry names (pro-kls-rN: Pro-KLShampoo at rank N)
     precisions: tuple[str, ...] = ("high", "highest")
     kl_inits: tuple[str, ...] = ("safe",)
     top_k: int = 8
     offsets: tuple[int, ...] = (1, 2, 5, 10)
     precondition_frequency: int = 1  # KL-Shampoo / Pro-KLShampoo refresh every step, like SOAP
-    rank: int = 16  # Pro-KLShampoo's tracked rank
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra constructor options per name
     device: str = "cpu"
     n_eigenvalues: int = 10
 
     def validate(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device {self.device!r} is not a device; use cpu or cuda[:i]") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available; use cpu")
         if len(self.shape) != 2 or min(self.shape) < 2:
             raise ValueError(f"shape must be two dimensions >= 2, got {self.shape}")
-        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
-        if unknown or not self.optimizers:
-            raise ValueError(f"optimizers {unknown or '[]'} not known; choose from {sorted(OPTIMIZERS)}")
+        if not self.optimizers:
+            raise ValueError(f"optimizers is empty; choose from {', '.join(spike_names())}, pro-kls-rN")
+        for name in self.optimizers:
+            try:
+                spike_spec(name)
+            except ValueError as err:
+                raise ValueError(f"--optimizers: {err}") from None
+        for name, options in self.options.items():
+            if name not in self.optimizers:
+                raise ValueError(f"--option names {name!r}, which is not in --optimizers {list(self.optimizers)}")
+            spike_spec(name).check_options(options, SET_BY_SPIKE)
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise ValueError(f"precisions {bad or '[]'} not valid; choose from {PRECISIONS}")
@@ -123,44 +133,30 @@ class SpikeConfig:
 
 
 def gradient_sequence(config: SpikeConfig) -> Iterator[Tensor]:
-    """The notebook's gradients: ``randn * normal_scale``, ``* spike_scale`` also at ``spike_at`` (fp32, CPU)."""
+    """The original experiment's gradients: ``randn * normal_scale``, ``* spike_scale`` at ``spike_at`` (fp32, CPU)."""
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     for i in range(config.steps):
         scale = config.spike_scale * config.normal_scale if i == config.spike_at else config.normal_scale
         yield torch.randn(config.shape, generator=gen, dtype=torch.float32) * scale
 
 
-def _optimizer_class(spec: OptimizerSpec) -> type[torch.optim.Optimizer]:
-    try:
-        module = importlib.import_module(spec.module)
-        return getattr(module, spec.cls)
-    except (ModuleNotFoundError, AttributeError) as err:
-        raise ValueError(f"optimizer {spec.cls} ({spec.module}) is not available in this installation") from err
-
-
-def _build(spec: OptimizerSpec, param: Tensor, config: SpikeConfig, precision: str, kl_init: str):
-    cls = _optimizer_class(spec)
-    accepted = inspect.signature(cls.__init__).parameters
-    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-
-    def accepts(name: str) -> bool:
-        return name in accepted or (has_kwargs and name in inspect.signature(cls.__mro__[1].__init__).parameters)
-
-    options: dict[str, Any] = {"lr": config.lr, "betas": config.betas, "weight_decay": config.weight_decay}
-    options.update(spec.options)
-    for name, value in (
-        ("shampoo_beta", config.shampoo_beta),
-        ("precondition_frequency", config.precondition_frequency),
-        ("rank", config.rank),
-    ):
-        if accepts(name):
-            options[name] = value
+def _build(
+    spec: registry.OptimizerSpec, param: Tensor, config: SpikeConfig, precision: str, kl_init: str
+) -> torch.optim.Optimizer:
+    """The optimizer at the experiment's settings; what each class takes is declared in the registry."""
+    options: dict[str, Any] = {
+        "lr": config.lr,
+        "betas": config.betas,
+        "weight_decay": config.weight_decay,
+        "shampoo_beta": config.shampoo_beta,
+        "precondition_frequency": config.precondition_frequency,
+        **config.options.get(spec.name, {}),
+    }
     if spec.kl_init:
         options["kl_init"] = kl_init
-    own_precision = accepts("fp32_matmul_prec")
-    if own_precision:
+    if spec.own_precision:
         options["fp32_matmul_prec"] = precision
-    return cls([param], **options), own_precision
+    return spec.build([param], **options)
 
 
 def _step_context(device: torch.device, precision: str, own_precision: bool) -> contextlib.AbstractContextManager:
@@ -191,10 +187,11 @@ class SpikeRun:
 
 def run_one(config: SpikeConfig, optimizer: str, precision: str, kl_init: str = "safe") -> SpikeRun:
     """Drive one optimizer through the gradient sequence and measure its basis rotation."""
-    spec = OPTIMIZERS[optimizer]
+    spec = spike_spec(optimizer)
+    own_precision = spec.own_precision
     device = torch.device(config.device)
     param = torch.zeros(config.shape, device=device, dtype=torch.float32, requires_grad=True)
-    opt, own_precision = _build(spec, param, config, precision, kl_init)
+    opt = _build(spec, param, config, precision, kl_init)
     trajectories: dict[str, list[Tensor]] = {b: [] for b in spec.bases}
     top_eigs: list[list[float]] = []
     start = time.perf_counter()
@@ -205,7 +202,7 @@ def run_one(config: SpikeConfig, optimizer: str, precision: str, kl_init: str = 
         state = opt.state[param]
         for basis in spec.bases:
             if basis not in state:
-                raise ValueError(f"{spec.cls} keeps no state {basis!r}; cannot record that basis")
+                raise ValueError(f"{spec.cls.__name__} keeps no state {basis!r}; cannot record that basis")
             Q = state[basis].detach().to("cpu", torch.float32, copy=True)
             if basis == "U" and isinstance(state.get("Lam"), Tensor):
                 # the tracked subspace's columns come in QR order; "top-k" means the k largest Lam
@@ -217,7 +214,7 @@ def run_one(config: SpikeConfig, optimizer: str, precision: str, kl_init: str = 
     seconds = time.perf_counter() - start
     run = SpikeRun(
         optimizer=optimizer,
-        label=spec.label + (f" [{kl_init} KL init]" if spec.kl_init and kl_init != "safe" else ""),
+        label=spec.name + (f" [{kl_init} KL init]" if spec.kl_init and kl_init != "safe" else ""),
         precision=precision,
         kl_init=kl_init if spec.kl_init else None,
         device=str(device),
@@ -271,7 +268,7 @@ def offset_table(run: SpikeRun | dict[str, Any], basis: str, config: SpikeConfig
 
 
 def eigenvalue_table(run: SpikeRun, config: SpikeConfig) -> list[dict[str, Any]]:
-    """The notebook's eigenvalue rows: steps (1-based) around the spike, eig[0], eig[1], eig[4], eig[9], top/2nd."""
+    """The original experiment's eigenvalue rows: steps (1-based) around the spike, eig[0, 1, 4, 9], top/2nd."""
     rows = []
     s = config.spike_at
     for i in (s - 5, s - 1, s, s + 1, s + 4, s + 9, s + 19):
@@ -308,7 +305,7 @@ class SpikeResult:
 
 
 def format_spike_tables(result: dict[str, Any]) -> str:
-    """The notebook's tables, one per run and basis, then the eigenvalue tables."""
+    """The original experiment's tables, one per run and basis, then the eigenvalue tables."""
     cfg = result["config"]
     s, topk = cfg["spike_at"], f"top-{cfg['top_k']}"
     out: list[str] = []
@@ -359,7 +356,7 @@ def run_spike_experiment(
     progress: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> SpikeResult:
-    """Run every (optimizer, KL init, precision) of ``config`` (defaults: the notebook's setup).
+    """Run every (optimizer, KL init, precision) of ``config`` (defaults: the original experiment's setup).
 
     Keyword overrides replace config fields, e.g. ``run_spike_experiment(steps=80, optimizers=("rekls",))``.
     ``kl_inits`` apply to the optimizers that have that option (SOAP, REKLS); the others run once.
@@ -372,7 +369,7 @@ def run_spike_experiment(
     config.validate()
     runs = []
     for name in config.optimizers:
-        inits: Sequence[str] = config.kl_inits if OPTIMIZERS[name].kl_init else ("safe",)
+        inits: Sequence[str] = config.kl_inits if spike_spec(name).kl_init else ("safe",)
         for kl_init in inits:
             for precision in config.precisions:
                 run = run_one(config, name, precision, kl_init)
