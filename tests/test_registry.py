@@ -62,6 +62,7 @@ def test_options_are_checked_against_the_constructor_and_never_dropped() -> None
     with pytest.raises(ValueError, match="ns_method='nope' is not valid"):  # the class's own value check
         muon.check_options({"ns_method": "nope"})
     muon.check_options({"ns_method": "gram", "momentum": 0.9})
+    muon.check_options({"adamw_lr": 1e-3, "nonfinite": "raise"})  # the shared options (**common) are valid too
     # REKLS forwards **options to SOAP: SOAP's keywords are valid, its fixed ones refused by REKLS itself
     rekls = registry.get("rekls")
     assert {"kl_init", "max_precond_dim", "precondition_frequency"} <= set(rekls.option_names())

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from whiten.optim.base import WhitenOptimizer
 from whiten.optim.kl_shampoo import KLSOAP, KLShampoo
 from whiten.optim.muon import HTMuon, Muon
 from whiten.optim.pro_kl_shampoo import ProKLShampoo
@@ -53,18 +54,12 @@ class OptimizerSpec:
         return self.cls is not torch.optim.AdamW
 
     def option_names(self) -> tuple[str, ...]:
-        """Keyword options of the constructor (``params`` excluded), following ``**kwargs`` to the base."""
-        names: list[str] = []
-        for klass in self.cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            params = inspect.signature(init).parameters.values()
-            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-            names += [p.name for p in params if p.kind in kinds and p.name not in ("self", "params")]
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-                break
-        return tuple(dict.fromkeys(names))
+        """Keyword options of the constructor (``params`` excluded)."""
+        if issubclass(self.cls, WhitenOptimizer):
+            return self.cls.constructor_option_names()
+        params = inspect.signature(self.cls.__init__).parameters.values()
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return tuple(p.name for p in params if p.kind in kinds and p.name not in ("self", "params"))
 
     def check_options(self, options: Mapping[str, Any], set_by: Mapping[str, str] | None = None) -> None:
         """Raise ``ValueError`` for an unknown, consumer-set or name-fixed option, or a bad value.
@@ -81,6 +76,8 @@ class OptimizerSpec:
                 )
             if set_by and key in set_by:
                 raise ValueError(f"optimizer {self.name!r}: option {key!r} is set by {set_by[key]}, not as an option")
+            if key not in valid and key in getattr(self.cls, "fixed_options", ()):
+                break  # the constructor below says which value the class fixes
             if key not in valid:
                 raise ValueError(
                     f"optimizer {self.name!r} ({self.cls.__name__}) has no option {key!r}; "
