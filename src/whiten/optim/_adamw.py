@@ -14,6 +14,20 @@ import torch
 from torch import Tensor
 
 
+def add_scaled_(target: Tensor, update: Tensor, scale: float) -> None:
+    """``target += scale * update`` in place, correct under ``torch.compile`` too.
+
+    Eager it is ``target.add_(update, alpha=scale)`` (one pass; bit-identical to ``torch.optim``'s
+    updates). Inductor (torch 2.13, CPU) drops ``alpha`` from that pattern when ``update`` comes from a
+    matmul, so a compiled step would move by ``update`` instead of ``scale * update``; while compiling, the
+    scale is applied by a separate ``mul``, which inductor fuses into the same kernel.
+    """
+    if torch.compiler.is_compiling():
+        target.add_(update.mul(scale))
+    else:
+        target.add_(update, alpha=scale)
+
+
 def decay_and_update_(param: Tensor, update: Tensor, *, alpha: float, decay: float, decay_first: bool = True) -> None:
     """The one decay-and-update kernel: ``W <- decay W + alpha U`` (``decay_first=False``: ``decay (W + alpha U)``).
 
@@ -25,7 +39,7 @@ def decay_and_update_(param: Tensor, update: Tensor, *, alpha: float, decay: flo
     target = param if torch.promote_types(param.dtype, update.dtype) == param.dtype else param.to(update.dtype)
     if decay_first and decay != 1.0:
         target.mul_(decay)
-    target.add_(update, alpha=alpha)
+    add_scaled_(target, update, alpha)
     if not decay_first and decay != 1.0:
         target.mul_(decay)
     if target is not param:
@@ -79,9 +93,14 @@ def adamw_step_(
 
 
 def _fusable(param: Tensor, grad: Tensor, stat_dtype: torch.dtype) -> bool:
-    """Whether ``torch._fused_adamw_`` can step ``param``: plain dense contiguous tensors, stats in its dtype."""
+    """Whether ``torch._fused_adamw_`` can step ``param``: plain dense contiguous tensors, stats in its dtype.
+
+    Never while ``torch.compile`` traces the step: the direct ``torch._fused_adamw_`` call fails in
+    functionalization (``BackendCompilerFailed``), and the eager formula compiles to fused kernels anyway.
+    """
     return (
-        type(param) in (Tensor, torch.nn.Parameter)  # not a DTensor or other subclass
+        not torch.compiler.is_compiling()
+        and type(param) in (Tensor, torch.nn.Parameter)  # not a DTensor or other subclass
         and type(grad) is Tensor
         and param.device.type in ("cpu", "cuda")
         and param.dtype == stat_dtype == grad.dtype
