@@ -14,21 +14,24 @@ import torch
 from torch import Tensor
 
 
-def add_scaled_(target: Tensor, update: Tensor, scale: float) -> None:
+def add_scaled_(target: Tensor, update: Tensor, scale: float | Tensor) -> None:
     """``target += scale * update`` in place, correct under ``torch.compile`` too.
 
     Eager it is ``target.add_(update, alpha=scale)`` (one pass; bit-identical to ``torch.optim``'s
-    updates). Inductor (torch 2.13, CPU) drops ``alpha`` from that pattern when ``update`` comes from a
-    matmul, so a compiled step would move by ``update`` instead of ``scale * update``; while compiling, the
+    updates); a tensor ``scale`` (a tensor ``lr``) is applied by a ``mul``, as ``alpha`` must be a number.
+    Inductor (torch 2.13, CPU) drops ``alpha`` from that pattern when ``update`` comes from a matmul, so a
+    compiled step would move by ``update`` instead of ``scale * update``; while compiling, the
     scale is applied by a separate ``mul``, which inductor fuses into the same kernel.
     """
-    if torch.compiler.is_compiling():
+    if isinstance(scale, Tensor) or torch.compiler.is_compiling():  # alpha must be a Python number
         target.add_(update.mul(scale))
     else:
         target.add_(update, alpha=scale)
 
 
-def decay_and_update_(param: Tensor, update: Tensor, *, alpha: float, decay: float, decay_first: bool = True) -> None:
+def decay_and_update_(
+    param: Tensor, update: Tensor, *, alpha: float | Tensor, decay: float | Tensor, decay_first: bool = True
+) -> None:
     """The one decay-and-update kernel: ``W <- decay W + alpha U`` (``decay_first=False``: ``decay (W + alpha U)``).
 
     ``update`` may be in a wider dtype than ``param`` (fp32 statistics for a bf16 weight): the
@@ -37,10 +40,11 @@ def decay_and_update_(param: Tensor, update: Tensor, *, alpha: float, decay: flo
     without a separate cast. A ``decay`` of exactly 1 skips the multiplication.
     """
     target = param if torch.promote_types(param.dtype, update.dtype) == param.dtype else param.to(update.dtype)
-    if decay_first and decay != 1.0:
+    decays = isinstance(decay, Tensor) or decay != 1.0  # a tensor decay (tensor lr): no host sync to compare
+    if decay_first and decays:
         target.mul_(decay)
     add_scaled_(target, update, alpha)
-    if not decay_first and decay != 1.0:
+    if not decay_first and decays:
         target.mul_(decay)
     if target is not param:
         param.copy_(target)
@@ -49,7 +53,7 @@ def decay_and_update_(param: Tensor, update: Tensor, *, alpha: float, decay: flo
 def apply_update_(
     param: Tensor,
     update: Tensor,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     *,
     decay_first: bool = True,
@@ -68,7 +72,7 @@ def adamw_step_(
     grad: Tensor,
     state: dict,
     *,
-    lr: float,
+    lr: float | Tensor,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
@@ -115,7 +119,7 @@ def adamw_foreach_(
     grads: Sequence[Tensor],
     states: Sequence[dict],
     *,
-    lr: float,
+    lr: float | Tensor,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
@@ -158,7 +162,7 @@ def adamw_foreach_(
             vs,
             [],
             [step_t] * len(ps),
-            lr=lr,
+            lr=lr.to(device) if isinstance(lr, Tensor) else lr,
             beta1=beta1,
             beta2=beta2,
             weight_decay=weight_decay,

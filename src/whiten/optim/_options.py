@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
+import torch
+
 from whiten.linalg import ns_schedule
 
 Check = Callable[[str, Any], None]
@@ -66,6 +68,19 @@ def _is_number(value: Any) -> bool:
 def nonneg(name: str, value: Any) -> None:
     if not _is_number(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def learning_rate(name: str, value: Any) -> None:
+    """A number >= 0, or a 0-d floating tensor holding one (as ``torch.optim`` accepts for ``lr``)."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or not value.is_floating_point():
+            raise ValueError(
+                f"{name} as a tensor must be a 0-d floating tensor, got shape {tuple(value.shape)} {value.dtype}"
+            )
+        if not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        return
+    nonneg(name, value)
 
 
 def positive(name: str, value: Any) -> None:

@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from whiten.linalg.flops import FlopCount
+from whiten.optim import _interop
 from whiten.optim import _options as opt
 from whiten.optim._adamw import adamw_foreach_
 from whiten.optim._options import (
@@ -63,10 +64,11 @@ MODES = ("replicate", "split")
 PHASES = ("_direction_phase", "_map_phase", "_apply_phase")
 
 COMMON_CHECKS: dict[str, opt.Check] = {
-    "lr": opt.nonneg,
+    "lr": opt.learning_rate,
     "weight_decay": opt.nonneg,
     "use_matrix": opt.optional(opt.boolean),
-    "adamw_lr": opt.optional(opt.nonneg),
+    "adamw_lr": opt.optional(opt.learning_rate),
+    "betas": opt.beta_pair,  # an AdamW group's (and SOAP's, KL-Shampoo's) betas
     "adamw_betas": opt.beta_pair,
     "adamw_eps": opt.nonneg,
     "adamw_weight_decay": opt.nonneg,
@@ -200,6 +202,10 @@ class WhitenOptimizer(Optimizer, ABC):
                 "run; derive from whiten.optim.base.PhasedOptimizer (or rename them)"
             )
 
+    #: state entries of the matrix method that a ``torch.optim`` optimizer's state means the same
+    #: (Muon: ``torch.optim.Muon``'s ``momentum_buffer``); other foreign matrix state is dropped on load
+    foreign_matrix_state: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
         full = {
             "use_matrix": None,
@@ -258,7 +264,15 @@ class WhitenOptimizer(Optimizer, ABC):
         opt.validate_group(group, {**COMMON_CHECKS, **self.option_checks})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate and route a group; ``params`` may be tensors or ``(name, tensor)`` pairs (``named_parameters``)."""
+        """Validate and route a group; ``params`` may be tensors or ``(name, tensor)`` pairs (``named_parameters``).
+
+        Keller-style ``use_muon`` is read as ``use_matrix``; keys no option or ``torch.optim`` convention
+        knows get a warning naming them (:mod:`whiten.optim._interop`).
+        """
+        param_group = _interop.translate_keller_group(param_group)
+        _interop.warn_unknown_keys(
+            param_group, {*self.defaults, *COMMON_CHECKS, *self.option_checks}, type(self).__name__
+        )
         params = param_group["params"]
         if isinstance(params, set):
             raise TypeError("optimizer params must be an ordered collection (a list), not a set")
@@ -302,7 +316,10 @@ class WhitenOptimizer(Optimizer, ABC):
             if matrices:
                 self._add_routed({**param_group, "params": matrices, "use_matrix": True, **named(True)})
             if others:
-                adamw_lr = merged["adamw_lr"] if merged["adamw_lr"] is not None else merged["lr"]
+                # a tensor lr is copied: a scheduler updates each group's lr in place
+                adamw_lr = (
+                    merged["adamw_lr"] if merged["adamw_lr"] is not None else _interop.tensor_lr_copy(merged["lr"])
+                )
                 self._add_routed(
                     {
                         **param_group,
@@ -311,16 +328,19 @@ class WhitenOptimizer(Optimizer, ABC):
                         "use_matrix": False,
                         "lr": adamw_lr,
                         "weight_decay": merged["adamw_weight_decay"],
+                        "betas": tuple(merged["adamw_betas"]),
                     }
                 )
             if not params:
                 self._add_routed({**param_group, "params": [], "use_matrix": True})
             return
         if not use_matrix:
-            # an explicit AdamW group takes the AdamW options unless it sets lr / weight_decay itself
+            # an explicit AdamW group takes the AdamW options unless it sets lr / weight_decay / betas itself;
+            # its betas live under "betas" (what OneCycleLR / CyclicLR cycle), like torch.optim.AdamW's
             param_group = {
                 "lr": merged["adamw_lr"] if merged["adamw_lr"] is not None else merged["lr"],
                 "weight_decay": merged["adamw_weight_decay"],
+                "betas": tuple(merged["adamw_betas"]),
                 **param_group,
             }
         else:
@@ -415,7 +435,7 @@ class WhitenOptimizer(Optimizer, ABC):
             grads,
             [self.state[p] for p in params],
             lr=group["lr"],
-            betas=group["adamw_betas"],
+            betas=group["betas"],
             eps=group["adamw_eps"],
             weight_decay=group["weight_decay"],
             stat_dtype=stat_dtype,
@@ -458,9 +478,22 @@ class WhitenOptimizer(Optimizer, ABC):
         # distributed_mode belongs to this run (how its ranks share the work, and so where state lives),
         # not to the algorithm: keep it rather than the saving run's
         modes = [group["distributed_mode"] for group in self.param_groups]
+        # so does the routing (use_matrix): a torch.optim state dict has none, and its other options have
+        # other meanings; such groups keep this optimizer's options (lr and unknown keys come from the dict)
+        own_groups = [dict(group) for group in self.param_groups]
+        foreign = [_interop.is_foreign_group(group) for group in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
-        for group, mode in zip(self.param_groups, modes, strict=True):
+        _interop.adopt_foreign_groups(self.param_groups, own_groups, foreign)
+        for group, own, mode in zip(self.param_groups, own_groups, modes, strict=True):
             group["distributed_mode"] = mode
+            group["use_matrix"] = own["use_matrix"]
+            if not group["use_matrix"] and "betas" not in group:  # a checkpoint from before AdamW groups had betas
+                group["betas"] = tuple(group.get("adamw_betas", own.get("betas", self.defaults["adamw_betas"])))
+        dropped = []
+        for group, is_foreign in zip(self.param_groups, foreign, strict=True):
+            if is_foreign:
+                dropped += _interop.adopt_foreign_state(self.state, group, self.foreign_matrix_state, stat_dtype)
+        _interop.warn_dropped(type(self).__name__, dropped)
         # a checkpoint written before an option existed lacks its key: take this optimizer's default for it,
         # then check the loaded groups as a constructor would (a bad value must not reach a step)
         options = {**COMMON_CHECKS, **self.option_checks}

@@ -104,6 +104,8 @@ class _SpectralMomentum(PhasedOptimizer):
     # state, kept on every rank (the momentum shaped, and under FSDP2 sharded, like the parameter; the
     # step counter):
     elementwise_state: ClassVar[tuple[str, ...]] = ("momentum_buffer", "step")
+    # torch.optim.Muon's buffer is the same EMA (lerp with 1 - momentum): its state carries over
+    foreign_matrix_state: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
     def _direction_phase(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[MapInput]:
         """Elementwise: ``step += 1``, ``buf <- lerp(buf, G, 1 - mu)``, ``U = lerp(G, buf, mu)`` (Nesterov) or ``buf``.

@@ -269,12 +269,21 @@ class SOAP(WhitenOptimizer):
                 None if stacking_helps(p.device) else index,
             )
             buckets.setdefault(key, []).append(index)
+        # the states are looked up here and passed in: under torch.compile, _bucket_step is a frame of its own
+        # (graph breaks), and dynamo (torch 2.13) reused its code across parameters when it looked up
+        # self.state[p] itself, stepping one matrix twice and the other not at all
         for indices in buckets.values():
-            self._bucket_step(group, [params[i] for i in indices], [grads[i] for i in indices])
+            self._bucket_step(
+                group,
+                [params[i] for i in indices],
+                [grads[i] for i in indices],
+                [self.state[params[i]] for i in indices],
+            )
 
-    def _bucket_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _bucket_step(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
         """One SOAP step for same-shape parameters at the same step count, batched."""
-        states = [self.state[p] for p in params]
         dtype = states[0]["exp_avg"].dtype
         t = states[0]["step"] + 1
         beta1, beta2 = group["betas"]
