@@ -57,6 +57,7 @@ from whiten.linalg.precision import (
     round_mantissa,
 )
 from whiten.linalg.spectral import (
+    STREAM_STARTS,
     coupled_newton_schulz_sqrt,
     initial_stream_basis,
     ns_power_rounds,
@@ -74,6 +75,7 @@ __all__ = [
     "NS_METHODS",
     "POLAR_EXPRESS",
     "PRECISIONS",
+    "STREAM_STARTS",
     "FlopCount",
     "NSSchedule",
     "check_precision",

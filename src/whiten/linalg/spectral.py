@@ -138,8 +138,22 @@ def schatten_power_stream(U: Tensor, V_prev: Tensor, power: float) -> tuple[Tens
     return O, V
 
 
-def initial_stream_basis(U: Tensor) -> Tensor:
-    """Right singular vectors of ``U`` (``n x min(m, n)``): the stream variant's first basis."""
+STREAM_STARTS = ("svd", "identity")
+
+
+def initial_stream_basis(U: Tensor, start: str = "svd") -> Tensor:
+    """The stream variant's first basis ``V`` (``n x min(m, n)``, orthonormal columns, batched like ``U``).
+
+    ``"svd"``: the right singular vectors of ``U`` (the first step is then the exact map). ``"identity"``:
+    the first ``min(m, n)`` columns of the ``n x n`` identity, the start of the HTMuon reference
+    (TDCSZ327/HTmuon); its first steps approximate the map less well until the iteration converges.
+    """
     work = U.to(_work_dtype(U))
+    if start == "identity":
+        n, k = work.shape[-1], min(work.shape[-2], work.shape[-1])
+        eye = torch.eye(n, k, dtype=work.dtype, device=work.device)
+        return eye.expand(*work.shape[:-2], n, k).clone()
+    if start != "svd":
+        raise ValueError(f"start={start!r} is not valid; use one of {STREAM_STARTS}")
     _, _, Vh = torch.linalg.svd(work, full_matrices=False)
     return Vh.mT

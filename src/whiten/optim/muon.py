@@ -25,6 +25,7 @@ from torch import Tensor
 from whiten.linalg import (
     KELLER_QUINTIC,
     NS_METHODS,
+    STREAM_STARTS,
     FlopCount,
     compiled_newton_schulz,
     initial_stream_basis,
@@ -83,6 +84,7 @@ class _SpectralMomentum(PhasedOptimizer):
         "adjust_lr_fn": opt.choice(None, "original", "match_rms_adamw"),
         "power": opt.either(opt.nonneg, what="a number >= 0"),
         "spectral_map": opt.choice("ns", "svd", "stream"),
+        "stream_start": opt.choice(*STREAM_STARTS),
         "interval": opt.positive_int,
         "normuon": opt.boolean,
         "normuon_beta2": opt.unit_interval,
@@ -249,7 +251,7 @@ class _SpectralMomentum(PhasedOptimizer):
         for p, U in zip(params, directions, strict=True):
             state = self.state[p]
             if "stream_basis" not in state:
-                state["stream_basis"] = initial_stream_basis(U)
+                state["stream_basis"] = initial_stream_basis(U, group["stream_start"])
             O, state["stream_basis"] = schatten_power_stream(U, state["stream_basis"], power)
             outs.append(O)
         return outs
@@ -311,7 +313,15 @@ class Muon(_SpectralMomentum):
         **common: Unpack[CommonOptions],
     ) -> None:
         # HTMuon's options at their Muon values (power 0 is plain Newton–Schulz), so one step serves both
-        muon_map = dict(power=0.0, spectral_map="ns", interval=1, normuon=False, normuon_beta2=0.95, ns_ridge=1e-6)
+        muon_map = dict(
+            power=0.0,
+            spectral_map="ns",
+            stream_start="svd",
+            interval=1,
+            normuon=False,
+            normuon_beta2=0.95,
+            ns_ridge=1e-6,
+        )
         super().__init__(params, {**constructor_options(locals()), **muon_map})
 
 
@@ -333,6 +343,8 @@ class HTMuon(_SpectralMomentum):
             ``NS(U) (U^T U + ns_ridge I)^(p/2)`` by repeated coupled NS square roots, ``p`` rounded
             to ``2^(1-k)``; the NS factor honours ``ns_dtype``, ``ns_method``, ``ns_steps``,
             ``ns_coefficients`` and ``eps``) or ``"stream"`` (one warm-started subspace iteration per step).
+        stream_start: first basis of ``"stream"``: ``"svd"`` (default: right singular vectors of the first
+            direction, so the first step is exact) or ``"identity"`` (identity columns, as the reference).
         interval: apply the power map on steps ``t % interval == 0`` (1-based) and plain
             Newton–Schulz Muon otherwise; the counter is saved in the state.
         normuon: apply the NorMuon row normalisation after the map (``normuon_beta2``).
@@ -351,6 +363,7 @@ class HTMuon(_SpectralMomentum):
         spectral_map: str = "svd",
         interval: int = 1,
         normuon: bool = False,
+        stream_start: str = "svd",
         normuon_beta2: float = 0.95,
         ns_steps: int = 5,
         ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = KELLER_QUINTIC,

@@ -1,7 +1,10 @@
 r"""SOAP, SOAP-KL and REKLS: Adam in the eigenbasis of Kronecker factors (Emerging-Optimizers semantics).
 
-A drop-in for NVIDIA Emerging-Optimizers 0.3.0 ``SOAP`` / ``REKLS`` (same constructor names,
-defaults and step), with the peer's known defects fixed (see ``docs/soap.md``). Per matrix
+A drop-in for NVIDIA Emerging-Optimizers 0.3.0 ``SOAP`` / ``REKLS`` (same constructor names and
+defaults, the same step on the QR path), with the peer's known defects fixed (see ``docs/soap.md``). On
+the eigh path (``use_eigh``, REKLS) the default step is that of the peer's v0.2.0 and v0.4.0, which leave
+``exp_avg_sq`` unpermuted; ``eigh_sort_exp_avg_sq=True`` reproduces v0.3.0/v0.3.1, which permute it by
+the old basis's Rayleigh-quotient order before the eigh (``docs/soap.md`` has the release table). Per matrix
 parameter ``W`` (``m x n``; conv weights flattened to ``(out, in*kh*kw)``), with ``t`` 1-based::
 
     bs = shampoo_beta, or 1 - (1 - bs) / (1 - bs^t) with correct_shampoo_beta_bias (default: correct_bias)
@@ -12,7 +15,8 @@ parameter ``W`` (``m x n``; conv weights flattened to ``(out, in*kh*kw)``), with
            R <- lerp(R, (1/m) G^T Q_L diag(1/lamL) Q_L^T G, 1 - bs)
     # (2) eigenbasis refresh (under qr_fp32_matmul_prec) on steps t = 1, 1 + T, 1 + 2T, ...
     M = Q_L exp_avg Q_R^T                                   # first moment back to the parameter basis
-    Q = eigh_desc(K)                                        # first step, or use_eigh
+    Q = eigh_desc(K)                                        # first step, or use_eigh (exp_avg_sq
+                                                            # first permuted as below if eigh_sort_exp_avg_sq)
       = qr(K Q_sorted).Q, power_iter_steps times          # else; Q_sorted = old Q by descending
                                                             # diag(Q^T K Q), exp_avg_sq permuted alike
     exp_avg = Q_L^T M Q_R                                   # exp_avg_sq is permuted, never rotated
@@ -72,6 +76,7 @@ from whiten.linalg import (
     rayleigh_quotients,
     rotate_matrix,
     rotation_flops,
+    sort_basis,
     sorted_orthogonal_iteration,
     stacking_helps,
 )
@@ -141,6 +146,9 @@ class SOAP(WhitenOptimizer):
         kl_init: ``"safe"`` (default: shrunk Gram seed on the first KL step) or ``"peer"`` (``L = R = 0``
             and the ``1/eps`` first term, reproducing the peer's frozen basis).
         kl_init_shrinkage: weight ``a`` of the trace-matched identity in the safe seed.
+        eigh_sort_exp_avg_sq: on an eigh refresh (``use_eigh``, REKLS), first permute ``exp_avg_sq`` by the
+            descending Rayleigh quotients ``diag(Q_old^T K Q_old)`` of the old basis under the updated factor,
+            as Emerging-Optimizers v0.3.0 and v0.3.1 do (default ``False``: untouched, as v0.2.0 and v0.4.0).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the built-in AdamW for parameters
             with fewer than 2 dims (or groups with ``use_matrix=False``); ``None`` means the SOAP
             value (``lr``, ``betas``, ``eps``); ``adamw_weight_decay`` defaults to 0 (no decay of
@@ -171,6 +179,7 @@ class SOAP(WhitenOptimizer):
         "max_precond_dim": opt.positive_int,
         "kl_init": opt.choice(*KL_INITS),
         "kl_init_shrinkage": opt.closed_unit_interval,
+        "eigh_sort_exp_avg_sq": opt.boolean,
     }
 
     adamw_inherits: ClassVar[dict[str, str]] = {"adamw_betas": "betas", "adamw_eps": "eps"}
@@ -198,6 +207,7 @@ class SOAP(WhitenOptimizer):
         max_precond_dim: int = 8192,
         kl_init: str = "safe",
         kl_init_shrinkage: float = 0.5,
+        eigh_sort_exp_avg_sq: bool = False,
         **common: Unpack[CommonOptions],
     ) -> None:
         options = constructor_options(locals())
@@ -317,15 +327,22 @@ class SOAP(WhitenOptimizer):
             with matmul_precision(group["qr_fp32_matmul_prec"]):
                 moment = rotate_matrix(exp_avg, Q_L, Q_R, back=True) if t > 1 else None  # exp_avg is 0 on step 1
                 full = t == 1 or group["use_eigh"]
+                # Emerging-Optimizers v0.3.0/v0.3.1 also permute exp_avg_sq on the eigh path, by the old basis's
+                # Rayleigh quotients under the updated factor (v0.2.0 and v0.4.0 do not; nor do we by default)
+                sort_on_eigh = full and t > 1 and group["eigh_sort_exp_avg_sq"]
                 steps = group["power_iter_steps"]
                 if L is not None:
                     if full or Q_L is None:
+                        if sort_on_eigh and Q_L is not None:
+                            exp_avg_sq = exp_avg_sq.take_along_dim(sort_basis(L, Q_L)[1].unsqueeze(-1), dim=-2)
                         Q_L = eigh_descending(L)[1]
                     else:
                         Q_L, order = sorted_orthogonal_iteration(L, Q_L, steps)  # one L Q_L for both
                         exp_avg_sq = exp_avg_sq.take_along_dim(order.unsqueeze(-1), dim=-2)
                 if R is not None:
                     if full or Q_R is None:
+                        if sort_on_eigh and Q_R is not None:
+                            exp_avg_sq = exp_avg_sq.take_along_dim(sort_basis(R, Q_R)[1].unsqueeze(-2), dim=-1)
                         Q_R = eigh_descending(R)[1]
                     else:
                         Q_R, order = sorted_orthogonal_iteration(R, Q_R, steps)
