@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from collections.abc import Collection, Mapping
+from types import FrameType
 from typing import Any
 
 import torch
@@ -180,7 +181,8 @@ def warn_dropped(owner: str, dropped: list[str]) -> None:
 def _caller_stacklevel() -> int:
     """``stacklevel`` of the first frame outside ``whiten.optim`` and ``torch.optim``: the user's call."""
     inside = (os.path.dirname(__file__), os.path.dirname(torch.optim.__file__))
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level
