@@ -736,7 +736,9 @@ def test_stacking_follows_the_batching_policy(monkeypatch):
     singles = [p.detach().clone().requires_grad_() for p in params]
     calls = []
     inner = SOAP._bucket_step
-    monkeypatch.setattr(SOAP, "_bucket_step", lambda self, g, ps, gs: calls.append(len(ps)) or inner(self, g, ps, gs))
+    monkeypatch.setattr(
+        SOAP, "_bucket_step", lambda self, g, ps, gs, *states: calls.append(len(ps)) or inner(self, g, ps, gs, *states)
+    )
     opt = SOAP(params, lr=0.03)
     for p in params:
         p.grad = torch.randn(6, 5, generator=gen, dtype=F64)
