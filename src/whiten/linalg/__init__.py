@@ -5,9 +5,12 @@ from whiten.linalg.eigen import (
     eigh_descending,
     orthogonal_iteration,
     principal_angles,
+    qr_orthonormal,
     rayleigh_quotients,
     sort_basis,
     sorted_orthogonal_iteration,
+    svd_thin,
+    with_fallbacks,
 )
 from whiten.linalg.flops import (
     NONE_FLOPS,
@@ -33,6 +36,7 @@ from whiten.linalg.kl_family import (
 )
 from whiten.linalg.kronecker import clamp_eigenvalues, kl_eigenvalue_targets, kl_factor_targets
 from whiten.linalg.newton_schulz import (
+    GRAM_SEGMENT,
     KELLER_QUINTIC,
     NS_COEFFICIENT_SETS,
     NS_METHODS,
@@ -68,6 +72,7 @@ from whiten.linalg.spectral import (
 
 __all__ = [
     "GRAM_BLOCK_ROWS",
+    "GRAM_SEGMENT",
     "KELLER_QUINTIC",
     "MANTISSA_BITS",
     "NONE_FLOPS",
@@ -110,6 +115,7 @@ __all__ = [
     "prefers_gram",
     "principal_angles",
     "qr_flops",
+    "qr_orthonormal",
     "rayleigh_quotients",
     "rotate",
     "rotate_all",
@@ -124,4 +130,6 @@ __all__ = [
     "spike_flat_statistics",
     "stacking_helps",
     "svd_flops",
+    "svd_thin",
+    "with_fallbacks",
 ]

@@ -6,8 +6,53 @@ to keep an eigenbasis of each factor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+
+def with_fallbacks(
+    decompose: Callable[[Tensor], tuple[Tensor, ...]],
+    A: Tensor,
+    *,
+    jitter: float = 1e-7,
+    max_jitter_tries: int = 4,
+) -> tuple[Tensor, ...]:
+    """``decompose(A)``, retried when LAPACK / cuSOLVER reports a failure (``torch.linalg.LinAlgError``).
+
+    The fallbacks of every decomposition here (``eigh``, ``qr``, ``svd``): first ``A`` in fp64, then
+    ``A + shift I`` (a rectangular identity for non-square ``A``) in fp64 with ``shift = jitter * 10^k *
+    (mean |diag A| + 1e-30)``, ``k = 0 .. max_jitter_tries - 1``. The factors come back in ``A``'s dtype.
+    When every try fails the last ``LinAlgError`` propagates: the optimizers then leave the parameter as it
+    was and count the step in ``state["fault_skips"]`` (``docs/shared_behaviour.md``).
+    """
+    try:
+        return decompose(A)
+    except torch.linalg.LinAlgError:
+        work = A.double()
+        scale = work.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True).unsqueeze(-1) + 1e-30
+        eye = torch.eye(A.size(-2), A.size(-1), dtype=work.dtype, device=work.device)
+        for attempt in range(max_jitter_tries + 1):
+            try:
+                shift = 0.0 if attempt == 0 else jitter * 10 ** (attempt - 1)
+                out = decompose(work + shift * scale * eye if shift else work)
+                return tuple(t.to(A.dtype) for t in out)
+            except torch.linalg.LinAlgError:
+                if attempt == max_jitter_tries:
+                    raise
+    raise AssertionError("unreachable")
+
+
+def qr_orthonormal(A: Tensor) -> Tensor:
+    """The ``Q`` of a reduced QR of ``A`` (batched), with the fallbacks of :func:`with_fallbacks`."""
+    return with_fallbacks(lambda X: (torch.linalg.qr(X)[0],), A)[0]
+
+
+def svd_thin(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``(U, S, Vh)`` of ``A`` (batched), with the fallbacks of :func:`with_fallbacks`."""
+    U, S, Vh = with_fallbacks(lambda X: tuple(torch.linalg.svd(X, full_matrices=False)), A)
+    return U, S, Vh
 
 
 def eigh_descending(A: Tensor, *, jitter: float = 1e-7, max_jitter_tries: int = 4) -> tuple[Tensor, Tensor]:
@@ -15,27 +60,15 @@ def eigh_descending(A: Tensor, *, jitter: float = 1e-7, max_jitter_tries: int = 
 
     ``torch.linalg.eigh`` occasionally fails to converge on ill-conditioned fp32 input. Then the
     decomposition is retried in fp64, and if that fails too, with a diagonal jitter of
-    ``jitter * (mean |diag A| + 1e-30)`` growing 10x per try. Results come back in ``A``'s dtype.
-    The input is symmetrised first so that round-off asymmetry never matters.
+    ``jitter * (mean |diag A| + 1e-30)`` growing 10x per try (:func:`with_fallbacks`). Results come
+    back in ``A``'s dtype. The input is symmetrised first so that round-off asymmetry never matters.
     """
     if A.size(-1) != A.size(-2):
         raise ValueError(f"eigh_descending needs square matrices, got shape {tuple(A.shape)}")
     sym = 0.5 * (A + A.mT)
-    try:
-        vals, vecs = torch.linalg.eigh(sym)
-    except torch.linalg.LinAlgError:
-        work = sym.double()
-        scale = work.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True).unsqueeze(-1) + 1e-30
-        eye = torch.eye(A.size(-1), dtype=work.dtype, device=work.device)
-        for attempt in range(max_jitter_tries + 1):
-            try:
-                shift = 0.0 if attempt == 0 else jitter * 10 ** (attempt - 1)
-                vals, vecs = torch.linalg.eigh(work + shift * scale * eye)
-                break
-            except torch.linalg.LinAlgError:
-                if attempt == max_jitter_tries:
-                    raise
-        vals, vecs = vals.to(A.dtype), vecs.to(A.dtype)
+    vals, vecs = with_fallbacks(
+        lambda X: tuple(torch.linalg.eigh(X)), sym, jitter=jitter, max_jitter_tries=max_jitter_tries
+    )
     return vals.flip(-1), vecs.flip(-1)
 
 
@@ -62,7 +95,7 @@ def orthogonal_iteration(A: Tensor, Q: Tensor, steps: int = 1) -> Tensor:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     for _ in range(steps):
-        Q, _ = torch.linalg.qr(A @ Q)
+        Q = qr_orthonormal(A @ Q)
     return Q
 
 
@@ -78,7 +111,7 @@ def sorted_orthogonal_iteration(A: Tensor, Q: Tensor, steps: int = 1) -> tuple[T
         raise ValueError(f"steps must be >= 1, got {steps}")
     AQ = A @ Q
     order = torch.argsort((AQ * Q).sum(-2), dim=-1, descending=True)
-    Q_next, _ = torch.linalg.qr(torch.take_along_dim(AQ, order.unsqueeze(-2), dim=-1))
+    Q_next = qr_orthonormal(torch.take_along_dim(AQ, order.unsqueeze(-2), dim=-1))
     if steps > 1:
         Q_next = orthogonal_iteration(A, Q_next, steps - 1)
     return Q_next, order

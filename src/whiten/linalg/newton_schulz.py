@@ -19,6 +19,7 @@ matrix. Coefficient sets:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from whiten.linalg.eigen import eigh_descending
+from whiten.linalg.eigen import eigh_descending, svd_thin
 
 Coefficients = tuple[float, float, float]
 
@@ -146,7 +147,8 @@ def newton_schulz(
     :func:`newton_schulz_left_factor`, then one product with ``X``), ``"spectral"`` (the same polynomial
     evaluated on the eigenvalues of the small Gram matrix, :func:`newton_schulz_spectral_factor`; fp32/fp64
     only, since ``eigh`` has no bf16 kernel) or ``"auto"`` (:func:`prefers_gram` chooses between direct
-    and Gram).
+    and Gram) The Gram iteration always runs in fp32 or fp64 (in bf16 it diverges on
+    rank-deficient input) and is re-anchored every :data:`GRAM_SEGMENT` steps, so it is stable for any ``steps``.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix (..., m, n), got shape {tuple(G.shape)}")
@@ -159,11 +161,31 @@ def newton_schulz(
     if evaluation == "spectral" and compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"newton_schulz method='spectral' needs fp32 or fp64, got compute_dtype={compute_dtype}")
     if evaluation != "direct":
-        factor = newton_schulz_spectral_factor if evaluation == "spectral" else newton_schulz_left_factor
-        K, _ = factor(X, steps, coefficients, eps=eps)
-        X = K @ X
+        if X.element_size() < 4:
+            # the Gram iteration is not self-correcting in bf16 (a rank-1 X diverged from 5 steps): run it in
+            # fp32, where it is stable, and round the result once
+            return newton_schulz(G, steps, coefficients, compute_dtype=torch.float32, eps=eps, method=method).to(
+                compute_dtype
+            )
+        if evaluation == "spectral" or schedule.steps <= GRAM_SEGMENT:
+            factor = newton_schulz_spectral_factor if evaluation == "spectral" else newton_schulz_left_factor
+            K, _ = factor(X, steps, coefficients, eps=eps)
+            X = K @ X
+        else:  # re-anchor the Gram iteration on the explicit iterate every GRAM_SEGMENT steps
+            scale = _power_of_two_scale(X)
+            X = X * scale
+            P = X @ X.mT
+            inv_scale = _inverse_norm(P, schedule.norm_scale, eps * scale)
+            X = X * inv_scale
+            for start in range(0, schedule.steps, GRAM_SEGMENT):
+                P0 = P * inv_scale.square() if start == 0 else X @ X.mT
+                X = _gram_polynomial(P0, schedule.coefficients[start : start + GRAM_SEGMENT]) @ X
         return X.mT if transposed else X
     norm = torch.linalg.matrix_norm(X, keepdim=True) if X.ndim > 2 else X.norm()
+    if X.dtype != torch.float64:
+        # ||X||_F overflows in fp32/bf16 once sum(X^2) > 3.4e38 although X is finite: take it from fp64 then
+        wide = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=X.ndim > 2, dtype=torch.float64)
+        norm = torch.where(norm.isinf(), wide.to(X.dtype), norm)
     X = X / (norm * schedule.norm_scale).clamp(min=eps)
     for a, b, c in schedule.coefficients:
         A = X @ X.mT
@@ -184,6 +206,47 @@ def compiled_newton_schulz() -> Callable[..., Tensor]:
     return torch.compile(newton_schulz, dynamic=False)
 
 
+#: the Gram iteration re-forms its Gram matrix from the explicit iterate every this many steps (see
+#: :func:`newton_schulz_left_factor`); 5 is the default step count, so default runs are unaffected
+GRAM_SEGMENT = 5
+
+
+def _power_of_two_scale(X: Tensor) -> Tensor:
+    """``2^-e`` with ``||X||_F = f 2^e``, ``f`` in ``[0.5, 1)`` (1 for a zero ``X``), shaped ``(..., 1, 1)``.
+
+    Multiplying by a power of two is exact, so ``X * scale`` has norm in ``[0.5, 1)`` and the same digits:
+    its Gram matrix can neither overflow nor underflow, and results scale back exactly.
+    """
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    _, exponent = torch.frexp(norm)
+    limit = math.frexp(torch.finfo(X.dtype).max)[1] - 2  # the scale itself stays a normal number of X's dtype
+    return torch.ldexp(torch.ones_like(norm), (-exponent).clamp(-limit, limit)).to(X.dtype)
+
+
+def _inverse_norm(P: Tensor, norm_scale: float, eps: Tensor | float) -> Tensor:
+    """``1 / max(norm_scale sqrt(tr P), eps)`` shaped ``(..., 1, 1)`` (``tr P = ||X||_F^2`` for ``P = X X^T``)."""
+    sq_norm = P.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    denominator = sq_norm.sqrt() * norm_scale
+    if isinstance(eps, Tensor):
+        return 1.0 / torch.maximum(denominator, eps)
+    return 1.0 / denominator.clamp(min=eps)
+
+
+def _gram_polynomial(P0: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
+    """``Z`` with ``X_K = Z X_0`` after the steps ``coefficients``, from ``P0 = X_0 X_0^T`` alone (see below)."""
+    eye = torch.eye(P0.size(-1), dtype=P0.dtype, device=P0.device).expand_as(P0)
+    Z = None
+    Pk = P0
+    last = len(coefficients) - 1
+    for k, (a, b, c) in enumerate(coefficients):
+        poly = a * eye + b * Pk + c * (Pk @ Pk)
+        Z = poly if Z is None else poly @ Z
+        if k < last:
+            Pk = Z @ P0 @ Z.mT
+    assert Z is not None
+    return Z
+
+
 def newton_schulz_left_factor(
     X: Tensor,
     steps: int = 5,
@@ -202,27 +265,34 @@ def newton_schulz_left_factor(
     Returns ``(K, P)`` with ``newton_schulz(X) == K @ X`` (up to round-off) and ``P = X X^T``. The cost is
     one ``m x m x n`` product for ``P`` plus ``~4 m^3`` per step, instead of ``~2 m^2 n + m^3`` per step:
     cheaper whenever ``n > 1.5 m``, and the caller can fold ``K`` into other left factors before the
-    single ``m x m x n`` product that applies it. ``P_k`` is recomputed from ``Z_k`` each step, so the
-    iteration stays self-correcting like the direct one. Batched over leading dimensions.
+    single ``m x m x n`` product that applies it. ``P_k`` is recomputed from ``Z_k`` each step; on the
+    Gram's null space ``Z_k`` grows like ``a^k`` (``P_k`` stays 0 there), so rounding in ``Z_k P_0 Z_k^T``
+    is amplified like ``a^(2k)`` and the iteration diverges from about 10 steps (a rank-1 ``X`` gave NaN).
+    Every :data:`GRAM_SEGMENT` steps the Gram matrix is therefore re-formed from the explicit iterate
+    ``X_k = K_k X`` (one more ``m x m x n`` product each time), which is self-correcting like the direct
+    iteration; at ``steps <= GRAM_SEGMENT`` nothing changes. ``K`` itself still grows like ``a^k`` on the
+    null space of ``X`` (where it multiplies zeros): for many steps prefer :func:`newton_schulz` with
+    ``method="gram"``, which applies each segment to ``X`` instead. ``X`` is scaled by a power of two
+    (exact) before ``P`` is formed, so ``P`` cannot overflow for finite ``X``. Batched over leading dimensions.
     """
     if X.ndim < 2 or X.size(-2) > X.size(-1):
         raise ValueError(f"newton_schulz_left_factor needs a wide matrix (..., m, n) with m <= n, got {tuple(X.shape)}")
     schedule = ns_schedule(coefficients, steps)
-    P = X @ X.mT
-    sq_norm = P.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # ||X||_F^2 = tr(P)
-    inv_scale = 1.0 / (sq_norm.sqrt() * schedule.norm_scale).clamp(min=eps)
-    P0 = P * inv_scale.square()
-    eye = torch.eye(X.size(-2), dtype=X.dtype, device=X.device).expand_as(P)
-    Z = None
-    Pk = P0
-    last = len(schedule.coefficients) - 1
-    for k, (a, b, c) in enumerate(schedule.coefficients):
-        poly = a * eye + b * Pk + c * (Pk @ Pk)
-        Z = poly if Z is None else poly @ Z
-        if k < last:
-            Pk = Z @ P0 @ Z.mT
-    assert Z is not None
-    return Z * inv_scale, P
+    scale = _power_of_two_scale(X)
+    Xs = X * scale
+    P = Xs @ Xs.mT
+    inv_scale = _inverse_norm(P, schedule.norm_scale, eps * scale)
+    K: Tensor | None = None
+    for start in range(0, schedule.steps, GRAM_SEGMENT):
+        if K is None:
+            P0 = P * inv_scale.square()
+        else:
+            Xk = K @ Xs  # the iterate, formed explicitly: its Gram matrix carries no accumulated rounding
+            P0 = Xk @ Xk.mT
+        Z = _gram_polynomial(P0, schedule.coefficients[start : start + GRAM_SEGMENT])
+        K = Z * inv_scale if K is None else Z @ K
+    assert K is not None
+    return K * scale, P / scale.square()
 
 
 def newton_schulz_spectral_factor(
@@ -255,19 +325,26 @@ def newton_schulz_spectral_factor(
             f"newton_schulz_spectral_factor needs a wide matrix (..., m, n) with m <= n, got {tuple(X.shape)}"
         )
     schedule = ns_schedule(coefficients, steps)
-    P = X @ X.mT
+    scale = _power_of_two_scale(X)  # exact: P cannot overflow for finite X
+    Xs = X * scale
+    P = Xs @ Xs.mT
     lam, V = eigh_descending(P)
     lam = lam.double().clamp(min=0.0)
-    nu = (lam.sum(-1, keepdim=True).sqrt() * schedule.norm_scale).clamp(min=eps)  # ||X||_F = sqrt(tr P)
-    x = lam.sqrt() / nu
+    nu = (lam.sum(-1, keepdim=True).sqrt() * schedule.norm_scale).clamp(min=eps * scale.double()[..., 0])
+    # Eigenvalues below eigh's resolution (eps * lam_max) are rounding noise: their x_k would start at 0 and
+    # q at prod_k a_k / nu (~3.44^k), which multiplies the rounding left in V^T X (NaN/overflow at ~20+
+    # steps on a rank-deficient X). Evaluating them at the resolution floor keeps q x bounded by the
+    # polynomial's range; resolved eigenvalues are untouched.
+    floor = lam.amax(-1, keepdim=True) * torch.finfo(X.dtype).eps
+    x = lam.clamp(min=floor).sqrt() / nu
     gain = torch.ones_like(x)
     for a, b, c in schedule.coefficients:
         x2 = x * x
         f = a + x2 * (b + c * x2)
         gain = gain * f
         x = x * f
-    q = (gain / nu).to(X.dtype)
-    return (V * q.unsqueeze(-2)) @ V.mT, P
+    q = torch.where(floor > 0, gain / nu, 0.0).to(X.dtype)  # a zero X gives K = 0
+    return (V * (q * scale[..., 0]).unsqueeze(-2)) @ V.mT, P / scale.square()
 
 
 def polar_svd(G: Tensor) -> Tensor:
@@ -277,5 +354,5 @@ def polar_svd(G: Tensor) -> Tensor:
     path approximates.
     """
     work = G if G.dtype == torch.float64 else G.float()
-    A, _, Bh = torch.linalg.svd(work, full_matrices=False)
+    A, _, Bh = svd_thin(work)
     return A @ Bh

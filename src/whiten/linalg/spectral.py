@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from whiten.linalg.eigen import qr_orthonormal, svd_thin
+from whiten.linalg.newton_schulz import _power_of_two_scale as _power_of_two
 from whiten.linalg.newton_schulz import newton_schulz
 
 
@@ -31,7 +33,7 @@ def _work_dtype(U: Tensor) -> torch.dtype:
 def schatten_power_svd(U: Tensor, power: float) -> Tensor:
     """Exact ``A diag(s^p) B^T`` via a thin SVD (batched; fp32 or fp64)."""
     work = U.to(_work_dtype(U))
-    A, s, Bh = torch.linalg.svd(work, full_matrices=False)
+    A, s, Bh = svd_thin(work)
     if power == 0.0:
         return A @ Bh
     return (A * s.clamp(min=0).pow(power).unsqueeze(-2)) @ Bh
@@ -108,15 +110,24 @@ def schatten_power_ns(
     """
     work = U.to(_work_dtype(U))
     wide = work.size(-2) < work.size(-1)
-    gram = work @ work.mT if wide else work.mT @ work
+    # The Gram matrix of a ~1e10 fp32 gradient overflows its Frobenius norm (then 0 * inf = NaN). Write
+    # U = c V with ||V||_F ~ 1 (c a power of two, exact) and carry the scale separately: with root_k = t_k R_k,
+    # t_0 = c^2, each round sqrt(t_k R_k) + ridge I = sqrt(t_k) (sqrt(R_k) + ridge / sqrt(t_k) I).
+    # scale down only: for a tiny U the ridge dominates anyway, and ridge / t must stay in range
+    unit = _power_of_two(work).double().clamp(max=1.0)  # 1 / c
+    normalized = work * unit.to(work.dtype)
+    gram = normalized @ normalized.mT if wide else normalized.mT @ normalized
     eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
-    root = gram + ridge * eye
+    t = unit.reciprocal().square()  # fp64: c^2 may exceed fp32 range
+    root = gram + (ridge / t).to(gram.dtype) * eye
     for _ in range(ns_power_rounds(power)):
         root, _ = coupled_newton_schulz_sqrt(root, sqrt_steps, inverse=False)
-        root = 0.5 * (root + root.mT) + ridge * eye
+        t = t.sqrt()
+        root = 0.5 * (root + root.mT) + (ridge / t).to(gram.dtype) * eye
     ns_dtype = work.dtype if ns_dtype is None or work.dtype == torch.float64 else ns_dtype
     ortho = newton_schulz(work, ns_steps, ns_coefficients, compute_dtype=ns_dtype, eps=eps, method=method)
     ortho = ortho.to(work.dtype)
+    root = root * t.to(work.dtype)
     return root @ ortho if wide else ortho @ root
 
 
@@ -129,10 +140,14 @@ def schatten_power_stream(U: Tensor, V_prev: Tensor, power: float) -> tuple[Tens
     when ``U`` changes slowly relative to its spectral gaps.
     """
     work = U.to(_work_dtype(U))
-    V, _ = torch.linalg.qr(work.mT @ (work @ V_prev.to(work.dtype)))
+    # U^T U V squares the scale of U (overflow for |U| ~ 1e19 in fp32): iterate on U times a power of two
+    # (exact, and Q of a QR is invariant to a positive scale); the column norms are taken scaled alike
+    unit = _power_of_two(work)
+    scaled = work * unit
+    V = qr_orthonormal(scaled.mT @ (scaled @ V_prev.to(work.dtype)))
     GV = work @ V
-    col_norm = torch.linalg.vector_norm(GV, dim=-2, keepdim=True).clamp(min=1e-30)
-    A = GV / col_norm
+    col_norm = torch.linalg.vector_norm(GV * unit, dim=-2, keepdim=True) / unit
+    A = GV / col_norm.clamp(min=1e-30)
     s = (A * GV).sum(-2).clamp(min=0)
     O = (A * s.pow(power).unsqueeze(-2)) @ V.mT
     return O, V
@@ -155,5 +170,5 @@ def initial_stream_basis(U: Tensor, start: str = "svd") -> Tensor:
         return eye.expand(*work.shape[:-2], n, k).clone()
     if start != "svd":
         raise ValueError(f"start={start!r} is not valid; use one of {STREAM_STARTS}")
-    _, _, Vh = torch.linalg.svd(work, full_matrices=False)
+    _, _, Vh = svd_thin(work)
     return Vh.mT

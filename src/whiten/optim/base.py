@@ -52,6 +52,7 @@ from whiten.optim._options import (
     COMMON_DEFAULTS,
     CommonOptions,
 )
+from whiten.optim._transaction import StatisticsFaultError, StepTransaction
 
 try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
     from torch.distributed.tensor import DTensor
@@ -70,7 +71,7 @@ COMMON_CHECKS: dict[str, opt.Check] = {
     "adamw_lr": opt.optional(opt.learning_rate),
     "betas": opt.beta_pair,  # an AdamW group's (and SOAP's, KL-Shampoo's) betas
     "adamw_betas": opt.beta_pair,
-    "adamw_eps": opt.nonneg,
+    "adamw_eps": opt.positive,  # divides: m / (sqrt(v) + eps), and v = 0 where g = 0
     "adamw_weight_decay": opt.nonneg,
     "maximize": opt.boolean,
     "nonfinite": opt.choice("skip", "raise"),
@@ -78,9 +79,35 @@ COMMON_CHECKS: dict[str, opt.Check] = {
 }
 
 
+def _accepts(option: str, value: Any) -> bool:
+    """Whether ``value`` is valid for AdamW's ``option``: an inherited value AdamW cannot use (KL-Shampoo's
+    ``eps=0``, valid for its preconditioner, divides by zero in AdamW) leaves the fallback instead."""
+    try:
+        COMMON_CHECKS[option](option, value)
+    except ValueError:
+        return False
+    return True
+
+
 def stat_dtype(param: Tensor) -> torch.dtype:
     """Statistics dtype for a parameter: fp64 for fp64 weights, fp32 otherwise."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def param_label(param: Tensor, name: str | None = None) -> str:
+    """How messages name a parameter: ``'blocks.0.attn.weight' (shape (64, 64))``, or its shape alone."""
+    shape = f"shape {tuple(param.shape)}"
+    return f"{name!r} ({shape})" if name is not None else shape
+
+
+def group_label(group: Mapping[str, Any], param: Tensor) -> str:
+    """:func:`param_label` with the name kept in the group's ``param_names`` (when it has them)."""
+    names = group.get("param_names")
+    if names:
+        for p, name in zip(group["params"], names, strict=False):
+            if p is param:
+                return param_label(param, name)
+    return param_label(param)
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -98,17 +125,16 @@ def local_tensor(t: Tensor) -> Tensor:
     return cast("DTensor", t).to_local() if is_sharded(t) else t
 
 
-def local_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """fp64 vector of the 2-norms of ``tensors`` (of this rank's shard for DTensors), one host-side stack.
+def local_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """Bool vector: whether each of ``tensors`` (this rank's shard for DTensors) is finite, one stack.
 
-    The finiteness check of a step: a NaN or Inf anywhere makes the norm non-finite. The norm is
-    accumulated in the statistics dtype of each tensor (:func:`stat_dtype`).
+    The finiteness check of a step, ``isfinite(t).all()`` per tensor: never a norm, which overflows in
+    fp32 once ``sum(t^2) > 3.4e38`` although every entry is finite (a 64 x 64 gradient of 1e18).
+    Reading the vector back is the step's one host sync per group.
     """
     local = [local_tensor(t) for t in tensors]
     device = local[0].device
-    return torch.stack(
-        [torch.linalg.vector_norm(t.detach(), dtype=stat_dtype(t)).to(device, torch.float64) for t in local]
-    )
+    return torch.stack([torch.isfinite(t.detach()).all().to(device) for t in local])
 
 
 @dataclass(frozen=True)
@@ -217,8 +243,9 @@ class WhitenOptimizer(Optimizer, ABC):
         for key, fallback in ADAMW_FALLBACK.items():
             if full[key] is None:
                 source = self.adamw_inherits.get(key)
-                full[key] = full[source] if source is not None else fallback
-        full["adamw_betas"] = tuple(full["adamw_betas"])
+                full[key] = full[source] if source is not None and _accepts(key, full[source]) else fallback
+        if isinstance(full["adamw_betas"], (list, tuple)):  # anything else is refused as one value below
+            full["adamw_betas"] = tuple(full["adamw_betas"])
         self._validate(full)
         #: process group that splits the work of plain (DDP) parameters; ``None`` = the default group
         self.process_group: Any = None
@@ -261,7 +288,9 @@ class WhitenOptimizer(Optimizer, ABC):
 
     # -- construction ---------------------------------------------------------------------------
     def _validate(self, group: Mapping[str, Any]) -> None:
-        opt.validate_group(group, {**COMMON_CHECKS, **self.option_checks})
+        # the optimizer's own options first: SOAP derives adamw_betas / adamw_eps from betas / eps, and a bad
+        # value must be reported under the name the user passed
+        opt.validate_group(group, {**self.option_checks, **COMMON_CHECKS})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate and route a group; ``params`` may be tensors or ``(name, tensor)`` pairs (``named_parameters``).
@@ -278,6 +307,10 @@ class WhitenOptimizer(Optimizer, ABC):
             raise TypeError("optimizer params must be an ordered collection (a list), not a set")
         params = [params] if isinstance(params, Tensor) else list(params)
         names: list[str] | None = None
+        if param_group.get("param_names") is not None:  # whiten.param_groups(model) names its groups' tensors
+            names = [str(name) for name in param_group["param_names"]]
+            if len(names) != len(params):
+                raise ValueError(f"param_names has {len(names)} names for {len(params)} parameters")
         if any(isinstance(p, tuple) for p in params):
             if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor) for p in params):
                 raise TypeError(
@@ -286,21 +319,22 @@ class WhitenOptimizer(Optimizer, ABC):
             names = [str(name) for name, _ in params]
             params = [p for _, p in params]
             param_group = {**param_group, "param_names": names}
-        for p in params:
+        for i, p in enumerate(params):
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
+            label = param_label(p, names[i] if names is not None else None)
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError(
-                    f"{type(self).__name__} does not support sparse parameters (shape {tuple(p.shape)}); "
+                    f"{type(self).__name__} does not support sparse parameters ({label}); "
                     "use torch.optim.SparseAdam for sparse embeddings"
                 )
             if p.is_complex():
                 raise ValueError(
-                    f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)}); "
+                    f"{type(self).__name__} does not support complex parameters ({label}); "
                     "pass torch.view_as_real(p) as a real parameter instead"
                 )
             if not p.is_floating_point():
-                raise ValueError(f"parameters must be floating point, got {p.dtype}")
+                raise ValueError(f"parameters must be floating point, got {p.dtype} ({label})")
         merged = {**self.defaults, **param_group}
         use_matrix = merged["use_matrix"]
         if use_matrix is None:
@@ -344,10 +378,11 @@ class WhitenOptimizer(Optimizer, ABC):
                 **param_group,
             }
         else:
-            for p in params:
+            for i, p in enumerate(params):
                 if p.ndim < 2:
                     raise ValueError(
-                        f"use_matrix=True needs parameters with >= 2 dims, got shape {tuple(p.shape)}; "
+                        f"use_matrix=True needs parameters with >= 2 dims, got "
+                        f"{param_label(p, names[i] if names is not None else None)}; "
                         "put vectors and scalars in a group with use_matrix=False (AdamW) or leave use_matrix=None"
                     )
         self._add_routed({**param_group, "params": params})
@@ -370,31 +405,40 @@ class WhitenOptimizer(Optimizer, ABC):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._gather(group)) for group in self.param_groups]
-        for group, params, _grads, finite in work:
+        for group, params, _grads, finite, overflow in work:
             if group["nonfinite"] == "raise" and not all(finite):
-                bad = [tuple(p.shape) for p, ok in zip(params, finite, strict=True) if not ok]
+                bad = [group_label(group, p) for p, ok in zip(params, finite, strict=True) if not ok]
                 raise FloatingPointError(
-                    f"non-finite gradient for parameter(s) of shape {bad}; no parameter or state was changed "
+                    f"non-finite gradient for parameter(s) {bad}; no parameter or state was changed "
                     "(set nonfinite='skip' to skip such parameters and count them instead)"
                 )
-        for group, params, grads, finite in work:
+            if group["nonfinite"] == "raise" and any(overflow):
+                bad = [group_label(group, p) for p, over in zip(params, overflow, strict=True) if over]
+                raise StatisticsFaultError(
+                    f"gradient too large for AdamW's second moment (g^2 overflows) for parameter(s) {bad}; "
+                    "no parameter or state was changed (set nonfinite='skip' to skip and count them instead)"
+                )
+        transaction = StepTransaction(self, group_label)
+        # matrix groups first: they may fail (and under "raise" undo the call); AdamW groups were checked above
+        for group, params, grads, finite, overflow in sorted(work, key=lambda w: not w[0]["use_matrix"]):
             # a single-process step never reaches the distributed code
             stepper = self._stepper(params) if group["use_matrix"] else None
             kept_params, kept_grads = [], []
-            for p, g, ok in zip(params, grads, finite, strict=True):
-                if ok:
+            for p, g, ok, over in zip(params, grads, finite, overflow, strict=True):
+                if ok and not over:
                     kept_params.append(p)
                     kept_grads.append(g)
                 elif stepper is None or stepper.holds_state(self, group, p):  # split mode: only the owner counts
                     state = self.state[p]
-                    state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+                    counter = "nonfinite_skips" if not ok else "fault_skips"
+                    state[counter] = state.get(counter, 0) + 1
             if not kept_params:
                 continue
             if not group["use_matrix"]:
                 self._adamw_step(group, kept_params, kept_grads)
             elif stepper is None:
-                self._matrix_step(group, kept_params, kept_grads)
-            else:
+                transaction.run(group, kept_params, kept_grads, self._matrix_step)
+            else:  # under torch.distributed the step is not transactional (docs/shared_behaviour.md)
                 stepper.matrix_step(self, group, kept_params, kept_grads)
         return loss
 
@@ -410,24 +454,33 @@ class WhitenOptimizer(Optimizer, ABC):
             )
         return _distributed_stepper
 
-    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[bool]]:
+    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[bool], list[bool]]:
+        """The group's parameters with a gradient, their gradients, whether each is finite, and (AdamW groups)
+        whether its square would overflow AdamW's second moment; one host sync."""
         params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise ValueError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)})")
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients ({group_label(group, p)})")
             params.append(p)
             grads.append(-p.grad if group["maximize"] else p.grad)
         if not grads:
-            return params, grads, []
+            return params, grads, [], []
         if any(is_sharded(g) for g in grads):  # the verdict must be global: the stepper reduces it over ranks
             stepper = self._stepper(grads)
             assert stepper is not None  # DTensors always need it
-            return params, grads, stepper.finite_flags(grads)
-        # one reduction and one host sync for the whole group instead of one per parameter
-        finite = torch.isfinite(local_norms(grads)).tolist()
-        return params, grads, finite
+            return params, grads, stepper.finite_flags(grads), [False] * len(grads)
+        # one flag per gradient and one host sync for the whole group instead of one per parameter
+        finite = local_finite(grads)
+        if group["use_matrix"]:
+            return params, grads, finite.tolist(), [False] * len(grads)
+        # AdamW keeps g^2: a finite gradient above sqrt(max) of the statistics dtype would make it inf
+        fits = torch.stack(
+            [(g.detach().abs() <= 0.5 * torch.finfo(stat_dtype(g)).max ** 0.5).all().to(finite.device) for g in grads]
+        )
+        finite_list, fits_list = torch.stack([finite, fits]).tolist()
+        return params, grads, finite_list, [ok and not fit for ok, fit in zip(finite_list, fits_list, strict=True)]
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         adamw_foreach_(
@@ -455,9 +508,19 @@ class WhitenOptimizer(Optimizer, ABC):
         """
 
     # -- accounting and checkpoints ------------------------------------------------------------
+    @staticmethod
+    def infinite_state_ok(key: str) -> bool:
+        """Whether ``+inf`` is a deliberate value of state entry ``key`` (never, unless a subclass says so)."""
+        return False
+
     def nonfinite_skips(self) -> int:
         """Total number of (parameter, step) updates skipped for a non-finite gradient."""
         return sum(int(s.get("nonfinite_skips", 0)) for s in self.state.values())
+
+    def fault_skips(self) -> int:
+        """Total number of (parameter, step) updates skipped for a failed decomposition or non-finite statistics
+        (:mod:`whiten.optim._transaction`)."""
+        return sum(int(s.get("fault_skips", 0)) for s in self.state.values())
 
     def state_bytes(self) -> int:
         """Exact bytes held in optimizer state tensors (the number the benchmark reports)."""
@@ -469,7 +532,11 @@ class WhitenOptimizer(Optimizer, ABC):
                     total += local.numel() * local.element_size()
         return total
 
+    def _check_saved_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Hook: refuse a state dict whose per-parameter state this optimizer cannot step (before loading it)."""
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_saved_state(state_dict)
         # keep the saved tensors: PyTorch would cast floating state to the parameter dtype
         saved = {
             index: {k: v for k, v in entry.items() if isinstance(v, Tensor) and v.is_floating_point()}

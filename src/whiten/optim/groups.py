@@ -60,8 +60,14 @@ def param_groups(
     """
     matrix, adamw = split_parameters(model, embeddings_and_head=embeddings_and_head, head_names=head_names)
     groups = []
-    if matrix:
-        groups.append({"params": [p for _, p in matrix], "use_matrix": True, **(matrix_options or {})})
-    if adamw:
-        groups.append({"params": [p for _, p in adamw], "use_matrix": False, **(adamw_options or {})})
+    for named, use_matrix, options in ((matrix, True, matrix_options), (adamw, False, adamw_options)):
+        if named:
+            groups.append(
+                {
+                    "params": [p for _, p in named],
+                    "param_names": [name for name, _ in named],  # for messages and state_dict()
+                    "use_matrix": use_matrix,
+                    **(options or {}),
+                }
+            )
     return groups

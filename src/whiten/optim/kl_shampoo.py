@@ -35,6 +35,7 @@ from torch import Tensor
 from whiten.linalg import (
     NONE_FLOPS,
     FlopCount,
+    clamp_eigenvalues,
     eigh_descending,
     ema_eigenvalues,
     gram_flops,
@@ -149,6 +150,49 @@ class KLFactored(PhasedOptimizer):
     ) -> None:
         super().__init__(params, {**constructor_options(locals()), "preconditioner": self.preconditioner_kind})
 
+    def _validate(self, group: Mapping[str, Any]) -> None:
+        if group.get("preconditioner") == "adam" and group.get("eps", 1.0) == 0:
+            raise ValueError("eps must be > 0 for KL-SOAP: Adam divides by sqrt(v) + eps, and v = 0 where G = 0")
+        super()._validate(group)
+        if group.get("state_dtype") == "float16":
+            raise ValueError(
+                "state_dtype='float16' is refused: the factor statistics leave fp16's range (max 65504) for "
+                "ordinary gradients (64 x 64 gradients of ~1e3 overflow the factor at step 2, NaN parameters "
+                "follow at the first refresh); use state_dtype='bfloat16' (same memory, fp32's range) or 'float32'"
+            )
+
+    @staticmethod
+    def infinite_state_ok(key: str) -> bool:
+        """``+inf`` eigenvalues mean "no gain" (the reference's ``nan_to_num`` of ``lam^{-1/2}``; see
+        :func:`whiten.linalg.clamp_eigenvalues`): a zero gradient with ``shampoo_beta=0`` gives them."""
+        return key.startswith("lam_") or key in ("Lam", "sigma")
+
+    def _check_saved_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Refuse matrix state saved by another optimizer (e.g. Muon's ``momentum_buffer``) at load time,
+        instead of an ``AttributeError`` at the first step: every entry needs ``exp_avg`` and ``step``, each
+        stored basis ``Q_<side>`` its eigenvalues ``lam_<side>``, and KL-SOAP's ``exp_avg_sq``."""
+        name = type(self).__name__
+        for group in state_dict.get("param_groups", []):
+            if not group.get("use_matrix", True):
+                continue
+            names = group.get("param_names") or [None] * len(group["params"])
+            for key, label in zip(group["params"], names, strict=False):
+                entry = state_dict.get("state", {}).get(key)
+                if not entry:
+                    continue
+                keys = set(entry)
+                needed = {"exp_avg", "step"}
+                if group.get("preconditioner", self.defaults["preconditioner"]) == "adam":
+                    needed.add("exp_avg_sq")
+                needed |= {f"lam_{k[2:]}" for k in keys if k.startswith("Q_")}
+                missing = sorted(needed - keys)
+                if missing:
+                    what = f"parameter {label!r}" if label is not None else f"parameter {key!r}"
+                    raise ValueError(
+                        f"{name}.load_state_dict: the state of {what} has keys {sorted(keys)} and lacks {missing}: "
+                        f"it was not saved by {name} (a state dict of another optimizer cannot be loaded)"
+                    )
+
     def phased_group(self, group: Mapping[str, Any]) -> bool:
         """Whether ``group`` runs as the three phases: KL-Shampoo (``"kl"``) yes, KL-SOAP (``"adam"``) no."""
         return group["preconditioner"] == "kl"
@@ -258,7 +302,9 @@ class KLFactored(PhasedOptimizer):
             _, Q = eigh_descending(factor)  # the eigenvalues are discarded, as in the reference
             state[name] = factor.to(fdtype)
             state[f"Q_{name}"] = Q
-            state[f"lam_{name}"] = torch.full((d,), float(group["init_factor"]), dtype=G.dtype, device=G.device)
+            # the clamp every later EMA applies, so that a tiny init_factor cannot start below its floor
+            initial = torch.full((d,), float(group["init_factor"]), dtype=G.dtype, device=G.device)
+            state[f"lam_{name}"] = clamp_eigenvalues(initial, d)
         if momentum:
             state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
             if group["preconditioner"] == "adam":
@@ -354,8 +400,9 @@ class KLShampoo(KLFactored):
         precondition_frequency: ``T``, steps between QR refreshes of the eigenbases.
         init_factor: initial eigenvalues after the initialisation step.
         max_precond_dim: dimensions above it are not preconditioned (identity factor, nothing stored).
-        state_dtype: storage dtype of the factor matrices (``"float32"`` default; ``"bfloat16"`` or
-            ``"float16"`` halve their memory); bases, eigenvalues and momentum stay fp32 (fp64 for fp64 params).
+        state_dtype: storage dtype of the factor matrices (``"float32"`` default; ``"bfloat16"`` halves their
+            memory; ``"float16"`` is refused, its range is too small for the statistics); bases, eigenvalues and
+            momentum stay fp32 (fp64 for fp64 params).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW that trains 1-D parameters
             (and any ``use_matrix=False`` group); ``adamw_lr=None`` uses ``lr``.
         maximize: ascend instead of descend.

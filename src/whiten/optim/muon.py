@@ -80,7 +80,7 @@ class _SpectralMomentum(PhasedOptimizer):
         "ns_dtype": opt.choice(*_NS_DTYPES),
         "ns_method": opt.choice(*NS_METHODS),
         "compile_ns": opt.boolean,
-        "eps": opt.nonneg,
+        "eps": opt.positive,  # divides: X / max(||X||_F, eps)
         "adjust_lr_fn": opt.choice(None, "original", "match_rms_adamw"),
         "power": opt.either(opt.nonneg, what="a number >= 0"),
         "spectral_map": opt.choice("ns", "svd", "stream"),

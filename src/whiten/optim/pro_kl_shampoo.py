@@ -31,8 +31,10 @@ import torch
 from torch import Tensor
 
 from whiten.linalg import (
+    GRAM_SEGMENT,
     NS_METHODS,
     FlopCount,
+    clamp_eigenvalues,
     effective_flat_value,
     eigh_descending,
     ema_eigenvalues,
@@ -46,6 +48,7 @@ from whiten.linalg import (
     orthogonal_iteration,
     orthogonal_iteration_flops,
     qr_flops,
+    qr_orthonormal,
     spike_flat_statistics,
 )
 from whiten.linalg.spectrum import choose_rank
@@ -65,7 +68,7 @@ COMPLEMENTS = ("left_whitened_orth", "orth")
 COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
 
 
-def ns_factor(X: Tensor, method: str) -> str:
+def ns_factor(X: Tensor, method: str, steps: int = 5) -> str:
     """How the complement ``X`` (``m x n``) is orthogonalized: ``"direct"`` (matrix iteration on ``X``) or, for
     a wide ``X``, ``"gram"`` (:func:`whiten.linalg.newton_schulz_left_factor`) or ``"spectral"``
     (:func:`whiten.linalg.newton_schulz_spectral_factor`), which return ``K`` with ``NS(X) = K X``.
@@ -73,12 +76,18 @@ def ns_factor(X: Tensor, method: str) -> str:
     ``method="spectral"`` (default) uses the spectral factor whenever ``X`` is wide; ``"auto"`` the Gram
     iteration when ``n >= 1.5 m`` (:func:`whiten.linalg.prefers_gram`), else direct; ``"gram"`` the Gram
     iteration whenever ``X`` is wide. A tall ``X`` (only with a forced ``project_side``) is always direct.
-    All four compute the same polynomial of ``X X^T`` times ``X``.
+    All four compute the same polynomial of ``X X^T`` times ``X``. Beyond :data:`whiten.linalg.GRAM_SEGMENT`
+    steps the Gram factor ``K`` grows like ``a^steps`` on the null space of ``X``, so ``"gram"`` and ``"auto"``
+    then return ``"segmented"``: :func:`whiten.linalg.newton_schulz` with ``method="gram"``, which re-anchors
+    the Gram iteration on the explicit iterate and returns ``NS(X)`` itself.
     """
     wide = X.shape[-2] <= X.shape[-1]
     if method == "direct" or not wide:
         return "direct"
-    return ns_evaluation(method, X.shape, X.dtype)
+    evaluation = ns_evaluation(method, X.shape, X.dtype)
+    if evaluation == "gram" and steps > GRAM_SEGMENT:
+        return "segmented"
+    return evaluation
 
 
 def adaptive_rank(eigs: Tensor, m: int, tolerance: float, max_rank: int) -> int:
@@ -296,14 +305,15 @@ class ProKLShampoo(KLFactored):
         # Newton–Schulz on the complement coordinates, batched over matrices of the same shape. A wide X
         # ("gram" / "spectral") gets K with NS(X) = K X from its m x m Gram matrix (see ns_factor).
         steps, coefficients = group["ns_steps"], group["ns_coefficients"]
-        kinds = [ns_factor(step.X, group["ns_method"]) for step in pending]
-        direct = [step for step, kind in zip(pending, kinds, strict=True) if kind == "direct"]
-        for step, O in zip(
-            direct,
-            map_batched(lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype), [s.X for s in direct]),
-            strict=True,
-        ):
-            step.O = O
+        kinds = [ns_factor(step.X, group["ns_method"], steps) for step in pending]
+        orthogonalizers: dict[str, Callable[[Tensor], Tensor]] = {
+            "direct": lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype),
+            "segmented": lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype, method="gram"),
+        }
+        for kind, orthogonalize in orthogonalizers.items():
+            chosen = [step for step, k in zip(pending, kinds, strict=True) if k == kind]
+            for step, O in zip(chosen, map_batched(orthogonalize, [s.X for s in chosen]), strict=True):
+                step.O = O
         factors: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
             "gram": lambda X: newton_schulz_left_factor(X, steps, coefficients),
             "spectral": lambda X: newton_schulz_spectral_factor(X, steps, coefficients),
@@ -331,15 +341,16 @@ class ProKLShampoo(KLFactored):
         if k < R:  # fewer singular vectors than tracked directions: complete with a fixed random basis
             gen = torch.Generator(device=G.device).manual_seed(0)
             V = torch.cat([V, torch.randn(n, R - k, generator=gen, device=G.device, dtype=G.dtype)], dim=1)
-        U, _ = torch.linalg.qr(V)
+        U = qr_orthonormal(V)
         state["transposed"] = transposed
         state["L"] = L.to(factor_dtype(group, G.dtype))
         state["Q_L"] = Q_L
-        state["lam_L"] = torch.full((m,), init, dtype=G.dtype, device=G.device)
+        # the clamps every later EMA applies (a tiny init_factor would start below their floors)
+        state["lam_L"] = clamp_eigenvalues(torch.full((m,), init, dtype=G.dtype, device=G.device), m)
         state["U"] = U
-        state["Lam"] = torch.full((R,), init, dtype=G.dtype, device=G.device)
-        state["sigma"] = torch.full((), init, dtype=G.dtype, device=G.device)
-        state["Y_sketch"] = U * init
+        state["Lam"] = clamp_eigenvalues(torch.full((R,), init, dtype=G.dtype, device=G.device), n)
+        state["sigma"] = clamp_eigenvalues(torch.full((), init, dtype=G.dtype, device=G.device), n)
+        state["Y_sketch"] = U * state["Lam"]
         state["rank"] = min(group["rank"], R)
 
     def _pro_direction(
@@ -409,9 +420,11 @@ class ProKLShampoo(KLFactored):
             state["Q_L"] = orthogonal_iteration(state["L"].to(G.dtype), Q_L)
             # order the tracked directions by eigenvalue, then one orthogonal-iteration step on C via the sketch
             sort_tracked(state)
-            U_new, _ = torch.linalg.qr(state["Y_sketch"])
+            U_new = qr_orthonormal(state["Y_sketch"])
             state["U"] = U_new
-            state["Y_sketch"] = U_new * state["Lam"]
+            # an eigenvalue at +inf ("no gain", clamp_eigenvalues) carries no estimate: it seeds the sketch as 0,
+            # as the EMA reads it (U * inf would put inf and NaN in the sketch)
+            state["Y_sketch"] = U_new * state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
         if group["adaptive_rank"] and step % group["rank_update_interval"] == 0:
             sort_tracked(state)  # the active directions are the first r: make them the top r
             Lam_now = state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)

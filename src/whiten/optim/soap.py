@@ -89,6 +89,12 @@ WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
 KL_INITS = ("safe", "peer")
 
 
+def _as_pair(value: Any) -> Any:
+    """A list or tuple of betas as a tuple; anything else (a string, a number) unchanged, for validation to refuse
+    as one value (``tuple("0.9,0.95")`` would be checked character by character)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def _stack(tensors: list[Tensor]) -> Tensor:
     """Batch same-shape tensors; a single one becomes a view (no copy), so in-place ops reach it."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
@@ -211,7 +217,7 @@ class SOAP(WhitenOptimizer):
         **common: Unpack[CommonOptions],
     ) -> None:
         options = constructor_options(locals())
-        super().__init__(params, {**options, "betas": tuple(betas)})
+        super().__init__(params, {**options, "betas": _as_pair(betas)})
 
     # -- cost -----------------------------------------------------------------------------------
     def matrix_flops(self, shape: Sequence[int], group: Mapping[str, Any]) -> FlopCount:

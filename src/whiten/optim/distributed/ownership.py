@@ -18,7 +18,7 @@ try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
 except ImportError:  # pragma: no cover - builds without distributed support
     DTensor = Shard = None  # type: ignore[assignment,misc]
 
-from whiten.optim.base import is_sharded, local_norms
+from whiten.optim.base import is_sharded, local_finite
 from whiten.optim.distributed.cost import assign_owners, matrix_flops
 
 
@@ -161,15 +161,15 @@ def holds_state(optimizer: Any, group: Mapping[str, Any], param: Tensor) -> bool
 
 
 def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
-    """Finite check of every gradient with one reduction; for DTensors the verdict is global."""
+    """Finite check of every gradient (``isfinite``, no norm) with one reduction; for DTensors the verdict is global."""
     if not grads:
         return []
-    norms = local_norms(grads)
-    device = norms.device
+    finite = local_finite(grads)
+    device = finite.device
     sharded = [is_sharded(g) for g in grads]
     if any(sharded):
-        # a NaN on one shard must skip the parameter on every rank; a NaN/Inf norm stays non-finite in a sum
-        bad = (~torch.isfinite(norms)).to(torch.float64) * torch.tensor(sharded, dtype=torch.float64, device=device)
+        # a NaN on one shard must skip the parameter on every rank
+        bad = (~finite).to(torch.float64) * torch.tensor(sharded, dtype=torch.float64, device=device)
         meshes: list[Any] = []
         for g in grads:  # equal meshes (one per fully_shard call) need one reduction
             if is_sharded(g) and all(mesh_of(g) != m for m in meshes):
@@ -177,5 +177,5 @@ def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
         for mesh in meshes:
             for dim in range(mesh.ndim):
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
-        return [bool(ok) and not b for ok, b in zip(torch.isfinite(norms).tolist(), bad.tolist(), strict=True)]
-    return torch.isfinite(norms).tolist()
+        return [bool(ok) and not b for ok, b in zip(finite.tolist(), bad.tolist(), strict=True)]
+    return finite.tolist()
