@@ -384,3 +384,16 @@ def test_gram_newton_schulz_with_bf16_compute_dtype_is_stable(steps):
     G = torch.randn(5, 1) @ torch.randn(1, 2)  # the Gram iteration in bf16 gave 12.75 at 5 steps, inf at 7
     O = newton_schulz(G, steps, compute_dtype=torch.bfloat16, method="gram")
     assert O.dtype == torch.bfloat16 and O.float().abs().max() < 2.0
+
+
+def test_pro_kl_shampoo_adaptive_rank_after_a_zero_gradient():
+    # beta = 0: a zero gradient leaves every eigenvalue at +inf ("no gain"), an all-zero spectrum for the rank rule
+    W = nn.Parameter(torch.randn(1, 3))
+    opt = ProKLShampoo(
+        [W], betas=(0.0, 0.0), precondition_frequency=1, max_precond_dim=3, rank=1, ns_steps=1, adaptive_rank=True
+    )
+    opt.defaults["rank_update_interval"] = opt.param_groups[0]["rank_update_interval"] = 1
+    for g in [torch.randn(1, 3), torch.zeros(1, 3), torch.randn(1, 3)]:
+        W.grad = g
+        opt.step()
+    assert opt.state[W]["rank"] == 1 and torch.isfinite(W).all()

@@ -429,5 +429,7 @@ class ProKLShampoo(KLFactored):
             sort_tracked(state)  # the active directions are the first r: make them the top r
             Lam_now = state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
             tail = state["sigma"].masked_fill(state["sigma"].isinf(), 0.0).expand(n - R)
-            state["rank"] = adaptive_rank(torch.cat([Lam_now, tail]), m, group["rank_tolerance"], R)
+            spectrum = torch.cat([Lam_now, tail])
+            if bool((spectrum > 0).any()):  # all zero ("no gain" everywhere after zero gradients): keep the rank
+                state["rank"] = adaptive_rank(spectrum, m, group["rank_tolerance"], R)
         return update
