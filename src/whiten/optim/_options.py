@@ -156,6 +156,16 @@ def either(*checks: Check, what: str) -> Check:
     return check
 
 
+def accepts(check: Check, name: str, value: Any) -> bool:
+    """Whether ``check`` accepts ``value``: an inherited AdamW default that AdamW cannot use (KL-Shampoo's
+    ``eps=0``, valid for its preconditioner, would divide by zero in AdamW) leaves the fallback instead."""
+    try:
+        check(name, value)
+    except ValueError:
+        return False
+    return True
+
+
 def validate_group(group: Mapping[str, Any], checks: Mapping[str, Check]) -> None:
     for name, check in checks.items():
         if name in group:

@@ -35,6 +35,30 @@ class _Saved:
     state: dict[str, Any]
 
 
+def param_label(param: Tensor, name: str | None = None) -> str:
+    """How messages name a parameter: ``'blocks.0.attn.weight' (shape (64, 64))``, or its shape alone."""
+    shape = f"shape {tuple(param.shape)}"
+    return f"{name!r} ({shape})" if name is not None else shape
+
+
+def group_label(group: Mapping[str, Any], param: Tensor) -> str:
+    """:func:`param_label` with the name kept in the group's ``param_names`` (when it has them)."""
+    names = group.get("param_names")
+    if names:
+        for p, name in zip(group["params"], names, strict=False):
+            if p is param:
+                return param_label(param, name)
+    return param_label(param)
+
+
+def square_fits(tensors: list[Tensor], stat_dtype: Callable[[Tensor], torch.dtype]) -> Tensor:
+    """Bool vector: whether ``t^2`` of each tensor fits its statistics dtype (AdamW keeps ``g^2``), with headroom
+    for the EMA: ``|t| <= 0.5 sqrt(max)`` (about 9e18 in fp32). NaN gives ``False``."""
+    device = tensors[0].device
+    limits = [0.5 * torch.finfo(stat_dtype(t)).max ** 0.5 for t in tensors]
+    return torch.stack([(t.detach().abs() <= limit).all().to(device) for t, limit in zip(tensors, limits, strict=True)])
+
+
 def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 

@@ -52,7 +52,7 @@ from whiten.optim._options import (
     COMMON_DEFAULTS,
     CommonOptions,
 )
-from whiten.optim._transaction import StatisticsFaultError, StepTransaction
+from whiten.optim._transaction import StatisticsFaultError, StepTransaction, group_label, param_label, square_fits
 
 try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
     from torch.distributed.tensor import DTensor
@@ -79,35 +79,9 @@ COMMON_CHECKS: dict[str, opt.Check] = {
 }
 
 
-def _accepts(option: str, value: Any) -> bool:
-    """Whether ``value`` is valid for AdamW's ``option``: an inherited value AdamW cannot use (KL-Shampoo's
-    ``eps=0``, valid for its preconditioner, divides by zero in AdamW) leaves the fallback instead."""
-    try:
-        COMMON_CHECKS[option](option, value)
-    except ValueError:
-        return False
-    return True
-
-
 def stat_dtype(param: Tensor) -> torch.dtype:
     """Statistics dtype for a parameter: fp64 for fp64 weights, fp32 otherwise."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
-def param_label(param: Tensor, name: str | None = None) -> str:
-    """How messages name a parameter: ``'blocks.0.attn.weight' (shape (64, 64))``, or its shape alone."""
-    shape = f"shape {tuple(param.shape)}"
-    return f"{name!r} ({shape})" if name is not None else shape
-
-
-def group_label(group: Mapping[str, Any], param: Tensor) -> str:
-    """:func:`param_label` with the name kept in the group's ``param_names`` (when it has them)."""
-    names = group.get("param_names")
-    if names:
-        for p, name in zip(group["params"], names, strict=False):
-            if p is param:
-                return param_label(param, name)
-    return param_label(param)
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -243,7 +217,11 @@ class WhitenOptimizer(Optimizer, ABC):
         for key, fallback in ADAMW_FALLBACK.items():
             if full[key] is None:
                 source = self.adamw_inherits.get(key)
-                full[key] = full[source] if source is not None and _accepts(key, full[source]) else fallback
+                full[key] = (
+                    full[source]
+                    if source is not None and opt.accepts(COMMON_CHECKS[key], key, full[source])
+                    else fallback
+                )
         if isinstance(full["adamw_betas"], (list, tuple)):  # anything else is refused as one value below
             full["adamw_betas"] = tuple(full["adamw_betas"])
         self._validate(full)
@@ -476,10 +454,7 @@ class WhitenOptimizer(Optimizer, ABC):
         if group["use_matrix"]:
             return params, grads, finite.tolist(), [False] * len(grads)
         # AdamW keeps g^2: a finite gradient above sqrt(max) of the statistics dtype would make it inf
-        fits = torch.stack(
-            [(g.detach().abs() <= 0.5 * torch.finfo(stat_dtype(g)).max ** 0.5).all().to(finite.device) for g in grads]
-        )
-        finite_list, fits_list = torch.stack([finite, fits]).tolist()
+        finite_list, fits_list = torch.stack([finite, square_fits(grads, stat_dtype)]).tolist()
         return params, grads, finite_list, [ok and not fit for ok, fit in zip(finite_list, fits_list, strict=True)]
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
