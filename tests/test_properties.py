@@ -165,6 +165,7 @@ def test_random_configurations_never_crash_or_poison_state(config, param_shapes,
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(shape, dtype=torch.float64).to(DTYPES[dtype])) for shape in param_shapes]
     FIGURES["examples"] += 1
+    FIGURES["torch_threads"] = torch.get_num_threads()  # conftest.py runs each test on one thread
     try:
         opt = CLASSES[name](params, **options)
         dtypes: dict[tuple[int, str], tuple[torch.dtype, torch.Size]] = {}
@@ -211,7 +212,6 @@ def _report():
             "wall_s": round(time.perf_counter() - start, 1),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
         }
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
