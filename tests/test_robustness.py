@@ -397,3 +397,14 @@ def test_pro_kl_shampoo_adaptive_rank_after_a_zero_gradient():
         W.grad = g
         opt.step()
     assert opt.state[W]["rank"] == 1 and torch.isfinite(W).all()
+
+
+def test_a_raising_group_leaves_the_counters_of_other_groups_unchanged(monkeypatch):
+    W, V, b = nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(6))
+    opt = SOAP([{"params": [W], "nonfinite": "skip"}, {"params": [V], "nonfinite": "raise"}, {"params": [b]}], lr=1e-3)
+    W.grad, V.grad, b.grad = torch.full((6, 10), float("nan")), torch.randn(6, 10), torch.full((6,), 1e30)
+    with monkeypatch.context() as patch:
+        _Fault(patch, "eigh")
+        with pytest.raises(torch.linalg.LinAlgError):
+            opt.step()
+    assert opt.nonfinite_skips() == 0 and opt.fault_skips() == 0 and not opt.state[V]

@@ -106,6 +106,18 @@ class StepTransaction:
         # under "raise" a later group's failure must undo the earlier groups too: keep their copies
         self.keep = any(group["nonfinite"] == "raise" for group in optimizer.param_groups)
         self.kept: list[_Saved] = []
+        self.counts: list[tuple[Tensor, str]] = []  # skip counters, applied by commit()
+
+    def count(self, param: Tensor, key: str) -> None:
+        """Count a skipped step of ``param`` in ``state[key]`` when the call completes (:meth:`commit`)."""
+        self.counts.append((param, key))
+
+    def commit(self) -> None:
+        """Apply the skip counters: the call completed (a raise leaves every counter as it was too)."""
+        for param, key in self.counts:
+            state = self.optimizer.state[param]
+            state[key] = state.get(key, 0) + 1
+        self.counts.clear()
 
     def _save(self, params: list[Tensor]) -> list[_Saved]:
         state = self.optimizer.state
@@ -130,8 +142,7 @@ class StepTransaction:
                 "(set nonfinite='skip' to skip such parameters and count them in state['fault_skips'])"
             ) from error
         for entry in saved:
-            state = self.optimizer.state[entry.param]
-            state["fault_skips"] = state.get("fault_skips", 0) + 1
+            self.count(entry.param, "fault_skips")
 
     def run(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], step: StepFn) -> None:
         """``step(group, params, grads)`` with the guarantees of the module docstring."""

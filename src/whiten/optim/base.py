@@ -407,9 +407,7 @@ class WhitenOptimizer(Optimizer, ABC):
                     kept_params.append(p)
                     kept_grads.append(g)
                 elif stepper is None or stepper.holds_state(self, group, p):  # split mode: only the owner counts
-                    state = self.state[p]
-                    counter = "nonfinite_skips" if not ok else "fault_skips"
-                    state[counter] = state.get(counter, 0) + 1
+                    transaction.count(p, "nonfinite_skips" if not ok else "fault_skips")
             if not kept_params:
                 continue
             if not group["use_matrix"]:
@@ -418,6 +416,7 @@ class WhitenOptimizer(Optimizer, ABC):
                 transaction.run(group, kept_params, kept_grads, self._matrix_step)
             else:  # under torch.distributed the step is not transactional (docs/shared_behaviour.md)
                 stepper.matrix_step(self, group, kept_params, kept_grads)
+        transaction.commit()  # the skip counters, once nothing can fail any more
         return loss
 
     @staticmethod
