@@ -52,7 +52,8 @@ from whiten.optim._options import (
     COMMON_DEFAULTS,
     CommonOptions,
 )
-from whiten.optim._transaction import StatisticsFaultError, StepTransaction, group_label, param_label, square_fits
+from whiten.optim._routing import route_group
+from whiten.optim._transaction import StatisticsFaultError, StepTransaction, group_label, square_fits
 
 try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
     from torch.distributed.tensor import DTensor
@@ -274,96 +275,12 @@ class WhitenOptimizer(Optimizer, ABC):
         """Validate and route a group; ``params`` may be tensors or ``(name, tensor)`` pairs (``named_parameters``).
 
         Keller-style ``use_muon`` is read as ``use_matrix``; keys no option or ``torch.optim`` convention
-        knows get a warning naming them (:mod:`whiten.optim._interop`).
+        knows get a warning naming them; a ``use_matrix=None`` group is split by dimension
+        (:func:`whiten.optim._routing.route_group`).
         """
-        param_group = _interop.translate_keller_group(param_group)
-        _interop.warn_unknown_keys(
-            param_group, {*self.defaults, *COMMON_CHECKS, *self.option_checks}, type(self).__name__
-        )
-        params = param_group["params"]
-        if isinstance(params, set):
-            raise TypeError("optimizer params must be an ordered collection (a list), not a set")
-        params = [params] if isinstance(params, Tensor) else list(params)
-        names: list[str] | None = None
-        if param_group.get("param_names") is not None:  # whiten.param_groups(model) names its groups' tensors
-            names = [str(name) for name in param_group["param_names"]]
-            if len(names) != len(params):
-                raise ValueError(f"param_names has {len(names)} names for {len(params)} parameters")
-        if any(isinstance(p, tuple) for p in params):
-            if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor) for p in params):
-                raise TypeError(
-                    "optimizer params must be all tensors or all (name, tensor) pairs as model.named_parameters() gives"
-                )
-            names = [str(name) for name, _ in params]
-            params = [p for _, p in params]
-            param_group = {**param_group, "param_names": names}
-        for i, p in enumerate(params):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
-            label = param_label(p, names[i] if names is not None else None)
-            if p.is_sparse or p.layout != torch.strided:
-                raise ValueError(
-                    f"{type(self).__name__} does not support sparse parameters ({label}); "
-                    "use torch.optim.SparseAdam for sparse embeddings"
-                )
-            if p.is_complex():
-                raise ValueError(
-                    f"{type(self).__name__} does not support complex parameters ({label}); "
-                    "pass torch.view_as_real(p) as a real parameter instead"
-                )
-            if not p.is_floating_point():
-                raise ValueError(f"parameters must be floating point, got {p.dtype} ({label})")
-        merged = {**self.defaults, **param_group}
-        use_matrix = merged["use_matrix"]
-        if use_matrix is None:
-            is_matrix = [p.ndim >= 2 for p in params]
-            matrices = [p for p, ok in zip(params, is_matrix, strict=True) if ok]
-            others = [p for p, ok in zip(params, is_matrix, strict=True) if not ok]
-
-            def named(flag: bool) -> dict[str, Any]:
-                if names is None:
-                    return {}
-                return {"param_names": [n for n, ok in zip(names, is_matrix, strict=True) if ok == flag]}
-
-            if matrices:
-                self._add_routed({**param_group, "params": matrices, "use_matrix": True, **named(True)})
-            if others:
-                # a tensor lr is copied: a scheduler updates each group's lr in place
-                adamw_lr = (
-                    merged["adamw_lr"] if merged["adamw_lr"] is not None else _interop.tensor_lr_copy(merged["lr"])
-                )
-                self._add_routed(
-                    {
-                        **param_group,
-                        **named(False),
-                        "params": others,
-                        "use_matrix": False,
-                        "lr": adamw_lr,
-                        "weight_decay": merged["adamw_weight_decay"],
-                        "betas": tuple(merged["adamw_betas"]),
-                    }
-                )
-            if not params:
-                self._add_routed({**param_group, "params": [], "use_matrix": True})
-            return
-        if not use_matrix:
-            # an explicit AdamW group takes the AdamW options unless it sets lr / weight_decay / betas itself;
-            # its betas live under "betas" (what OneCycleLR / CyclicLR cycle), like torch.optim.AdamW's
-            param_group = {
-                "lr": merged["adamw_lr"] if merged["adamw_lr"] is not None else merged["lr"],
-                "weight_decay": merged["adamw_weight_decay"],
-                "betas": tuple(merged["adamw_betas"]),
-                **param_group,
-            }
-        else:
-            for i, p in enumerate(params):
-                if p.ndim < 2:
-                    raise ValueError(
-                        f"use_matrix=True needs parameters with >= 2 dims, got "
-                        f"{param_label(p, names[i] if names is not None else None)}; "
-                        "put vectors and scalars in a group with use_matrix=False (AdamW) or leave use_matrix=None"
-                    )
-        self._add_routed({**param_group, "params": params})
+        known = {*self.defaults, *COMMON_CHECKS, *self.option_checks}
+        for group in route_group(param_group, self.defaults, known, type(self).__name__):
+            self._add_routed(group)
 
     def _add_routed(self, group: dict[str, Any]) -> None:
         self._validate({**self.defaults, **group})
