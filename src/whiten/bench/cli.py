@@ -23,6 +23,7 @@ import torch
 from whiten.bench.data import check_data_fits, get_tokenizer, load_data
 from whiten.bench.launch import init_distributed, is_main_process, launched, relaunch
 from whiten.bench.models import MODEL_CONFIGS, count_parameters, model_config
+from whiten.bench.precision import PRECISIONS
 from whiten.bench.report import PLOT_FILES, load_summary, markdown_table, plot, summarize
 from whiten.bench.runner import BenchConfig, RunSpec, run_all
 from whiten.optim.registry import get as get_spec
@@ -108,6 +109,7 @@ _FIELDS = (
     "record_every",
     "device",
     "threads",
+    "precision",
     "optimizers",
     "lrs",
     "options",
@@ -177,6 +179,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (for --resume)")
     p.add_argument(
         "--record-every", type=int, help="call whiten.diagnostics record_spectra/weight_alpha every N steps (0 = off)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32, or bf16: forward/backward under bf16 autocast with fp32 weights, gradients and optimizer state "
+        "(default: bf16 on a CUDA device with bf16 or a CPU with AVX512-BF16/AMX, else fp32)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default preset: 1, steadier on a shared CPU)")
     p.add_argument("--resume", action="store_true", help="continue the runs saved in --out from their checkpoints")
@@ -341,7 +349,8 @@ def _header(cfg: BenchConfig, info: dict[str, Any], out: Path) -> None:
     print(
         f"whiten {cfg.preset or ''}: {cfg.model} ({m['parameters'] / 1e6:.2f}M params), {d['source']}: "
         f"{d['train_tokens']:,} train / {d['val_tokens']:,} val {cfg.tokenizer} tokens; "
-        f"{cfg.steps} steps x {cfg.batch_size}x{cfg.ctx}; seeds {cfg.seeds}; device {cfg.device}; out {out}",
+        f"{cfg.steps} steps x {cfg.batch_size}x{cfg.ctx}; seeds {cfg.seeds}; device {cfg.device}; "
+        f"precision {cfg.precision}; out {out}",
         file=sys.stderr,
     )
 

@@ -38,6 +38,7 @@ from whiten.bench.data import TokenData, train_batch, val_batches
 from whiten.bench.launch import launched, rank_slice
 from whiten.bench.models import ModelConfig, build_model, count_parameters
 from whiten.bench.optimizers import build_optimizer, check_bench_options, optimizer_state_bytes
+from whiten.bench.precision import PRECISIONS, autocast, check_precision, default_precision
 from whiten.optim.registry import get as get_spec
 
 
@@ -71,6 +72,7 @@ class BenchConfig:
     device: str = "cpu"
     threads: int | None = 1
     preset: str | None = None
+    precision: str | None = None  # "fp32" or "bf16" (mixed); None -> the device's default (whiten.bench.precision)
 
     def __post_init__(self) -> None:
         # step-count options left at None scale with --steps, so `--steps 50` alone is a valid run
@@ -81,6 +83,9 @@ class BenchConfig:
                 self.eval_every = max(1, self.steps // 24)
             if self.checkpoint_every is None:
                 self.checkpoint_every = max(1, self.steps // 6)
+        if self.precision is None:
+            with contextlib.suppress(RuntimeError):  # not a device: validate() says so
+                self.precision = default_precision(self.device)
 
     def validate(self) -> None:
         """Refuse bad configurations with one-line messages naming the option."""
@@ -129,6 +134,9 @@ class BenchConfig:
             raise ValueError(f"target factors {self.target_factors} must be positive")
         if self.record_every < 0:
             raise ValueError(f"--record-every {self.record_every} must be >= 0 (0 = off)")
+        if self.precision is None:
+            raise ValueError("--precision is not set; use one of " + ", ".join(PRECISIONS))
+        check_precision(self.precision)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads} must be >= 1")
         try:
@@ -153,7 +161,8 @@ class BenchConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"config has unknown fields {sorted(unknown)}; it was written by another version")
-        return cls(**data)
+        # results folders written before --precision existed trained in fp32
+        return cls(**{"precision": "fp32", **data})
 
 
 def lr_factor(step: int, cfg: BenchConfig) -> float:
@@ -261,13 +270,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> float:
-    """Mean next-token loss over the fixed validation batches (token-weighted)."""
+def evaluate(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device, precision: str = "fp32"
+) -> float:
+    """Mean next-token loss over the fixed validation batches (token-weighted), at the training ``precision``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
-        _, loss = model(x.to(device), y.to(device))
+        with autocast(device, precision):
+            _, loss = model(x.to(device), y.to(device))
         assert loss is not None
         total += float(loss) * y.numel()
         count += y.numel()
@@ -361,6 +373,7 @@ def run_one(
     train_model = DistributedDataParallel(model) if launched() else model
     val = val_batches(data.val, batch_size=cfg.batch_size, ctx=cfg.ctx, max_batches=cfg.eval_batches)
     tokens_per_step = cfg.batch_size * cfg.ctx
+    precision = cfg.precision or "fp32"
     clock = {"train_s": 0.0, "fb_s": 0.0, "opt_s": 0.0, "cpu_s": 0.0}
     step, peak_rss, diverged = 0, 0, False
     if resume and ckpt_path.exists():
@@ -401,12 +414,8 @@ def run_one(
     try:
         with memory:
             if step == 0:
-                log.write(
-                    json.dumps(
-                        {"step": 0, "tokens": 0, "time_s": 0.0, "cpu_s": 0.0, "val_loss": evaluate(model, val, device)}
-                    )
-                    + "\n"
-                )
+                first = {"step": 0, "tokens": 0, "time_s": 0.0, "cpu_s": 0.0}
+                log.write(json.dumps({**first, "val_loss": evaluate(model, val, device, precision)}) + "\n")
             model.train()
             while step < cfg.steps:
                 if stop.requested or (stop_after is not None and step >= stop_after):
@@ -419,7 +428,8 @@ def run_one(
                 t0, c0 = time.perf_counter(), time.process_time()
                 x, y = train_batch(data.train, seed=spec.seed, step=step, batch_size=cfg.batch_size, ctx=cfg.ctx)
                 x, y = rank_slice(x.to(device, non_blocking=True)), rank_slice(y.to(device, non_blocking=True))
-                _, loss = train_model(x, y)
+                with autocast(device, precision):  # backward follows the forward's dtypes; weights stay fp32
+                    _, loss = train_model(x, y)
                 assert loss is not None
                 loss.backward()
                 _sync(device)
@@ -447,7 +457,7 @@ def run_one(
                     diverged = True
                     break
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    val_loss = evaluate(model, val, device)
+                    val_loss = evaluate(model, val, device, precision)
                     log.write(
                         json.dumps(
                             {
