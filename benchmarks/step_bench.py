@@ -159,6 +159,7 @@ class Method:
     period: int = 1
     reference: str | None = None  # label of the row the target ratio is stated against
     bf16: bool = False  # the matmul-heavy part runs in bf16
+    policy: str | None = None  # whiten rows: the matmul policy ("fp32" / "bf16"); peers: None (fixed by the peer)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -202,8 +203,83 @@ def _whiten_groups(matrices: list[Tensor], others: list[Tensor], **matrix_option
     return groups
 
 
+# the matmul policies every whiten row is run at: label suffix -> dtype of the hot matmuls
+POLICIES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def policy_options(name: str, dtype: str) -> dict[str, str] | None:
+    """The constructor option that runs registry ``name``'s hot matmuls in ``dtype``.
+
+    ``matmul_dtype`` where the class has it (Muon's older spelling ``ns_dtype`` otherwise); a class
+    with neither computes in fp32 only: ``{}`` for float32 and ``None`` (no such row) for bfloat16.
+    """
+    accepted = registry.get(name).option_names()
+    for key in ("matmul_dtype", "ns_dtype"):
+        if key in accepted:
+            return {key: dtype}
+    return {} if dtype == "float32" else None
+
+
+def whiten_rows(
+    label: str,
+    family: str,
+    settings: str,
+    name: str,
+    options: dict[str, Any],
+    *,
+    policies: Sequence[str],
+    period: int = 1,
+    reference: str | None = None,
+) -> list[Method]:
+    """One row per matmul policy of registry ``name`` built with ``options`` (+ the policy's option).
+
+    The label gets the policy as a suffix (``label[fp32]``, ``label[r=128,bf16]`` for a label that
+    already ends in ``]``); ``reference`` names a row label, of a whiten row (suffixed with the same
+    policy) or of a peer (as given). The FLOPs are the class's own declaration
+    (``matrix_flops``) with the row's options.
+    """
+    rows = []
+    for short in policies:
+        extra = policy_options(name, POLICIES[short])
+        if extra is None:
+            continue
+        row_options = {**extra, **options}
+
+        def build(mats: list[Tensor], others: list[Tensor], row_options: dict[str, Any] = row_options) -> Stepper:
+            return Stepper(registry.get(name).build(_whiten_groups(mats, others), adamw_lr=LR, **row_options))
+
+        def count(m: int, n: int, row_options: dict[str, Any] = row_options) -> float:
+            return flops.registered(name, m, n, **row_options)
+
+        suffixed = f"{label[:-1]},{short}]" if label.endswith("]") else f"{label}[{short}]"
+        ref = reference
+        if ref is not None and ref.startswith("whiten."):
+            ref = f"{ref[:-1]},{short}]" if ref.endswith("]") else f"{ref}[{short}]"
+        opts = ", ".join(f"{k}={v}" for k, v in extra.items())
+        methods_settings = f"{settings}, {opts}" if opts else f"{settings} (fp32 only)"
+        rows.append(
+            Method(
+                suffixed,
+                "whiten",
+                family,
+                methods_settings,
+                build,
+                count,
+                period=period,
+                reference=ref,
+                bf16=short == "bf16",
+                policy=short,
+            )
+        )
+    return rows
+
+
 def method_table(
-    ranks: Sequence[int], period: int, compile_ns: bool = False, pro_ns_method: str | None = None
+    ranks: Sequence[int],
+    period: int,
+    compile_ns: bool = False,
+    pro_ns_method: str | None = None,
+    policies: Sequence[str] = tuple(POLICIES),
 ) -> list[Method]:
     methods: list[Method] = []
     T = period
@@ -294,97 +370,53 @@ def method_table(
         )
     )
 
-    for dtype in ("bfloat16", "float32"):
-        short = "bf16" if dtype == "bfloat16" else "fp32"
-
-        def ours_muon(mats: list[Tensor], others: list[Tensor], dtype: str = dtype) -> Stepper:
-            return Stepper(
-                registry.get("muon").build(
-                    _whiten_groups(mats, others), adamw_lr=LR, ns_dtype=dtype, compile_ns=compile_ns, **muon_common
-                )
-            )
-
-        methods.append(
-            Method(
-                f"whiten.Muon[{short}]",
-                "whiten",
-                "muon",
-                f"NS5 Keller, ns_dtype={dtype}"
-                + (", ns_method=auto (Gram NS if long side >= 1.5x)" if dtype == "float32" else ""),
-                ours_muon,
-                flops.muon if dtype == "bfloat16" else flops.muon_auto,
-                reference="torch.optim.Muon",
-                bf16=dtype == "bfloat16",
-            )
-        )
-
-    def ours_muon_gram(mats: list[Tensor], others: list[Tensor]) -> Stepper:
-        return Stepper(
-            registry.get("muon").build(
-                _whiten_groups(mats, others), adamw_lr=LR, ns_dtype="bfloat16", ns_method="gram", **muon_common
-            )
-        )
-
-    methods.append(
-        Method(
-            "whiten.Muon[bf16,gram]",
-            "whiten",
-            "muon",
-            "opt-in ns_method=gram in bf16 (same polynomial, ~3x the bf16 rounding error of direct)",
-            ours_muon_gram,
-            lambda m, n: flops.newton_schulz(m, n, 5, gram=True),
-            reference="torch.optim.Muon",
-            bf16=True,
-        )
+    methods += whiten_rows(
+        "whiten.Muon",
+        "muon",
+        "NS5 Keller, ns_method=auto (Gram NS where the dtype's rule says so)",
+        "muon",
+        {**muon_common, "compile_ns": compile_ns},
+        policies=policies,
+        reference="torch.optim.Muon",
+    )
+    methods += whiten_rows(
+        "whiten.Muon[gram]",
+        "muon",
+        "opt-in ns_method=gram (same polynomial; in bf16 ~3x the rounding error of direct)",
+        "muon",
+        {**muon_common, "ns_method": "gram"},
+        policies=[p for p in policies if p == "bf16"],
+        reference="torch.optim.Muon",
     )
 
     # --- HTMuon --------------------------------------------------------------------------------
-    ht_flops = {"svd": flops.htmuon_svd, "ns": flops.htmuon_ns, "stream": flops.htmuon_stream}
     for kind in ("svd", "ns", "stream"):
-
-        def ours_ht(mats: list[Tensor], others: list[Tensor], kind: str = kind) -> Stepper:
-            return Stepper(
-                registry.get("htmuon").build(
-                    _whiten_groups(mats, others), lr=0.03, power=0.125, spectral_map=kind, adamw_lr=LR
-                )
-            )
-
-        methods.append(
-            Method(
-                f"whiten.HTMuon[{kind}]",
-                "whiten",
-                "htmuon",
-                f"p=0.125, spectral_map={kind}",
-                ours_ht,
-                ht_flops[kind],
-                reference="whiten.Muon[fp32]",
-            )
+        methods += whiten_rows(
+            f"whiten.HTMuon[{kind}]",
+            "htmuon",
+            f"p=0.125, spectral_map={kind}",
+            "htmuon",
+            {"lr": 0.03, "power": 0.125, "spectral_map": kind},
+            policies=policies,
+            reference="whiten.Muon",
         )
 
     # --- SOAP ----------------------------------------------------------------------------------
-    def ours_soap(mats: list[Tensor], others: list[Tensor]) -> Stepper:
-        opt = registry.get("soap").build(
-            _whiten_groups(mats, others),
-            lr=LR,
-            betas=(0.9, 0.95),
-            shampoo_beta=0.95,
-            weight_decay=0.01,
-            precondition_frequency=T,
-            max_precond_dim=4096,
-            adamw_lr=LR,
-        )
-        return Stepper(opt)
-
-    methods.append(
-        Method(
-            "whiten.SOAP",
-            "whiten",
-            "soap",
-            f"QR refresh every {T}, fp32, plain factors",
-            ours_soap,
-            lambda m, n: flops.soap(m, n, T),
-            period=T,
-        )
+    methods += whiten_rows(
+        "whiten.SOAP",
+        "soap",
+        f"QR refresh every {T}, plain factors",
+        "soap",
+        {
+            "lr": LR,
+            "betas": (0.9, 0.95),
+            "shampoo_beta": 0.95,
+            "weight_decay": 0.01,
+            "precondition_frequency": T,
+            "max_precond_dim": 4096,
+        },
+        policies=policies,
+        period=T,
     )
 
     hb_notes: list[str] = []
@@ -439,22 +471,14 @@ def method_table(
     )
 
     # --- KL-Shampoo ------------------------------------------------------------------------------
-    def ours_kl(mats: list[Tensor], others: list[Tensor]) -> Stepper:
-        opt = registry.get("kl-shampoo").build(
-            _whiten_groups(mats, others), lr=LR, precondition_frequency=T, adamw_lr=LR
-        )
-        return Stepper(opt)
-
-    methods.append(
-        Method(
-            "whiten.KLShampoo",
-            "whiten",
-            "kl_shampoo",
-            f"QR refresh every {T}, fp32",
-            ours_kl,
-            lambda m, n: flops.kl_shampoo(m, n, T),
-            period=T,
-        )
+    methods += whiten_rows(
+        "whiten.KLShampoo",
+        "kl_shampoo",
+        f"QR refresh every {T}",
+        "kl-shampoo",
+        {"lr": LR, "precondition_frequency": T},
+        policies=policies,
+        period=T,
     )
     methods.append(
         Method(
@@ -472,24 +496,15 @@ def method_table(
     # --- Pro-KLShampoo ---------------------------------------------------------------------------
     pro_options = {} if pro_ns_method is None else {"ns_method": pro_ns_method}
     for r in ranks:
-
-        def ours_pro(mats: list[Tensor], others: list[Tensor], r: int = r) -> Stepper:
-            opt = registry.get(f"pro-kls-r{r}").build(
-                _whiten_groups(mats, others), lr=LR, precondition_frequency=T, adamw_lr=LR, **pro_options
-            )
-            return Stepper(opt)
-
-        methods.append(
-            Method(
-                f"whiten.ProKLShampoo[r={r}]",
-                "whiten",
-                "pro_kl_shampoo",
-                f"rank {r}, refresh every {T}" + (f", ns_method={pro_ns_method}" if pro_ns_method else ""),
-                ours_pro,
-                lambda m, n, r=r: flops.pro_kl_shampoo(m, n, r, T),
-                period=T,
-                reference="whiten.KLShampoo",
-            )
+        methods += whiten_rows(
+            f"whiten.ProKLShampoo[r={r}]",
+            "pro_kl_shampoo",
+            f"rank {r}, refresh every {T}" + (f", ns_method={pro_ns_method}" if pro_ns_method else ""),
+            f"pro-kls-r{r}",
+            {"lr": LR, "precondition_frequency": T, **pro_options},
+            policies=policies,
+            period=T,
+            reference="whiten.KLShampoo",
         )
     return methods
 
@@ -616,6 +631,7 @@ def run_config(
             "period": method.period,
             "reference": method.reference,
             "bf16": method.bf16,
+            "policy": method.policy,
             "notes": method.notes,
             "status": "ok",
         }
@@ -748,7 +764,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"- step time = median over windows of T steps (T = refresh period) of the window mean, after warm-up "
         f"(first step + T); refreshes amortised. {meta['command']}",
         "- FLOP rate counts matmul FLOPs only (benchmarks/step_flops.py); LAPACK (QR/eigh/SVD) time lowers it. "
-        "% of peak: against the measured bf16 rate for bf16-NS rows, fp32 otherwise.",
+        "% of peak: against the measured rate of the dtype the row's hot matmuls run in (bf16 for the bf16 "
+        "policy and the bf16 peers, fp32 otherwise). Every whiten row runs at each matmul policy "
+        "(`[fp32]`: matmul_dtype float32, `[bf16]`: bfloat16).",
         "",
     ]
     by_config: dict[str, list[dict[str, Any]]] = {}
@@ -786,36 +804,41 @@ KRON_TARGET_TIME, KRON_TARGET_BYTES = 0.60, 0.35  # Pro-KLShampoo r=128 vs KL-Sh
 
 
 def kron_summary(results: list[dict[str, Any]]) -> list[str]:
-    """``--kron``: state bytes vs KL-Shampoo per shape, sums over the shapes, the Pro-KLShampoo targets."""
+    """``--kron``: time and state bytes vs KL-Shampoo at the same matmul policy, summed over the shapes."""
     ok = [r for r in results if r["status"] == "ok" and r["family"] in KRON_FAMILIES and r["config"] != "gpt2-small"]
-    kl = {r["config"]: r for r in ok if r["method"] == "whiten.KLShampoo"}
-    if not kl:
-        return []
-    shapes = list(kl)
-    lines = [
-        f"## Kronecker methods vs KL-Shampoo (sum over {', '.join(shapes)})",
-        "",
-        "| method | step ms | state MiB | time / KL | bytes / KL |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    kl_time = sum(r["median_s"] for r in kl.values())
-    kl_bytes = sum(r["state_bytes"] for r in kl.values())
-    for method in dict.fromkeys(r["method"] for r in ok):
-        rows = [r for r in ok if r["method"] == method and r["config"] in kl]
-        if len(rows) == len(shapes):
-            t, b = sum(r["median_s"] for r in rows), sum(r["state_bytes"] for r in rows)
-            lines.append(f"| {method} | {t * 1e3:.1f} | {b / 2**20:.2f} | {t / kl_time:.2f} | {b / kl_bytes:.3f} |")
-    targets = [r for r in ok if r["method"] == KRON_TARGET and r["config"] in kl]
-    if targets:
-        lines += ["", f"Targets for {KRON_TARGET} (time <= {KRON_TARGET_TIME}x, bytes <= {KRON_TARGET_BYTES}x):", ""]
-        for r in targets:
-            time_ratio = r["median_s"] / kl[r["config"]]["median_s"]
-            bytes_ratio = r["state_bytes"] / kl[r["config"]]["state_bytes"]
-            lines.append(
-                f"- {r['config']}: time {time_ratio:.2f}x ({'met' if time_ratio <= KRON_TARGET_TIME else 'NOT met'}), "
-                f"bytes {bytes_ratio:.3f}x ({'met' if bytes_ratio <= KRON_TARGET_BYTES else 'NOT met'})"
-            )
-    return [*lines, ""]
+    lines: list[str] = []
+    for policy in POLICIES:
+        kl = {r["config"]: r for r in ok if r["method"] == f"whiten.KLShampoo[{policy}]"}
+        if not kl:
+            continue
+        shapes = list(kl)
+        lines += [
+            f"## Kronecker methods vs KL-Shampoo[{policy}] (sum over {', '.join(shapes)})",
+            "",
+            "| method | step ms | state MiB | time / KL | bytes / KL |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        kl_time = sum(r["median_s"] for r in kl.values())
+        kl_bytes = sum(r["state_bytes"] for r in kl.values())
+        for method in dict.fromkeys(r["method"] for r in ok if r["policy"] in (policy, None)):
+            rows = [r for r in ok if r["method"] == method and r["config"] in kl]
+            if len(rows) == len(shapes):
+                t, b = sum(r["median_s"] for r in rows), sum(r["state_bytes"] for r in rows)
+                lines.append(f"| {method} | {t * 1e3:.1f} | {b / 2**20:.2f} | {t / kl_time:.2f} | {b / kl_bytes:.3f} |")
+        target = f"{KRON_TARGET[:-1]},{policy}]"
+        targets = [r for r in ok if r["method"] == target and r["config"] in kl]
+        if targets:
+            lines += ["", f"Targets for {target} (time <= {KRON_TARGET_TIME}x, bytes <= {KRON_TARGET_BYTES}x):", ""]
+            for r in targets:
+                time_ratio = r["median_s"] / kl[r["config"]]["median_s"]
+                bytes_ratio = r["state_bytes"] / kl[r["config"]]["state_bytes"]
+                time_met = "met" if time_ratio <= KRON_TARGET_TIME else "NOT met"
+                bytes_met = "met" if bytes_ratio <= KRON_TARGET_BYTES else "NOT met"
+                lines.append(
+                    f"- {r['config']}: time {time_ratio:.2f}x ({time_met}), bytes {bytes_ratio:.3f}x ({bytes_met})"
+                )
+        lines.append("")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -849,6 +872,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="`make bench-kron`: SOAP, KL-Shampoo and Pro-KLShampoo (ranks 32-256) on the four GPT-2 matrix shapes, "
         "with the sums over the shapes and the Pro-KLShampoo r=128 targets",
+    )
+    ap.add_argument(
+        "--policies",
+        nargs="+",
+        choices=list(POLICIES),
+        default=list(POLICIES),
+        help="matmul policies of the whiten rows (default: both; fp32 = matmul_dtype float32, bf16 = bfloat16)",
     )
     ap.add_argument("--ns-method", default=None, help="Pro-KLShampoo ns_method (default: its own default)")
     ap.add_argument("--configs", nargs="*", help=f"subset of {', '.join(FULL_CONFIGS)}")
@@ -911,7 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     all_configs = configs()
-    methods = method_table(args.ranks, args.period, compile_ns=args.compile, pro_ns_method=args.ns_method)
+    methods = method_table(
+        args.ranks, args.period, compile_ns=args.compile, pro_ns_method=args.ns_method, policies=args.policies
+    )
     if args.methods:
         methods = [m for m in methods if re.search(args.methods, m.label)]
     if args.list:

@@ -17,12 +17,19 @@ from typing import Any
 import torch
 
 from whiten.linalg import newton_schulz_flops, prefers_gram
-from whiten.optim import SOAP, HTMuon, KLShampoo, Muon, ProKLShampoo
+from whiten.optim import SOAP, HTMuon, KLShampoo, Muon, ProKLShampoo, registry
 
 
 def _declared(cls: type, m: int, n: int, **options: Any) -> float:
     """The matmul FLOPs ``cls`` declares for one step of an ``m x n`` matrix with ``options``."""
     optimizer = cls([torch.zeros(1, 1, requires_grad=True)], **options)
+    return optimizer.matrix_flops((m, n), optimizer.param_groups[0]).matmul
+
+
+def registered(name: str, m: int, n: int, **options: Any) -> float:
+    """The matmul FLOPs the optimizer of registry ``name`` declares for one ``m x n`` step with ``options``."""
+    spec = registry.get(name)
+    optimizer = spec.build([torch.zeros(1, 1, requires_grad=True)], **{"lr": spec.default_lr, **options})
     return optimizer.matrix_flops((m, n), optimizer.param_groups[0]).matmul
 
 
