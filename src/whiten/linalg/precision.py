@@ -141,3 +141,41 @@ def emulate_global_matmul_precision() -> Iterator[None]:
     """
     with _OperandRounding(None):
         yield
+
+
+#: the values of every matrix optimizer's ``matmul_dtype`` option (docs/precision.md)
+MATMUL_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_matmul_dtype(matmul_dtype: str, name: str = "matmul_dtype") -> str:
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"{name}={matmul_dtype!r} is not valid; use one of {tuple(MATMUL_DTYPES)}")
+    return matmul_dtype
+
+
+def matmul_compute_dtype(matmul_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the hot matmuls on ``dtype`` statistics run in: the policy's, but fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else MATMUL_DTYPES[check_matmul_dtype(matmul_dtype)]
+
+
+@contextlib.contextmanager
+def matmuls_in(matmul_dtype: str, device: torch.device | str) -> Iterator[None]:
+    """Run the fp32 matrix products of the block in ``matmul_dtype`` (the matrix optimizers' hot stages).
+
+    ``"bfloat16"``: :func:`torch.autocast` with ``dtype=torch.bfloat16`` on ``device``'s type, so every
+    fp32 ``mm``/``matmul``/``bmm``/``addmm``/``baddbmm``/``tensordot`` takes bf16 operands (the hardware
+    accumulates in fp32) and returns bf16; fp64 tensors are never cast, and elementwise arithmetic with
+    an fp32 tensor promotes back to fp32. ``"float32"``: autocast switched off, so a surrounding
+    autocast region (a step called inside the forward's ``torch.autocast``) cannot lower the
+    products. Decompositions belong in :func:`full_precision` blocks.
+    """
+    device_type = torch.device(device).type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=check_matmul_dtype(matmul_dtype) == "bfloat16"):
+        yield
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device | str) -> Iterator[None]:
+    """Switch autocast off inside :func:`matmuls_in`: eigenbasis refreshes and decompositions run in fp32 (fp64)."""
+    with torch.autocast(torch.device(device).type, enabled=False):
+        yield
