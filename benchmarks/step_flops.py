@@ -50,7 +50,7 @@ def muon(m: int, n: int, steps: int = 5) -> float:
 
 def muon_auto(m: int, n: int, steps: int = 5) -> float:
     """Our fp32 Muon with ``ns_method="auto"``."""
-    return _declared(Muon, m, n, ns_steps=steps)
+    return _declared(Muon, m, n, ns_steps=steps, matmul_dtype="float32")
 
 
 def htmuon_svd(m: int, n: int) -> float:

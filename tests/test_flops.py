@@ -28,7 +28,7 @@ CASES: list[tuple[type, dict[str, Any], int]] = [  # (class, options, steps in t
     (Muon, {"ns_method": "direct"}, 1),
     (Muon, {"ns_method": "gram"}, 1),
     (Muon, {}, 1),  # "auto": Gram at 1:3
-    (Muon, {"ns_method": "spectral"}, 1),
+    (Muon, {"ns_method": "spectral", "matmul_dtype": "float32"}, 1),
     (Muon, {"ns_dtype": "bfloat16"}, 1),  # "auto" keeps bf16 direct
     (HTMuon, {"lr": 0.01}, 1),
     (HTMuon, {"lr": 0.01, "spectral_map": "ns"}, 1),
@@ -103,5 +103,5 @@ def test_step_flops_uses_the_declarations() -> None:
     W = torch.zeros(48, 96, requires_grad=True)
     kl = KLShampoo([W], precondition_frequency=10)
     assert step_flops.kl_shampoo(48, 96, 10) == kl.matrix_flops((48, 96), kl.param_groups[0]).matmul
-    muon = Muon([W])
+    muon = Muon([W], matmul_dtype="float32")  # muon_auto is the fp32 Muon
     assert step_flops.muon_auto(48, 96) == muon.matrix_flops((48, 96), muon.param_groups[0]).matmul

@@ -44,7 +44,8 @@ def test_muon_matches_torch_optim_muon_fp32(monkeypatch, nesterov, adjust_lr_fn)
     ours_p = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ref_p = [torch.nn.Parameter(p.detach().clone()) for p in ours_p]
     kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
-    _run_pair(Muon(ours_p, **kw), torch.optim.Muon(ref_p, **kw), ours_p, ref_p)
+    # fp32 Newton–Schulz against torch.optim.Muon with fp32 inputs (our default is bf16, docs/precision.md)
+    _run_pair(Muon(ours_p, **kw, matmul_dtype="float32"), torch.optim.Muon(ref_p, **kw), ours_p, ref_p)
     for p, q in zip(ours_p, ref_p, strict=True):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=2e-5)
 

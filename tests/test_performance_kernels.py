@@ -165,7 +165,7 @@ def test_muon_ns_methods_agree_in_fp32() -> None:
     results = {}
     for method in ("direct", "gram", "spectral", "auto"):
         params = [p.clone() for p in init]
-        opt = whiten.Muon(params, lr=0.02, ns_method=method)
+        opt = whiten.Muon(params, lr=0.02, ns_method=method, matmul_dtype="float32")
         g = torch.Generator().manual_seed(8)
         for _ in range(3):
             for p in params:

@@ -134,9 +134,6 @@ class BenchConfig:
             raise ValueError(f"target factors {self.target_factors} must be positive")
         if self.record_every < 0:
             raise ValueError(f"--record-every {self.record_every} must be >= 0 (0 = off)")
-        if self.precision is None:
-            raise ValueError("--precision is not set; use one of " + ", ".join(PRECISIONS))
-        check_precision(self.precision)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads} must be >= 1")
         try:
@@ -145,6 +142,9 @@ class BenchConfig:
             raise ValueError(f"--device {self.device!r} is not a device; use cpu or cuda[:i]") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device} requested but CUDA is not available; use --device cpu")
+        if self.precision is None:
+            raise ValueError("--precision is not set; use one of " + ", ".join(PRECISIONS))
+        check_precision(self.precision)
 
     def lr_for(self, name: str) -> float:
         return float(self.lrs.get(name, get_spec(name).default_lr))

@@ -36,7 +36,9 @@ def rotate(X: Tensor, Q: Tensor, dim: int, *, back: bool = False) -> Tensor:
         if dim == 0:
             return (Q @ X) if back else (Q.mT @ X)
         return (X @ Q.mT) if back else (X @ Q)
-    out = torch.tensordot(X, Q, dims=([dim], [1 if back else 0]))
+    # tensordot has no autocast rule: a bf16 X (an earlier mode product under matmul_dtype="bfloat16")
+    # takes the basis in its dtype, as the matrix products above do under autocast
+    out = torch.tensordot(X, Q.to(X.dtype), dims=([dim], [1 if back else 0]))
     return out.movedim(-1, dim)
 
 

@@ -192,6 +192,8 @@ class WhitenOptimizer(Optimizer, ABC):
     adamw_inherits: ClassVar[Mapping[str, str]] = {}
     #: parent-class options this class fixes and refuses (REKLS: ``use_eigh``, ``use_kl_shampoo``)
     fixed_options: ClassVar[tuple[str, ...]] = ()
+    #: older spellings of options, kept so that old code and checkpoints work (Muon: ``ns_dtype``)
+    option_aliases: ClassVar[Mapping[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -278,9 +280,28 @@ class WhitenOptimizer(Optimizer, ABC):
         knows get a warning naming them; a ``use_matrix=None`` group is split by dimension
         (:func:`whiten.optim._routing.route_group`).
         """
+        param_group = self._unalias(param_group)  # an older option name (Muon's ns_dtype -> matmul_dtype)
         known = {*self.defaults, *COMMON_CHECKS, *self.option_checks}
         for group in route_group(param_group, self.defaults, known, type(self).__name__):
             self._add_routed(group)
+
+    def _unalias(self, group: dict[str, Any]) -> dict[str, Any]:
+        """``group`` with its :attr:`option_aliases` renamed (checked under the alias's name first)."""
+        aliased = [key for key in self.option_aliases if key in group]
+        if not aliased:
+            return group
+        checks = {**COMMON_CHECKS, **self.option_checks}
+        group = dict(group)
+        for alias in aliased:
+            target = self.option_aliases[alias]
+            value = group.pop(alias)
+            checks[target](alias, value)
+            if target in group and group[target] != value:
+                raise ValueError(
+                    f"{alias}={value!r} (the older name of {target}) contradicts {target}={group[target]!r}"
+                )
+            group[target] = value
+        return group
 
     def _add_routed(self, group: dict[str, Any]) -> None:
         self._validate({**self.defaults, **group})
@@ -443,6 +464,10 @@ class WhitenOptimizer(Optimizer, ABC):
         super().load_state_dict(state_dict)
         _interop.adopt_foreign_groups(self.param_groups, own_groups, foreign)
         for group, own, mode in zip(self.param_groups, own_groups, modes, strict=True):
+            resolved = self._unalias(group)  # an old spelling in the checkpoint (Muon's ns_dtype -> matmul_dtype)
+            if resolved is not group:
+                group.clear()
+                group.update(resolved)
             group["distributed_mode"] = mode
             group["use_matrix"] = own["use_matrix"]
             if not group["use_matrix"] and "betas" not in group:  # a checkpoint from before AdamW groups had betas

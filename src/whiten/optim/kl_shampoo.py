@@ -33,16 +33,20 @@ import torch
 from torch import Tensor
 
 from whiten.linalg import (
+    MATMUL_DTYPES,
     NONE_FLOPS,
     FlopCount,
     clamp_eigenvalues,
+    effective_matmul_dtype,
     eigh_descending,
     ema_eigenvalues,
+    full_precision,
     gram_flops,
     kl_eigenvalue_targets,
     kl_factor_targets,
     kl_tensor_statistics,
     matmul_flops,
+    matmuls_in,
     orthogonal_iteration,
     orthogonal_iteration_flops,
     rotate_all,
@@ -93,10 +97,13 @@ def factor_dtype(group: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
 
 
 def ema_factor_(factor: Tensor, target: Tensor, beta: float) -> None:
-    """``factor <- beta factor + (1 - beta) target`` in the target's (fp32) precision, rounded once to the
-    storage dtype of ``factor`` (a bf16 factor would otherwise accumulate its EMA in bf16)."""
+    """``factor <- beta factor + (1 - beta) target`` in the wider of the two dtypes, rounded once to the
+    storage dtype of ``factor``: a bf16 factor (``state_dtype``) does not accumulate its EMA in bf16, and
+    a bf16 target (``matmul_dtype="bfloat16"`` statistics) enters an fp32 factor in fp32."""
     if factor.dtype == target.dtype:
         factor.lerp_(target, 1.0 - beta)
+    elif torch.promote_types(factor.dtype, target.dtype) == factor.dtype:
+        factor.lerp_(target.to(factor.dtype), 1.0 - beta)
     else:
         factor.copy_(factor.to(target.dtype).lerp_(target, 1.0 - beta))
 
@@ -121,6 +128,7 @@ class KLFactored(PhasedOptimizer):
         "max_precond_dim": opt.positive_int,
         "state_dtype": opt.choice(*STATE_DTYPES),
         "preconditioner": opt.choice("kl", "adam"),
+        "matmul_dtype": opt.choice(*MATMUL_DTYPES),
     }
 
     # The step in the three phases of PhasedOptimizer for KL-Shampoo: under FSDP2 the momentum (elementwise
@@ -146,6 +154,7 @@ class KLFactored(PhasedOptimizer):
         init_factor: float = 0.1,
         max_precond_dim: int = 10000,
         state_dtype: str = "float32",
+        matmul_dtype: str = "bfloat16",
         **common: Unpack[CommonOptions],
     ) -> None:
         super().__init__(params, {**constructor_options(locals()), "preconditioner": self.preconditioner_kind})
@@ -232,7 +241,8 @@ class KLFactored(PhasedOptimizer):
             if "exp_avg" not in state:
                 self._kl_init(group, G, state, momentum=True)  # the reference's initialisation step: no update
                 continue
-            update = self._kl_step(group, G, state)
+            with matmuls_in(effective_matmul_dtype(group["matmul_dtype"], G.shape, G.device), G.device):
+                update = self._kl_step(group, G, state)
             apply_update_(p, update.reshape(p.shape), group["lr"], group["weight_decay"], decay_first=False)
 
     def _direction_phase(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[MapInput]:
@@ -276,7 +286,8 @@ class KLFactored(PhasedOptimizer):
                 self._kl_init(group, G, state)
                 updates.append(torch.zeros_like(grad))
                 continue
-            updates.append(self._kl_step(group, G, state, work_view(x.direction)).reshape(p.shape))
+            with matmuls_in(effective_matmul_dtype(group["matmul_dtype"], G.shape, G.device), G.device):
+                updates.append(self._kl_step(group, G, state, work_view(x.direction)).reshape(p.shape))
         return updates
 
     def _apply_phase(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:
@@ -290,6 +301,15 @@ class KLFactored(PhasedOptimizer):
     def _kl_init(self, group: dict[str, Any], G: Tensor, state: dict[str, Any], momentum: bool = False) -> None:
         """Factors from the first gradient (no update); ``momentum``: also create the moments and ``step``
         (KL-SOAP; KL-Shampoo's direction phase creates its momentum)."""
+        with full_precision(G.device):  # once per parameter: the first eigenbasis in fp32 (fp64)
+            self._kl_init_factors(group, G, state)
+        if momentum:
+            state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+            if group["preconditioner"] == "adam":
+                state["exp_avg_sq"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+            state["step"] = 0
+
+    def _kl_init_factors(self, group: dict[str, Any], G: Tensor, state: dict[str, Any]) -> None:
         beta = shampoo_beta(group)
         fdtype = factor_dtype(group, G.dtype)
         numel = G.numel()
@@ -305,11 +325,6 @@ class KLFactored(PhasedOptimizer):
             # the clamp every later EMA applies, so that a tiny init_factor cannot start below its floor
             initial = torch.full((d,), float(group["init_factor"]), dtype=G.dtype, device=G.device)
             state[f"lam_{name}"] = clamp_eigenvalues(initial, d)
-        if momentum:
-            state["exp_avg"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
-            if group["preconditioner"] == "adam":
-                state["exp_avg_sq"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
-            state["step"] = 0
 
     def _kl_step(self, group: dict[str, Any], G: Tensor, state: dict[str, Any], M: Tensor | None = None) -> Tensor:
         """One KL-Shampoo / KL-SOAP step for ``G`` (work view); returns the update direction.
@@ -340,7 +355,7 @@ class KLFactored(PhasedOptimizer):
             precond = D if denom is None else D / (denom + eps)
         else:
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            G_rot = rotate_all(G, bases)
+            G_rot = rotate_all(G, bases).to(G.dtype)  # the moments are fp32 (fp64) whatever matmul_dtype
             exp_avg.lerp_(G_rot, 1.0 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(G_rot, G_rot, value=1.0 - beta2)
             precond = exp_avg / exp_avg_sq.sqrt().add_(eps)
@@ -355,7 +370,7 @@ class KLFactored(PhasedOptimizer):
             GQ = G @ Q_R
             QG = Q_L.mT @ G
             m, n = G.shape
-            E = Q_L.mT @ GQ if m <= n else QG @ Q_R  # the cheaper of the two products
+            E = (Q_L.mT @ GQ if m <= n else QG @ Q_R).to(G.dtype)  # the cheaper of the two products
             factor_targets = kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R, rotated=(GQ, QG))
             lam_targets = kl_eigenvalue_targets(E, lam_L, lam_R)
         else:
@@ -370,14 +385,15 @@ class KLFactored(PhasedOptimizer):
 
         # (3) eigenbasis refresh every T steps: one warm-started QR step, eigenvalues kept
         if step % group["precondition_frequency"] == 0:
-            adam = group["preconditioner"] == "adam"
-            momentum = rotate_all(state["exp_avg"], bases, back=True) if adam else None
-            for k, name in enumerate(names):
-                if bases[k] is not None:
-                    state[f"Q_{name}"] = orthogonal_iteration(state[name].to(G.dtype), state[f"Q_{name}"])
-            if adam:
-                new_bases = [state.get(f"Q_{nm}") for nm in names]
-                state["exp_avg"].copy_(rotate_all(momentum, new_bases))  # type: ignore[arg-type]
+            with full_precision(G.device):  # the eigenbasis in fp32 (fp64): docs/precision.md
+                adam = group["preconditioner"] == "adam"
+                momentum = rotate_all(state["exp_avg"], bases, back=True) if adam else None
+                for k, name in enumerate(names):
+                    if bases[k] is not None:
+                        state[f"Q_{name}"] = orthogonal_iteration(state[name].to(G.dtype), state[f"Q_{name}"])
+                if adam:
+                    new_bases = [state.get(f"Q_{nm}") for nm in names]
+                    state["exp_avg"].copy_(rotate_all(momentum, new_bases))  # type: ignore[arg-type]
         return update
 
 
@@ -403,6 +419,9 @@ class KLShampoo(KLFactored):
         state_dtype: storage dtype of the factor matrices (``"float32"`` default; ``"bfloat16"`` halves their
             memory; ``"float16"`` is refused, its range is too small for the statistics); bases, eigenvalues and
             momentum stay fp32 (fp64 for fp64 params).
+        matmul_dtype: ``"bfloat16"`` (default; the reference's ``cast_dtype``) or ``"float32"``: the dtype of the
+            rotations into and out of the eigenbasis and of the factor statistics; the initial ``eigh``, the QR
+            refresh and all state stay fp32 (fp64 for fp64 params). ``docs/precision.md``.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW that trains 1-D parameters
             (and any ``use_matrix=False`` group); ``adamw_lr=None`` uses ``lr``.
         maximize: ascend instead of descend.

@@ -40,12 +40,14 @@ from whiten.linalg import (
     schatten_power_svd,
     svd_flops,
 )
+from whiten.linalg.precision import MATMUL_DTYPES, full_precision
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
 from whiten.optim._options import CommonOptions, constructor_options
 from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
 
-_NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: Newton–Schulz dtypes: the shared matmul_dtype policy (whiten.linalg.MATMUL_DTYPES) and an explicit fp64
+_NS_DTYPES = {**MATMUL_DTYPES, "float64": torch.float64}
 #: coupled Newton–Schulz square-root iterations per root of HTMuon's NS variant (the reference's 5)
 _SQRT_STEPS = 5
 
@@ -69,6 +71,20 @@ def normuon_normalize_(O: Tensor, row_second_moment: Tensor, beta2: float, eps: 
     return normalized * scale
 
 
+def _with_ns_dtype(options: dict[str, Any]) -> dict[str, Any]:
+    """The constructor's options with the older ``ns_dtype=`` (when given) as ``matmul_dtype``."""
+    ns_dtype = options.pop("ns_dtype")
+    if ns_dtype is None:
+        return options
+    if options["matmul_dtype"] not in ("bfloat16", ns_dtype):  # an explicit matmul_dtype other than the default
+        raise ValueError(
+            f"ns_dtype={ns_dtype!r} (the older name of matmul_dtype) contradicts "
+            f"matmul_dtype={options['matmul_dtype']!r}"
+        )
+    opt.choice(*_NS_DTYPES)("ns_dtype", ns_dtype)
+    return {**options, "matmul_dtype": ns_dtype}
+
+
 class _SpectralMomentum(PhasedOptimizer):
     """Shared step of :class:`Muon` and :class:`HTMuon` (the map is chosen by the group's options)."""
 
@@ -77,7 +93,7 @@ class _SpectralMomentum(PhasedOptimizer):
         "nesterov": opt.boolean,
         "ns_coefficients": opt.ns_coefficients,
         "ns_steps": opt.positive_int,
-        "ns_dtype": opt.choice(*_NS_DTYPES),
+        "matmul_dtype": opt.choice(*_NS_DTYPES),
         "ns_method": opt.choice(*NS_METHODS),
         "compile_ns": opt.boolean,
         "eps": opt.positive,  # divides: X / max(||X||_F, eps)
@@ -91,13 +107,15 @@ class _SpectralMomentum(PhasedOptimizer):
         "ns_ridge": opt.nonneg,
     }
 
+    option_aliases: ClassVar[Mapping[str, str]] = {"ns_dtype": "matmul_dtype"}
+
     def _validate(self, group: Mapping[str, Any]) -> None:
         super()._validate(group)
         if group.get("spectral_map") == "ns" and group.get("power", 0.0) > 1:
             raise ValueError(f"spectral_map='ns' supports 0 < power <= 1, got power={group['power']}")
-        if group.get("ns_method") == "spectral" and group.get("ns_dtype") == "bfloat16":
+        if group.get("ns_method") == "spectral" and group.get("matmul_dtype") == "bfloat16":
             raise ValueError(
-                "ns_method='spectral' needs an eigh, which has no bf16 kernel: use ns_dtype='float32'"
+                "ns_method='spectral' needs an eigh, which has no bf16 kernel: use matmul_dtype='float32'"
                 " or another ns_method"
             )
 
@@ -140,6 +158,13 @@ class _SpectralMomentum(PhasedOptimizer):
         matrices = [as_matrix(x.direction) for x in inputs if x.direction is not None]
         if len(matrices) != len(params):
             raise ValueError("Muon's map needs a direction for every parameter")
+        if not matrices:
+            return []
+        # the Newton–Schulz dtype is explicit (matmul_dtype): a surrounding autocast must not lower the rest
+        with full_precision(matrices[0].device):
+            return self._spectral_map(group, params, matrices)
+
+    def _spectral_map(self, group: dict[str, Any], params: list[Tensor], matrices: list[Tensor]) -> list[Tensor]:
         # "ns" at power 0 is plain Muon; any other map (exact SVD polar at p = 0 included) is the HT map
         is_power_map = group["power"] > 0 or group["spectral_map"] != "ns"
         use_ht = [is_power_map and self.state[p]["step"] % group["interval"] == 0 for p in params]
@@ -147,8 +172,8 @@ class _SpectralMomentum(PhasedOptimizer):
         outputs: list[Tensor | None] = [None] * len(params)
         ns_idx = [i for i, ht in enumerate(use_ht) if not ht]
         if ns_idx:
-            ns_dtype = _NS_DTYPES[group["ns_dtype"]]
-            # fp64 parameters iterate in fp64 whatever ns_dtype says (statistics "fp32 or better")
+            ns_dtype = _NS_DTYPES[group["matmul_dtype"]]
+            # fp64 parameters iterate in fp64 whatever matmul_dtype says (statistics "fp32 or better")
             ns_inputs = [matrices[i] for i in ns_idx]
             ns_kernel = compiled_newton_schulz() if group["compile_ns"] else newton_schulz
             ns_out = map_batched(
@@ -206,7 +231,7 @@ class _SpectralMomentum(PhasedOptimizer):
         coupled square roots (``3 * 5 - 3`` products each, :func:`whiten.linalg.coupled_newton_schulz_sqrt`),
         NS and the product with the root; the stream variant's four products and QR."""
         m, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
-        dtype = _NS_DTYPES[group["ns_dtype"]]
+        dtype = _NS_DTYPES[group["matmul_dtype"]]
         ns = newton_schulz_flops((m, n), group["ns_steps"], group["ns_method"], dtype)
         if not (group["power"] > 0 or group["spectral_map"] != "ns"):
             return ns
@@ -241,7 +266,7 @@ class _SpectralMomentum(PhasedOptimizer):
                     ns_coefficients=group["ns_coefficients"],
                     sqrt_steps=_SQRT_STEPS,
                     ridge=group["ns_ridge"],
-                    ns_dtype=_NS_DTYPES[group["ns_dtype"]],
+                    ns_dtype=_NS_DTYPES[group["matmul_dtype"]],
                     eps=group["eps"],
                     method=group["ns_method"],
                 ),
@@ -280,8 +305,10 @@ class Muon(_SpectralMomentum):
         ns_steps: Newton–Schulz iterations.
         adjust_lr_fn: ``None``/``"original"`` (``sqrt(max(1, m/n))``) or ``"match_rms_adamw"``
             (``0.2 sqrt(max(m, n))``, Moonlight).
-        ns_dtype: ``"float32"`` (default, accurate) or ``"bfloat16"`` (as KellerJordan/Muon and
-            ``torch.optim.Muon``), or ``"float64"``.
+        matmul_dtype: dtype of the Newton–Schulz iteration: ``"bfloat16"`` (default, as KellerJordan/Muon
+            and ``torch.optim.Muon``; the hardware's fast path), ``"float32"`` (accurate) or ``"float64"``;
+            fp64 parameters always iterate in fp64 (``docs/precision.md``).
+        ns_dtype: the older name of ``matmul_dtype`` (old code and checkpoints keep working).
         ns_method: ``"auto"`` (default), ``"direct"``, ``"gram"`` or ``"spectral"``: how the same NS
             polynomial is evaluated (:func:`whiten.linalg.newton_schulz`). ``"auto"`` runs it on the small
             Gram matrix for fp32/fp64 matrices with one side >= 1.5x the other (fewer FLOPs, and closer
@@ -307,7 +334,8 @@ class Muon(_SpectralMomentum):
         eps: float = 1e-7,
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
-        ns_dtype: str = "float32",
+        matmul_dtype: str = "bfloat16",
+        ns_dtype: str | None = None,
         ns_method: str = "auto",
         compile_ns: bool = False,
         **common: Unpack[CommonOptions],
@@ -322,7 +350,7 @@ class Muon(_SpectralMomentum):
             normuon_beta2=0.95,
             ns_ridge=1e-6,
         )
-        super().__init__(params, {**constructor_options(locals()), **muon_map})
+        super().__init__(params, {**_with_ns_dtype(constructor_options(locals())), **muon_map})
 
 
 class HTMuon(_SpectralMomentum):
@@ -341,7 +369,7 @@ class HTMuon(_SpectralMomentum):
         power: exponent ``p`` (default 0.125).
         spectral_map: ``"svd"`` (exact fp32 SVD, default), ``"ns"`` (the reference NS variant:
             ``NS(U) (U^T U + ns_ridge I)^(p/2)`` by repeated coupled NS square roots, ``p`` rounded
-            to ``2^(1-k)``; the NS factor honours ``ns_dtype``, ``ns_method``, ``ns_steps``,
+            to ``2^(1-k)``; the NS factor honours ``matmul_dtype``, ``ns_method``, ``ns_steps``,
             ``ns_coefficients`` and ``eps``) or ``"stream"`` (one warm-started subspace iteration per step).
         stream_start: first basis of ``"stream"``: ``"svd"`` (default: right singular vectors of the first
             direction, so the first step is exact) or ``"identity"`` (identity columns, as the reference).
@@ -367,7 +395,8 @@ class HTMuon(_SpectralMomentum):
         normuon_beta2: float = 0.95,
         ns_steps: int = 5,
         ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = KELLER_QUINTIC,
-        ns_dtype: str = "float32",
+        matmul_dtype: str = "bfloat16",
+        ns_dtype: str | None = None,
         ns_method: str = "auto",
         compile_ns: bool = False,
         ns_ridge: float = 1e-6,
@@ -375,4 +404,4 @@ class HTMuon(_SpectralMomentum):
         adjust_lr_fn: str | None = None,
         **common: Unpack[CommonOptions],
     ) -> None:
-        super().__init__(params, constructor_options(locals()))
+        super().__init__(params, _with_ns_dtype(constructor_options(locals())))

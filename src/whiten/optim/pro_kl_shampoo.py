@@ -36,10 +36,14 @@ from whiten.linalg import (
     FlopCount,
     clamp_eigenvalues,
     effective_flat_value,
+    effective_matmul_dtype,
     eigh_descending,
     ema_eigenvalues,
+    full_precision,
     map_batched,
+    matmul_compute_dtype,
     matmul_flops,
+    matmuls_in,
     newton_schulz,
     newton_schulz_flops,
     newton_schulz_left_factor,
@@ -47,6 +51,7 @@ from whiten.linalg import (
     ns_evaluation,
     orthogonal_iteration,
     orthogonal_iteration_flops,
+    prefers_gram,
     qr_flops,
     qr_orthonormal,
     spike_flat_statistics,
@@ -88,6 +93,22 @@ def ns_factor(X: Tensor, method: str, steps: int = 5) -> str:
     if evaluation == "gram" and steps > GRAM_SEGMENT:
         return "segmented"
     return evaluation
+
+
+def default_ns_method(dtype: torch.dtype, device: torch.device, shape: Sequence[int]) -> str:
+    """``ns_method=None``: how the complement's Newton–Schulz is evaluated where the user did not say.
+
+    On CPU ``"spectral"`` (one fp32 ``eigh`` of the ``m x m`` Gram; LAPACK's ``eigh`` is cheap there) for
+    fp32/fp64 complements, and for bf16 ones that are wide enough for the Gram route to pay
+    (:func:`whiten.linalg.prefers_gram`'s ``l >= 1.5 s``, the factor computed in fp32); a squarer bf16
+    complement iterates directly in bf16. On accelerators ``"auto"`` (no ``eigh``: it is slow and
+    synchronises with the host there). Measured in ``docs/precision.md``.
+    """
+    if device.type != "cpu":
+        return "auto"
+    if dtype in (torch.float32, torch.float64):
+        return "spectral"
+    return "spectral" if prefers_gram(shape, torch.float32) else "direct"
 
 
 def adaptive_rank(eigs: Tensor, m: int, tolerance: float, max_rank: int) -> int:
@@ -168,8 +189,11 @@ class ProKLShampoo(KLFactored):
             (match ``||sigma^{-1/2} S_L^{-1/2} M P_perp||_F``, the spike-and-flat KL-Shampoo complement)
             or ``"muon_rms"`` (``0.2 sqrt(max(m, n))``).
         ns_steps, ns_coefficients: Newton–Schulz iteration (:func:`whiten.linalg.newton_schulz`).
-        ns_method: how that polynomial is evaluated (:func:`ns_factor`): ``"spectral"`` (default; one ``eigh``
-            of the ``m x m`` Gram matrix; ``docs/performance.md``), ``"auto"``, ``"gram"`` or ``"direct"``.
+        ns_method: how that polynomial is evaluated (:func:`ns_factor`): ``"spectral"`` (one ``eigh`` of the
+            ``m x m`` Gram matrix), ``"auto"``, ``"gram"`` or ``"direct"``; ``None`` (default) chooses by dtype,
+            device and shape (:func:`default_ns_method`).
+        matmul_dtype: as :class:`whiten.KLShampoo` (``docs/precision.md``); it also sets the dtype of the
+            complement's Newton–Schulz.
         adaptive_rank: choose ``r`` per layer from the tracked spectrum (:func:`adaptive_rank`)
             every ``rank_update_interval`` steps, between 1 and ``max_rank`` (default ``2 rank``), with a
             KL-gap ``rank_tolerance`` in nats per row; ``rank`` is the starting value.
@@ -183,7 +207,7 @@ class ProKLShampoo(KLFactored):
         "complement_scale": opt.choice(*COMPLEMENT_SCALES),
         "ns_steps": opt.positive_int,
         "ns_coefficients": opt.ns_coefficients,
-        "ns_method": opt.choice(*NS_METHODS),
+        "ns_method": opt.optional(opt.choice(*NS_METHODS)),
         "adaptive_rank": opt.boolean,
         "max_rank": opt.optional(opt.positive_int),
         "rank_tolerance": opt.nonneg,
@@ -207,13 +231,14 @@ class ProKLShampoo(KLFactored):
         complement_scale: str = "sqrt_m",
         ns_steps: int = 5,
         ns_coefficients: str | Sequence[float] | Sequence[Sequence[float]] = "keller",
-        ns_method: str = "spectral",
+        ns_method: str | None = None,
         adaptive_rank: bool = False,
         max_rank: int | None = None,
         rank_tolerance: float = 0.5,
         rank_update_interval: int = 100,
         max_precond_dim: int = 10000,
         state_dtype: str = "float32",
+        matmul_dtype: str = "bfloat16",
         **common: Unpack[CommonOptions],
     ) -> None:
         # KLFactored's constructor takes KL-Shampoo's options only: build the groups from these
@@ -258,7 +283,10 @@ class ProKLShampoo(KLFactored):
         r = min(group["rank"], l)
         mm = matmul_flops
         direction = mm(s, s, l) + mm(s, l, r) + mm(s, r, l)  # A, B, X
-        kind = ns_evaluation(group["ns_method"], (s, l), torch.float32)
+        dtype = matmul_compute_dtype(group["matmul_dtype"], torch.float32)
+        device = group["params"][0].device if group.get("params") else torch.device("cpu")
+        method = group["ns_method"] or default_ns_method(dtype, device, (s, l))
+        kind = ns_evaluation(method, (s, l), dtype)
         if kind == "direct":
             direction = direction + newton_schulz_flops((s, l), group["ns_steps"]) + mm(s, r, l) + mm(s, s, l)
         else:
@@ -274,6 +302,13 @@ class ProKLShampoo(KLFactored):
         """Whole-matrix part (the direction and apply phases are KL-Shampoo's: ``M <- lerp(M, G, 1 - b1)``,
         ``W <- (W - lr U)(1 - lr wd)``): the spike-and-flat update from ``M`` and the statistics from ``G``,
         with Newton–Schulz batched over matrices; full KL-Shampoo for the others (:meth:`uses_projection`)."""
+        if not params:
+            return []
+        largest = max((p.shape for p in params), key=math.prod)  # one policy for the group's batched stages
+        with matmuls_in(effective_matmul_dtype(group["matmul_dtype"], largest, params[0].device), params[0].device):
+            return self._pro_map(group, params, inputs)
+
+    def _pro_map(self, group: dict[str, Any], params: list[Tensor], inputs: list[MapInput]) -> list[Tensor]:
         updates: list[Tensor | None] = [None] * len(params)
         full, pending = [], []
         for i, (p, x) in enumerate(zip(params, inputs, strict=True)):
@@ -284,7 +319,8 @@ class ProKLShampoo(KLFactored):
                 full.append(i)
                 continue
             if x.direction is None:  # the initialisation step: no update, momentum not fed
-                self._pro_init(group, G, state)
+                with full_precision(G.device):
+                    self._pro_init(group, G, state)
                 updates[i] = torch.zeros_like(grad)
                 continue
             pending.append(self._pro_direction(group, i, G, work_view(x.direction), state))
@@ -305,7 +341,10 @@ class ProKLShampoo(KLFactored):
         # Newton–Schulz on the complement coordinates, batched over matrices of the same shape. A wide X
         # ("gram" / "spectral") gets K with NS(X) = K X from its m x m Gram matrix (see ns_factor).
         steps, coefficients = group["ns_steps"], group["ns_coefficients"]
-        kinds = [ns_factor(step.X, group["ns_method"], steps) for step in pending]
+        kinds = [
+            ns_factor(step.X, group["ns_method"] or default_ns_method(step.X.dtype, step.X.device, step.X.shape), steps)
+            for step in pending
+        ]
         orthogonalizers: dict[str, Callable[[Tensor], Tensor]] = {
             "direct": lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype),
             "segmented": lambda X: newton_schulz(X, steps, coefficients, compute_dtype=X.dtype, method="gram"),
@@ -314,13 +353,18 @@ class ProKLShampoo(KLFactored):
             chosen = [step for step, k in zip(pending, kinds, strict=True) if k == kind]
             for step, O in zip(chosen, map_batched(orthogonalize, [s.X for s in chosen]), strict=True):
                 step.O = O
+        # a factor asked for explicitly with bf16 complements runs in fp32 (its eigh has no bf16 kernel, and the
+        # Gram iteration loses accuracy in bf16)
         factors: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
             "gram": lambda X: newton_schulz_left_factor(X, steps, coefficients),
             "spectral": lambda X: newton_schulz_spectral_factor(X, steps, coefficients),
         }
         for kind, factor in factors.items():
             chosen = [step for step, k in zip(pending, kinds, strict=True) if k == kind]
-            batched = map_batched(factor, [s.X for s in chosen])
+            if not chosen:
+                continue
+            with full_precision(chosen[0].X.device):
+                batched = map_batched(factor, [s.X.to(s.G.dtype) for s in chosen])
             for step, (K, P) in zip(chosen, batched, strict=True):
                 step.K, step.P = K, P
         return [self._pro_finish(group, step) for step in pending]
@@ -413,18 +457,19 @@ class ProKLShampoo(KLFactored):
         state["lam_L"] = ema_eigenvalues(lam_L, stats.lam_left, beta, m)
         state["Lam"] = ema_eigenvalues(Lam, stats.Lam, beta, n)
         state["sigma"] = ema_eigenvalues(sigma, stats.sigma, beta, n)
-        state["Y_sketch"].lerp_(stats.sketch, 1.0 - beta)
+        state["Y_sketch"].lerp_(stats.sketch.to(state["Y_sketch"].dtype), 1.0 - beta)
 
         step = state["step"]
         if step % group["precondition_frequency"] == 0:
-            state["Q_L"] = orthogonal_iteration(state["L"].to(G.dtype), Q_L)
-            # order the tracked directions by eigenvalue, then one orthogonal-iteration step on C via the sketch
-            sort_tracked(state)
-            U_new = qr_orthonormal(state["Y_sketch"])
-            state["U"] = U_new
-            # an eigenvalue at +inf ("no gain", clamp_eigenvalues) carries no estimate: it seeds the sketch as 0,
-            # as the EMA reads it (U * inf would put inf and NaN in the sketch)
-            state["Y_sketch"] = U_new * state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
+            with full_precision(G.device):  # the bases in fp32 (fp64): docs/precision.md
+                state["Q_L"] = orthogonal_iteration(state["L"].to(G.dtype), Q_L)
+                # order the tracked directions by eigenvalue, then one orthogonal-iteration step on C via the sketch
+                sort_tracked(state)
+                U_new = qr_orthonormal(state["Y_sketch"])
+                state["U"] = U_new
+                # an eigenvalue at +inf ("no gain", clamp_eigenvalues) carries no estimate: it seeds the sketch as 0,
+                # as the EMA reads it (U * inf would put inf and NaN in the sketch)
+                state["Y_sketch"] = U_new * state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
         if group["adaptive_rank"] and step % group["rank_update_interval"] == 0:
             sort_tracked(state)  # the active directions are the first r: make them the top r
             Lam_now = state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
