@@ -18,7 +18,8 @@ OPTIMIZERS = {
     "kl_shampoo": lambda ps, **kw: KLShampoo(ps, lr=1e-3, precondition_frequency=2, **kw),
     "kl_soap": lambda ps, **kw: KLSOAP(ps, lr=1e-3, precondition_frequency=2, **kw),
     "pro_kl_shampoo": lambda ps, **kw: ProKLShampoo(ps, lr=1e-3, rank=2, precondition_frequency=2, **kw),
-    "muon_spectral": lambda ps, **kw: Muon(ps, lr=0.02, ns_method="spectral", **kw),
+    # the spectral NS takes an eigh, so fp32 (Muon's default matmul_dtype is bf16 since issue 12)
+    "muon_spectral": lambda ps, **kw: Muon(ps, lr=0.02, ns_method="spectral", matmul_dtype="float32", **kw),
 }
 # (optimizer, decomposition it runs) for the fault-injection tests
 FAULT_CASES = [
@@ -107,7 +108,8 @@ def test_spectral_factor_on_rank_one_at_99_steps():
 @pytest.mark.parametrize("ns_method", ["gram", "auto", "spectral"])
 def test_muon_rank_one_gradient_with_many_ns_steps(name, ns_method):
     W = nn.Parameter(torch.randn(16, 48))
-    opt = OPTIMIZERS[name]([W], ns_steps=20, ns_method=ns_method)
+    fp32 = {"matmul_dtype": "float32"} if ns_method == "spectral" else {}  # an eigh: fp32 (bf16 default refuses)
+    opt = OPTIMIZERS[name]([W], ns_steps=20, ns_method=ns_method, **fp32)
     for _ in range(3):
         W.grad = rank_one(16, 48)
         opt.step()

@@ -726,8 +726,8 @@ def test_global_matmul_precision_is_restored():
 
 
 def test_stacking_follows_the_batching_policy(monkeypatch):
-    """SOAP batches same-shape matrices only where whiten.linalg.stacking_helps says so (not on CPU);
-    forced to stack (as on an accelerator) it still equals stepping them one at a time."""
+    """SOAP batches same-shape matrices only where whiten.linalg.stacking_helps says so (on CPU: small
+    matrices only); stacked, it equals stepping them one at a time."""
     import whiten.optim.soap as soap_module
 
     gen = torch.Generator().manual_seed(8)
@@ -743,8 +743,14 @@ def test_stacking_follows_the_batching_policy(monkeypatch):
     for p in params:
         p.grad = torch.randn(6, 5, generator=gen, dtype=F64)
     opt.step()
-    assert calls == [1, 1, 1]  # CPU: one matrix per pass
-    monkeypatch.setattr(soap_module, "stacking_helps", lambda device: True)
+    assert calls == [3]  # CPU, matrices of at most 2^16 entries: one batched pass
+    calls.clear()
+    large = [torch.randn(300, 300, generator=gen, dtype=F64, requires_grad=True) for _ in range(2)]
+    for p in large:
+        p.grad = torch.randn(300, 300, generator=gen, dtype=F64)
+    SOAP(large, lr=0.03).step()
+    assert calls == [1, 1]  # CPU, larger matrices: one matrix per pass
+    monkeypatch.setattr(soap_module, "stacking_helps", lambda device, shape=None: True)
     calls.clear()
     stacked = SOAP(alone, lr=0.03)
     for a, b in zip(params, alone, strict=True):
