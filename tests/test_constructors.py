@@ -62,3 +62,14 @@ def test_constructor_option_names_are_what_the_constructor_takes(cls: type) -> N
         cls([W], lr=0.01, **{"not_an_option": 1})
     rekls = REKLS.constructor_option_names()  # followed through **options to SOAP, less what REKLS fixes
     assert "power_iter_steps" in rekls and "use_eigh" not in rekls
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_param_groups_hold_only_checked_options(cls: type) -> None:
+    """A constructor's helper locals must not leak into the groups (Muon once stored ``muon_map``)."""
+    from whiten.optim.base import COMMON_CHECKS
+
+    opt = cls([torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4))], lr=0.02)
+    for group in opt.param_groups:
+        unchecked = set(group) - set(opt.option_checks) - set(COMMON_CHECKS) - {"params", "param_names"}
+        assert not unchecked, f"{cls.__name__} group keys without a check: {sorted(unchecked)}"

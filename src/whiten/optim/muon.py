@@ -340,6 +340,7 @@ class Muon(_SpectralMomentum):
         compile_ns: bool = False,
         **common: Unpack[CommonOptions],
     ) -> None:
+        options = _with_ns_dtype(constructor_options(locals()))  # before any other local is defined
         # HTMuon's options at their Muon values (power 0 is plain Newton–Schulz), so one step serves both
         muon_map = dict(
             power=0.0,
@@ -350,7 +351,7 @@ class Muon(_SpectralMomentum):
             normuon_beta2=0.95,
             ns_ridge=1e-6,
         )
-        super().__init__(params, {**_with_ns_dtype(constructor_options(locals())), **muon_map})
+        super().__init__(params, {**options, **muon_map})
 
 
 class HTMuon(_SpectralMomentum):
