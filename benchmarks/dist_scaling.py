@@ -48,17 +48,23 @@ from pathlib import Path
 import torch
 
 from whiten.bench import launch as wl
-from whiten.optim import HTMuon, KLShampoo, Muon, ProKLShampoo
 from whiten.optim import distributed as wd
-from whiten.optim.soap import SOAP
+from whiten.optim import registry
 
-OPTIMIZERS = {
-    "Muon": lambda p: Muon(p, lr=0.02),
-    "HTMuon": lambda p: HTMuon(p, lr=0.05),
-    "SOAP": lambda p: SOAP(p, lr=3e-3, precondition_frequency=10),
-    "KLShampoo": lambda p: KLShampoo(p, lr=3e-3),
-    "ProKLShampoo": lambda p: ProKLShampoo(p, lr=3e-3, rank=128),
+# registry names (one spelling across every command) and the options of this benchmark: the lr sets only
+# the step size, not the cost or the traffic being measured
+OPTIMIZERS: dict[str, dict] = {
+    "muon": {"lr": 0.02},
+    "htmuon": {"lr": 0.05},
+    "soap": {"lr": 3e-3, "precondition_frequency": 10},
+    "kl-shampoo": {"lr": 3e-3},
+    "pro-kls-r128": {"lr": 3e-3},
 }
+
+
+def build(name: str, params) -> torch.optim.Optimizer:
+    """The registry's optimizer ``name`` with this benchmark's options."""
+    return registry.get(name).build(params, **OPTIMIZERS[name])
 
 
 def gpt2_small_matrices(layers: int = 12, d: int = 768) -> list[tuple[int, int]]:
@@ -69,8 +75,8 @@ def gpt2_small_matrices(layers: int = 12, d: int = 768) -> list[tuple[int, int]]
 def model_table(shapes: list[tuple[int, int]], worlds: list[int], itemsize: int = 4) -> list[dict]:
     rows = []
     total_bytes = sum(m * n for m, n in shapes) * itemsize
-    for name, make in OPTIMIZERS.items():
-        optimizer = make(torch.nn.Linear(2, 2).parameters())
+    for name in OPTIMIZERS:
+        optimizer = build(name, torch.nn.Linear(2, 2).parameters())
         group = optimizer.param_groups[0]
         costs = [wd.matrix_flops(optimizer, shape, group) for shape in shapes]
         gathered = wd.gathered_tensors(optimizer, group)  # to the map per matrix: U, (M, G), or (param, grad)
@@ -152,7 +158,7 @@ def worker(out: Path, names: list[str], steps: int, warmup: int) -> None:
                 model = DistributedDataParallel(model)
             elif kind == "fsdp":
                 fully_shard(model)
-            optimizer = OPTIMIZERS[name](model.parameters())
+            optimizer = build(name, model.parameters())
             optimizer.set_distributed_mode(mode)
             times, cpu = [], []
             for step in range(warmup + steps):
@@ -228,7 +234,7 @@ def check_and_print_measurement(rows: list[dict]) -> None:
             continue
         model_bytes = None
         if r["world"] == 2:
-            optimizer = OPTIMIZERS[r["optimizer"]](torch.nn.Linear(2, 2).parameters())
+            optimizer = build(r["optimizer"], torch.nn.Linear(2, 2).parameters())
             group = optimizer.param_groups[0]
             owners = wd.assign_owners([wd.matrix_flops(optimizer, s, group) for s in MEASURE_SHAPES], 2)
             own = sum(m * n for (m, n), o in zip(MEASURE_SHAPES, owners, strict=True) if o == 0) * 4
