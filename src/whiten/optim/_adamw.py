@@ -64,7 +64,9 @@ def apply_update_(
     Decoupled weight decay through :func:`decay_and_update_`. ``update_scale`` folds a scalar factor
     (Muon's shape factor) into the ``add_`` instead of a pass over ``update``.
     """
-    decay_and_update_(param, update, alpha=-lr * update_scale, decay=1.0 - lr * weight_decay, decay_first=decay_first)
+    # no decay pass when weight_decay is 0, also for a tensor lr (whose product would always be a tensor)
+    decay = 1.0 if weight_decay == 0.0 else 1.0 - lr * weight_decay
+    decay_and_update_(param, update, alpha=-lr * update_scale, decay=decay, decay_first=decay_first)
 
 
 def adamw_step_(

@@ -210,9 +210,10 @@ class KLFactored(PhasedOptimizer):
         """One step of an ``m x n`` matrix after the initialisation step, refreshes amortised over ``T``.
 
         Every step: the direction (KL-Shampoo: ``M`` into the eigenbasis and back; KL-SOAP: ``G`` in, the
-        Adam direction out), the statistics ``G Q_R``, ``Q_L^T G``, the cheaper product for ``E`` and the two
-        whitened Grams. A refresh: one orthogonal-iteration step per factor (KL-SOAP also rotates its
-        momentum out and back in). Tensors with more than two dims are counted as their ``(m, rest)`` matrix.
+        Adam direction out), the statistics ``G Q_R``, ``Q_L^T G``, the cheaper product for ``E`` (KL-SOAP:
+        the last two are products of its rotation of ``G``) and the two whitened Grams. A refresh: one
+        orthogonal-iteration step per factor (KL-SOAP also rotates its momentum out and back in). Tensors
+        with more than two dims are counted as their ``(m, rest)`` matrix.
         """
         m, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
         left, right = m <= group["max_precond_dim"], n <= group["max_precond_dim"]
@@ -220,6 +221,8 @@ class KLFactored(PhasedOptimizer):
         if left and right:
             cheaper_E = min(matmul_flops(m, m, n), matmul_flops(m, n, n), key=lambda c: c.matmul)
             stats = rotation_flops(m, n) + cheaper_E + gram_flops(m, n) + gram_flops(n, m)
+            if group["preconditioner"] == "adam":  # Q_L^T G and E come with the rotation of G into the basis
+                stats = matmul_flops(m, n, n) + gram_flops(m, n) + gram_flops(n, m)
         else:  # kl_tensor_statistics: the Gram of the preconditioned side and its rotation for E
             stats = NONE_FLOPS
             if left:
@@ -343,6 +346,7 @@ class KLFactored(PhasedOptimizer):
         step = state["step"]
 
         # (1) direction from the OLD basis and eigenvalues
+        QG_adam: Tensor | None = None  # KL-SOAP's Q_L^T G, reused by the statistics (2)
         if group["preconditioner"] == "kl":
             if M is None:
                 raise ValueError("KL-Shampoo's _kl_step needs the momentum M from its direction phase")
@@ -355,7 +359,12 @@ class KLFactored(PhasedOptimizer):
             precond = D if denom is None else D / (denom + eps)
         else:
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            G_rot = rotate_all(G, bases).to(G.dtype)  # the moments are fp32 (fp64) whatever matmul_dtype
+            if len(bases) == 2 and bases[0] is not None and bases[1] is not None:
+                QG_adam = bases[0].mT @ G  # (Q_L^T G) Q_R: both products are reused by the statistics (2)
+                G_rot_wide = QG_adam @ bases[1]
+            else:
+                G_rot_wide = rotate_all(G, bases)
+            G_rot = G_rot_wide.to(G.dtype)  # the moments are fp32 (fp64) whatever matmul_dtype
             exp_avg.lerp_(G_rot, 1.0 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(G_rot, G_rot, value=1.0 - beta2)
             precond = exp_avg / exp_avg_sq.sqrt().add_(eps)
@@ -368,9 +377,12 @@ class KLFactored(PhasedOptimizer):
         lam_L, lam_R = lams if len(lams) == 2 else (None, None)
         if Q_L is not None and Q_R is not None and lam_L is not None and lam_R is not None:
             GQ = G @ Q_R
-            QG = Q_L.mT @ G
             m, n = G.shape
-            E = (Q_L.mT @ GQ if m <= n else QG @ Q_R).to(G.dtype)  # the cheaper of the two products
+            if QG_adam is not None:  # KL-SOAP rotated G in (1) already: E = Q_L^T G Q_R is its G_rot
+                QG, E = QG_adam, G_rot
+            else:
+                QG = Q_L.mT @ G
+                E = (Q_L.mT @ GQ if m <= n else QG @ Q_R).to(G.dtype)  # the cheaper of the two products
             factor_targets = kl_factor_targets(G, Q_L, lam_L, Q_R, lam_R, rotated=(GQ, QG))
             lam_targets = kl_eigenvalue_targets(E, lam_L, lam_R)
         else:

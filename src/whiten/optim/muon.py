@@ -246,7 +246,7 @@ class _SpectralMomentum(PhasedOptimizer):
             power_map = (
                 matmul_flops(s, l, s)
                 + rounds * (3 * _SQRT_STEPS - 3) * matmul_flops(s, s, s)
-                + newton_schulz_flops((m, n), group["ns_steps"], group["ns_method"], dtype)
+                + ns
                 + matmul_flops(s, s, l)
             )
         every = group["interval"]

@@ -77,7 +77,7 @@ class OptimizerSpec:
             if set_by and key in set_by:
                 raise ValueError(f"optimizer {self.name!r}: option {key!r} is set by {set_by[key]}, not as an option")
             if key not in valid and key in getattr(self.cls, "fixed_options", ()):
-                break  # the constructor below says which value the class fixes
+                continue  # the constructor below says which value the class fixes
             if key not in valid:
                 raise ValueError(
                     f"optimizer {self.name!r} ({self.cls.__name__}) has no option {key!r}; "
