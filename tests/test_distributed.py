@@ -454,8 +454,9 @@ def test_kronecker_flops_follow_the_methods() -> None:
         return wd.matrix_flops(optimizer, shape, optimizer.param_groups[0])
 
     shape = (768, 3072)
-    # KL-SOAP: KL-Shampoo's factors and refreshes, plus its momentum rotated at every refresh
-    assert flops(KLShampoo, shape) < flops(KLSOAP, shape) < 1.2 * flops(KLShampoo, shape)
+    # KL-SOAP: KL-Shampoo's factors and refreshes, plus its momentum rotated at every refresh, minus the two
+    # statistics products it takes from its rotation of G: within 20% of KL-Shampoo, below it at this shape
+    assert 0.8 * flops(KLShampoo, shape) < flops(KLSOAP, shape) < flops(KLShampoo, shape)
     # Pro-KL's O(m^2 n + m n r) + NS work is below KL-Shampoo's O(m^2 n + m n^2)
     assert flops(ProKLShampoo, shape, rank=128) < 0.7 * flops(KLShampoo, shape)
     # refreshing the bases less often costs less
