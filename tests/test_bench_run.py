@@ -385,3 +385,23 @@ def test_lr_flag_merges_with_the_preset_lrs():
     assert cfg.lr_for("pro-kls-r32") == PRESETS["mini"]["lrs"]["pro-kls-r32"] != get_spec("pro-kls-r32").default_lr
     plain = build_config(build_parser().parse_args(["bench", "--lr", "muon=0.02"]))
     assert plain.lr_for("pro-kls-r16") == get_spec("pro-kls-r16").default_lr and plain.lrs == {"muon": 0.02}
+
+
+def test_jobs_runs_in_parallel_processes_with_the_same_results(corpus, tmp_path, capsys):
+    args = ["--optimizers", "adamw,muon", "--steps", "6", "--seeds", "0,1"]
+    assert _bench(corpus, tmp_path / "serial", *args) == 0
+    assert _bench(corpus, tmp_path / "parallel", *args, "--jobs", "2") == 0
+    for run_id in ("adamw-s0", "adamw-s1", "muon-s0", "muon-s1"):
+        serial = _train_losses(tmp_path / "serial", run_id)
+        assert serial and serial == _train_losses(tmp_path / "parallel", run_id)
+    summary = json.loads((tmp_path / "parallel" / "summary.json").read_text())
+    assert summary["config"]["jobs"] == 2
+    assert [r["label"] for r in summary["runs"]] == ["adamw", "adamw", "muon", "muon"]
+    # a resumed parallel run keeps the finished runs and may change --jobs
+    assert main(["bench", "--out", str(tmp_path / "parallel"), "--resume", "--jobs", "1", "--no-progress"]) == 0
+
+
+def test_jobs_must_be_a_positive_integer(corpus, tmp_path, capsys):
+    assert _bench(corpus, tmp_path / "o", "--optimizers", "adamw", "--steps", "2", "--jobs", "0") == 2
+    assert "--jobs 0 must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

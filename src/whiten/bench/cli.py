@@ -45,6 +45,30 @@ _PAPER_SCALE = {
 }
 _TINY = {"ctx": 64, "batch_size": 16, "steps": 500, "eval_batches": 8, "threads": 1}
 
+_CLAIMS_OPTIMIZERS = [
+    "adamw",
+    "muon",
+    "htmuon",
+    "soap",
+    "klsoap",
+    "kl-shampoo",
+    "pro-kls-r8",
+    "pro-kls-r16",
+    "pro-kls-r32",
+    "pro-kls-r64",
+]
+_CLAIMS: dict[str, Any] = {
+    "model": "gpt-mini",
+    "ctx": 128,
+    "batch_size": 8,
+    "steps": 400,
+    "eval_batches": 8,
+    "threads": 1,
+    "jobs": 2,
+    "seeds": [0, 1, 2],
+    "record_every": 100,
+    "optimizers": _CLAIMS_OPTIMIZERS,
+}
 # warmup (5%), eval_every (steps/24) and checkpoint_every (steps/6) scale with --steps unless given
 PRESETS: dict[str, dict[str, Any]] = {
     # `make bench`: ~0.2M-parameter GPT on bytes, a few minutes on 2 shared CPU cores
@@ -69,6 +93,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizers": ["adamw", "muon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32"],
         "lrs": {"adamw": 1e-3, "muon": 4e-2, "kl-shampoo": 3e-2, "pro-kls-r16": 3e-3, "pro-kls-r32": 3.33e-3},
     },
+    # the claims page (docs/claims.md): GPT-2- and LLaMA-style models of the same size (~0.85M), every optimizer,
+    # Pro-KLShampoo at ranks 8-64, 3 seeds, diagnostics recorded; two runs at a time (about an hour on 2 cores
+    # for each family). At paper scale on a GPU: `--model gpt2-124m --tokenizer gpt2 --ctx 1024 --device cuda --jobs 1`
+    "claims": _CLAIMS,
+    "claims-llama": {**_CLAIMS, "model": "llama-mini"},
     # ~10.7M parameters: hours on a CPU; minutes on a GPU
     "small": {
         "model": "gpt-small",
@@ -109,6 +138,7 @@ _FIELDS = (
     "record_every",
     "device",
     "threads",
+    "jobs",
     "precision",
     "optimizers",
     "lrs",
@@ -187,6 +217,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "(default: bf16 on a CUDA device with bf16 or a CPU with AVX512-BF16/AMX, else fp32)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default preset: 1, steadier on a shared CPU)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="runs trained at once, each in its own process with --threads threads (default 1); the results are "
+        "the same, wall-clock shares the machine (CPU time is reported beside it)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the runs saved in --out from their checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # testing: checkpoint and stop after N steps
@@ -294,7 +330,7 @@ def _prepare(args: argparse.Namespace, kind: str) -> tuple[BenchConfig, Path]:
         saved = json.loads(config_path.read_text())
         cfg = BenchConfig.from_dict(saved["bench"])
         for key, value in _explicit(args).items():
-            if key in ("device", "threads"):
+            if key in ("device", "threads", "jobs"):
                 setattr(cfg, key, value)  # where and how fast it runs may change on resume
             elif getattr(cfg, key) != value:
                 raise ValueError(

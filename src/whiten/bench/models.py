@@ -61,6 +61,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     "gpt-mini": ModelConfig("gpt", n_layer=4, n_head=4, d_model=128, ctx=128),
     "gpt-small": ModelConfig("gpt", n_layer=6, n_head=6, d_model=384, ctx=256),
     "llama-tiny": ModelConfig("llama", n_layer=4, n_head=4, d_model=64, ctx=128),
+    "llama-mini": ModelConfig("llama", n_layer=4, n_head=4, d_model=128, ctx=128),
     "llama-small": ModelConfig("llama", n_layer=6, n_head=6, d_model=384, ctx=256),
     "gpt2-124m": ModelConfig("gpt", n_layer=12, n_head=12, d_model=768, ctx=1024),
     "gpt2-350m": ModelConfig("gpt", n_layer=24, n_head=16, d_model=1024, ctx=1024),

@@ -71,6 +71,7 @@ class BenchConfig:
     record_every: int = 0
     device: str = "cpu"
     threads: int | None = 1
+    jobs: int = 1  # runs trained at once, each in its own process (``threads`` torch threads each)
     preset: str | None = None
     precision: str | None = None  # "fp32" or "bf16" (mixed); None -> the device's default (whiten.bench.precision)
 
@@ -136,6 +137,10 @@ class BenchConfig:
             raise ValueError(f"--record-every {self.record_every} must be >= 0 (0 = off)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads} must be >= 1")
+        if not (isinstance(self.jobs, int) and self.jobs >= 1):
+            raise ValueError(f"--jobs {self.jobs} must be an integer >= 1")
+        if self.jobs > 1 and launched():
+            raise ValueError("--jobs > 1 cannot be combined with --nproc; use one or the other")
         try:
             torch.device(self.device)
         except RuntimeError:
@@ -526,7 +531,19 @@ def run_all(
     stop_after: int | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
-    """Run every spec in order; returns ``(results, complete)``."""
+    """Run every spec (``cfg.jobs`` at a time); returns ``(results, complete)`` with results in spec order."""
+    if cfg.jobs > 1 and len(specs) > 1:
+        return _run_parallel(
+            cfg,
+            specs,
+            model_config,
+            data,
+            out,
+            resume=resume,
+            progress=progress,
+            stop_after=stop_after,
+            on_result=on_result,
+        )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     results = []
@@ -550,3 +567,90 @@ def run_all(
             if on_result is not None:
                 on_result(result)
     return results, True
+
+
+# The worker processes of ``--jobs``: the corpus is sent once per process, not once per run.
+_WORKER_DATA: TokenData | None = None
+
+
+def _init_worker(threads: int | None, data: TokenData) -> None:
+    global _WORKER_DATA
+    _WORKER_DATA = data
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: each worker checkpoints its run and returns None
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_run(
+    cfg: BenchConfig, spec: RunSpec, model_config: ModelConfig, run_dir: Path, resume: bool, stop_after: int | None
+) -> dict[str, Any] | None:
+    assert _WORKER_DATA is not None
+    stop = StopFlag()
+    with stop.installed():
+        return run_one(
+            cfg,
+            spec,
+            model_config,
+            _WORKER_DATA,
+            run_dir,
+            resume=resume,
+            progress=False,
+            stop=stop,
+            stop_after=stop_after,
+        )
+
+
+def _run_parallel(
+    cfg: BenchConfig,
+    specs: list[RunSpec],
+    model_config: ModelConfig,
+    data: TokenData,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    on_result: Callable[[dict[str, Any]], None] | None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """``--jobs N``: N worker processes, a fresh one per run (so each run's peak RSS is its own).
+
+    Each run is the same computation as in one process (the runs are deterministic given the settings); its
+    wall-clock shares the machine with the other jobs, which is why the process CPU time is reported beside it.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools or CUDA contexts
+    results: dict[int, dict[str, Any] | None] = {}
+    bar = tqdm(total=len(specs), desc=f"runs ({cfg.jobs} jobs)", disable=not progress, dynamic_ncols=True)
+    with ProcessPoolExecutor(
+        max_workers=cfg.jobs,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(cfg.threads, data),
+        max_tasks_per_child=1,
+    ) as pool:
+        futures = {
+            pool.submit(_worker_run, cfg, spec, model_config, out / "runs" / spec.run_id, resume, stop_after): i
+            for i, spec in enumerate(specs)
+        }
+        stop = StopFlag()
+        with stop.installed():  # first Ctrl-C: no new runs; the running ones checkpoint (they get it too)
+            for future in as_completed(futures):
+                if future.cancelled():
+                    continue
+                index = futures[future]
+                results[index] = future.result()
+                bar.update(1)
+                if results[index] is not None and on_result is not None:
+                    on_result(results[index])
+                if stop.requested:
+                    for pending in futures:
+                        pending.cancel()
+    bar.close()
+    ordered = [results.get(i) for i in range(len(specs))]
+    done = [r for r in ordered if r is not None]
+    return done, len(done) == len(specs)
