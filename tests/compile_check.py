@@ -27,9 +27,9 @@ OPTIMIZERS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
     "soap-eigh": lambda p: whiten.SOAP(p, lr=3e-3, use_eigh=True),
     "rekls": lambda p: whiten.REKLS(p, lr=3e-3),
     "klsoap": lambda p: whiten.KLSOAP(p, lr=3e-3),
-    "klshampoo": lambda p: whiten.KLShampoo(p, lr=3e-3),
-    "proklshampoo-lowrank": lambda p: whiten.ProKLShampoo(p, lr=3e-3, rank=2),
-    "proklshampoo-fullrank": lambda p: whiten.ProKLShampoo(p, lr=3e-3, rank=64),
+    "kl-shampoo": lambda p: whiten.KLShampoo(p, lr=3e-3),
+    "pro-kls-r2": lambda p: whiten.ProKLShampoo(p, lr=3e-3, rank=2),
+    "pro-kls-r64": lambda p: whiten.ProKLShampoo(p, lr=3e-3, rank=64),
 }
 
 

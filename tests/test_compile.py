@@ -8,7 +8,7 @@ from compile_check import relative_difference
 from whiten.optim._adamw import apply_update_, decay_and_update_
 
 
-@pytest.mark.parametrize("name", ["muon", "soap", "klshampoo"])  # every optimizer: make compile-check
+@pytest.mark.parametrize("name", ["muon", "soap", "kl-shampoo"])  # every optimizer: make compile-check
 def test_compiled_step_equals_eager(name):
     # the model has biases and a LayerNorm gain: the AdamW half's fused kernel used to fail to compile
     assert relative_difference(name, steps=3, backend="aot_eager") < 1e-10
