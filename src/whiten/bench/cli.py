@@ -8,8 +8,10 @@ in order: the command line, the ``--preset`` (``default`` unless named), the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -375,9 +377,23 @@ def _load(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
             "device": cfg.device,
             "threads": torch.get_num_threads() if cfg.threads is None else cfg.threads,
             "cpu": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "cuda_device": torch.cuda.get_device_name(torch.device(cfg.device))
+            if cfg.device.startswith("cuda") and torch.cuda.is_available()
+            else None,
         },
     }
     return data, mcfg, info
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux), for the machine line of the reports."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or None
 
 
 def _header(cfg: BenchConfig, info: dict[str, Any], out: Path) -> None:

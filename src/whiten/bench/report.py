@@ -107,6 +107,7 @@ def summarize(out: Path, config: dict[str, Any], results: list[dict[str, Any]], 
             "optimizer_ms_per_step": _stats([1e3 * r["optimizer_time_s"] / max(1, r["steps"]) for r in mine]),
             "optimizer_state_bytes": _stats([r["optimizer_state_bytes"] for r in mine]),
             "peak_rss_bytes": _stats([r["peak_rss_bytes"] for r in mine]),
+            "peak_cuda_bytes": _stats([r.get("peak_cuda_bytes") for r in mine]),  # n = 0 on a CPU run
             "steps": steps,
             "to_target": [],
         }
@@ -139,7 +140,13 @@ def summarize(out: Path, config: dict[str, Any], results: list[dict[str, Any]], 
             entry["time_to_adamw_final_vs_adamw_time"] = seconds / adamw_time if seconds is not None else None
             entry["cpu_time_to_adamw_final_s"] = cpu
             entry["cpu_time_to_adamw_final_vs_adamw"] = cpu / adamw_cpu if cpu is not None and adamw_cpu else None
-    return {"config": config, "targets": targets, "runs": runs, "aggregate": aggregate, **(extra or {})}
+    summary = {"config": config, "targets": targets, "runs": runs, "aggregate": aggregate, **(extra or {})}
+    # imported here so that a plain benchmark never loads the diagnostics
+    from whiten.diagnostics.claims_table import has_pro_vs_kl, pro_vs_kl_table
+
+    if has_pro_vs_kl(summary):
+        summary["pro_vs_kl"] = pro_vs_kl_table(summary)  # the paper's table shape (docs/diagnostics/claims.md)
+    return summary
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -186,6 +193,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 else:
                     cells.append(f"{hit['seconds']['mean']:.1f} s ({hit['steps']['mean']:.0f})")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if summary.get("pro_vs_kl"):
+        from whiten.diagnostics.claims_table import format_pro_vs_kl_table
+
+        lines += ["", format_pro_vs_kl_table(summary["pro_vs_kl"])]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""``whiten diagnose {spike, spectra, alpha}``: the three instruments on the command line."""
+"""``whiten diagnose {spike, spectra, alpha, claims}``: the instruments and the claims page on the command line."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    diagnose = subparsers.add_parser("diagnose", help="diagnostics: spike rotation, factor spectra, weight alpha")
+    diagnose = subparsers.add_parser(
+        "diagnose", help="diagnostics: spike rotation, factor spectra, weight alpha, the claims page"
+    )
     inner = diagnose.add_subparsers(dest="instrument", metavar="INSTRUMENT")
     diagnose.set_defaults(func=lambda args: (diagnose.print_help(), 2)[1])
 
@@ -130,6 +132,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     alpha.add_argument("--min-tail", type=int, default=10)
     alpha.add_argument("--include", type=_csv(), help="only parameters whose name contains one of these")
     alpha.set_defaults(func=cmd_alpha)
+
+    claims = inner.add_parser(
+        "claims",
+        help="the seed papers' six claims settled by a claims bench run (docs/diagnostics/claims.md)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    claims.add_argument(
+        "results_dir",
+        type=Path,
+        help="folder holding the bench folders of both families (whiten bench --preset claims / claims-llama), "
+        "their sweeps, optionally a `whiten diagnose spike` output and kl_shampoo_investigation.md",
+    )
+    claims.add_argument("--out", type=Path, default=Path("docs/claims.md"), help="the markdown page to write")
+    claims.add_argument(
+        "--figures", type=Path, help="folder of the PNGs and claims.json (default: OUT's folder/img/claims)"
+    )
+    claims.set_defaults(func=cmd_claims)
 
 
 def _instrument(
@@ -295,6 +314,19 @@ def cmd_spectra(args: argparse.Namespace) -> int:
                 )
                 written.append(name)
         print(f"\nwrote {args.out}/spectra.json" + (f" and {', '.join(written)}" if written else ""))
+    return 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from whiten.diagnostics.claims import build_page
+
+    torch.set_num_threads(1)  # small matrices: one thread is fastest and reproducible
+    page = build_page(args.results_dir, args.out, args.figures)
+    for claim in page["claims"]:
+        print(f"claim {claim['number']}: {claim['verdict']:<17} {claim['evidence']}")
+    for note in page["notes"]:
+        print(note)
+    print(f"wrote {page['page']} and {len(page['figures'])} figures")
     return 0
 
 
