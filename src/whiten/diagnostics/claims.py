@@ -382,13 +382,19 @@ def claim_spike_and_flat(benches: dict[str, Bench], fig_dir: Path) -> Claim:
     return claim
 
 
+def _panel_factors(keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Both sides of the first matrix and of the first MLP matrix: the two shapes of a transformer block."""
+    first = keys[0][0]
+    mlp = next((layer for layer, _ in keys if "mlp" in layer), None)
+    return [k for k in keys if k[0] in (first, mlp)][:4]
+
+
 def _plot_spectra(curves: dict[str, dict[tuple[str, str], list]], synthetic: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     families = list(curves)
     fig, axes = plt.subplots(1, len(families) + 1, figsize=(4.5 * (len(families) + 1), 3.8), squeeze=False)
     for ax, family in zip(axes[0], families, strict=False):
-        layers = list(curves[family])
-        chosen = layers[:: max(1, len(layers) // 4)][:4]
+        chosen = _panel_factors(list(curves[family]))
         for i, key in enumerate(chosen):
             stages = curves[family][key]
             color = plt.get_cmap("tab10")(i)
@@ -449,7 +455,7 @@ def identity_checks(seed: int = 0) -> dict[str, float]:
         w_kl.grad, w_pro.grad = G.clone(), G.clone()
         kl.step()
         pro.step()
-        rank_n = max(rank_n, float((w_pro - w_kl).norm() / w_kl.norm()))
+        rank_n = max(rank_n, float((w_pro.detach() - w_kl.detach()).norm() / w_kl.detach().norm()))
     # (b) Identity A: orthogonalizing the left-whitened complement is KL whitening with the momentum's right factor
     M = torch.randn(m, n, dtype=f64, generator=gen)
     U = torch.linalg.qr(torch.randn(n, r, dtype=f64, generator=gen)).Q
@@ -468,7 +474,7 @@ def identity_checks(seed: int = 0) -> dict[str, float]:
     split = _sym_power(S_L, -0.5) @ (M @ U) @ torch.diag(Lam**-0.5) @ U.T + sigma**-0.5 * _sym_power(S_L, -0.5) @ M @ P
     powers = float((full - split).norm() / full.norm())
     # (d) Newton-Schulz keeps the complement: NS(Y) U = 0
-    ns = newton_schulz(Y)
+    ns = newton_schulz(Y, compute_dtype=f64)
     complement = float((ns @ U).norm() / ns.norm())
     return {
         "rank_n_vs_kl_shampoo_20_steps": rank_n,
@@ -502,9 +508,6 @@ def claim_identity() -> Claim:
     claim.verdict = verdict_of([v <= IDENTITY_TOL for v in checks.values()])
     claim.evidence = f"largest relative difference {max(checks.values()):.1e} in float64"
     claim.scale = "Exact algebra: the matrix size does not matter, so nothing here needs GPU scale."
-    claim.commands.append(
-        "whiten diagnose claims RESULTS_DIR  (runs the checks; tests/test_pro_kl_shampoo.py pins them)"
-    )
     return claim
 
 
@@ -752,12 +755,30 @@ def spike_parts(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         rows = run["tables"].get("Q_L", [])
         if not rows:
             continue
-        key = f"{run['label']} ({run['kl_init']} init)"
+        key = run["label"] if run["kl_init"] in run["label"] else f"{run['label']} ({run['kl_init']} init)"
         entry = out.setdefault(key, {"optimizer": run["label"], "kl_init": run["kl_init"]})
         entry[run["precision"]] = {
             "before": max(max(r["before_top1"], r["before_topk"]) for r in rows),
             "after": max(max(r["after_top1"], r["after_topk"]) for r in rows),
         }
+    return out
+
+
+def cpu_matmul_modes(size: int = 256, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Max error (relative to the largest entry) of an fp32 product at each matmul precision, native and emulated."""
+    from whiten.linalg import emulate_matmul_precision, matmul_precision
+
+    gen = torch.Generator().manual_seed(seed)
+    a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
+    exact = a.double() @ b.double()
+    scale = float(exact.abs().max())
+    out = {}
+    for precision in ("highest", "high", "medium"):
+        with matmul_precision(precision):
+            native = float(((a @ b).double() - exact).abs().max()) / scale
+        with emulate_matmul_precision(precision):
+            emulated = float(((a @ b).double() - exact).abs().max()) / scale
+        out[precision] = {"native": native, "emulated": emulated}
     return out
 
 
@@ -833,15 +854,34 @@ def claim_spike(sources: Sources, fig_dir: Path) -> tuple[Claim, dict[str, Any]]
     claim.figures.append(
         ("angle to the pre-spike basis vs step", plot_spike_angles(result, _fig(fig_dir, "claim6_spike_angles.png")))
     )
+    modes = cpu_matmul_modes()
+    claim.body += [
+        "",
+        "The CPU's own fp32 matmul modes (`torch.set_float32_matmul_precision`; a 256x256 product, max error "
+        "relative to the largest entry, against float64, measured now) and whiten's operand-rounding emulation "
+        "of the GPU formats:",
+        "",
+        "| precision | native CPU matmul | emulated (TF32 = 10-bit, bf16 = 7-bit operands) |",
+        "|---|---|---|",
+        *[f"| {p} | {v['native']:.2e} | {v['emulated']:.2e} |" for p, v in modes.items()],
+    ]
     claim.scale = (
         "TF32 is a GPU format. On the CPU, `whiten.linalg.emulate_global_matmul_precision` rounds every fp32 matmul "
         "operand to the mantissa of the current precision (10 bits for `high`) and accumulates in fp32, as a TF32 "
-        "tensor core would, but not with its exact rounding or accumulation order. The CPU's own reduced-precision "
-        "fp32 matmul (`torch.set_float32_matmul_precision('high')`) changes nothing on a CPU without AMX (it may use "
-        "bf16 on oneDNN/AMX machines), which is why the emulation exists. `--device cuda` uses real TF32."
+        "tensor core does, but not with its exact rounding or accumulation order, and the gradients come from a "
+        "CPU generator (the notebook's came from a CUDA one), so the digits differ from an H100's. The table above "
+        "shows what the CPU itself does with the setting: where the native error equals the `highest` one, the "
+        "CPU ignores it (a CPU has no TF32; oneDNN may take a reduced-precision path for `medium` on CPUs with bf16 "
+        "instructions, with an error far below a bf16 product's). `whiten diagnose spike --device cuda` uses real "
+        "TF32."
     )
+    config = result["config"]
     claim.commands.append(
-        "whiten diagnose spike --optimizers soap-kl,rekls --kl-init safe,peer --out RESULTS_DIR/spike"
+        "whiten diagnose spike "
+        f"--shape {config['shape'][0]}x{config['shape'][1]} --spike-at {config['spike_at']} --steps {config['steps']} "
+        f"--spike-scale {config['spike_scale']:g} --optimizers {','.join(config['optimizers'])} "
+        f"--precisions {','.join(config['precisions'])} --kl-init {','.join(config['kl_inits'])} "
+        f"--out {sources.spike.parent if sources.spike else sources.root / 'spike'}"
     )
     return claim, result
 
