@@ -120,6 +120,10 @@ def discover(results_dir: str | Path) -> Sources:
             _keep(found, found.benches, family, folder, "bench")
         elif (folder / "spike.json").is_file() and found.spike is None:
             found.spike = folder / "spike.json"
+        elif (folder / "config.json").is_file():
+            found.notes.append(
+                f"incomplete: {folder} has a config.json but no summary.json or sweep.json (still running?)"
+            )
     if (root / "kl_shampoo_investigation.md").is_file():
         found.investigation = root / "kl_shampoo_investigation.md"
     if not (found.benches or found.sweeps or found.spike):
