@@ -264,6 +264,13 @@ def test_page_numbers_are_the_summary_numbers(results, page):
         per_seed.append(statistics.fmean(a["alpha"] for a in last if a["name"].startswith("blocks.")))
     expected = f"HTMuon {statistics.fmean(per_seed):.3f} ± {statistics.stdev(per_seed):.3f}"
     assert expected in _section(text, 5)
+    # the sweep grid, with the best lr on the grid's edge flagged
+    sweep = json.loads((results / "sweep-gpt" / "sweep.json").read_text())
+    row = sweep["results"]["kl-shampoo"]
+    cells = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.4f}" for r in row)
+    edge = "**yes: widen the grid**" if sweep["best_on_grid_edge"]["kl-shampoo"] else "no"
+    assert f"| kl-shampoo | {cells} | {sweep['best_lr']['kl-shampoo']} | {edge} |" in text
+    assert "--grid kl-shampoo=" in text
     # claim 6: the saved spike run's angles
     spike = json.loads((results / "spike" / "spike.json").read_text())
     peer_high = next(r for r in spike["runs"] if r["kl_init"] == "peer" and r["precision"] == "high")

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from whiten.diagnostics.alpha import module_type_of
 from whiten.diagnostics.claims_table import (
     KL_LABEL,
     claim_cells,
@@ -173,18 +174,24 @@ class Bench:
 
     def command(self, out: str) -> str:
         """The ``whiten bench`` command line that reproduces this folder's config."""
-        cfg = self.config["bench"]
-        parts = ["whiten bench"] + ([f"--preset {cfg['preset']}"] if cfg.get("preset") else [])
-        for key in ("model", "steps", "ctx", "batch_size", "eval_every", "eval_batches", "record_every", "jobs"):
-            parts.append(f"--{key.replace('_', '-')} {cfg[key]}")
-        parts.append("--seeds " + ",".join(str(s) for s in cfg["seeds"]))
-        parts.append("--optimizers " + ",".join(cfg["optimizers"]))
-        if cfg.get("lrs"):
-            parts.append("--lr " + ",".join(f"{k}={v:g}" for k, v in cfg["lrs"].items()))
-        for key in ("data", "tokenizer", "device", "precision"):
-            if cfg.get(key):
-                parts.append(f"--{key} {cfg[key]}")
-        return " ".join([*parts, f"--out {out}"])
+        return training_command("bench", self.config["bench"], out)
+
+
+def training_command(kind: str, cfg: Mapping[str, Any], out: str, grid: Mapping[str, list[float]] | None = None) -> str:
+    """The ``whiten bench`` / ``whiten sweep`` command line of a saved ``config.json["bench"]`` (and sweep grid)."""
+    parts = [f"whiten {kind}"] + ([f"--preset {cfg['preset']}"] if cfg.get("preset") else [])
+    for key in ("model", "steps", "ctx", "batch_size", "eval_every", "eval_batches", "record_every", "jobs"):
+        parts.append(f"--{key.replace('_', '-')} {cfg[key]}")
+    parts.append("--seeds " + ",".join(str(s) for s in cfg["seeds"]))
+    parts.append("--optimizers " + ",".join(cfg["optimizers"]))
+    if cfg.get("lrs") and grid is None:
+        parts.append("--lr " + ",".join(f"{k}={v:g}" for k, v in cfg["lrs"].items()))
+    for name, values in (grid or {}).items():
+        parts.append(f"--grid {name}=" + ":".join(f"{v:g}" for v in values))
+    for key in ("data", "tokenizer", "device", "precision"):
+        if cfg.get(key):
+            parts.append(f"--{key} {cfg[key]}")
+    return " ".join([*parts, f"--out {out}"])
 
 
 @dataclass
@@ -326,12 +333,13 @@ def claim_spike_and_flat(benches: dict[str, Bench], fig_dir: Path) -> Claim:
         if not rows:
             continue
         per_family[family] = rows
-    if not per_family:
-        claim.body.append(
-            "No kl-shampoo run with recorded spectra (`--record-every`) was found in the bench folders: the training "
-            "part is not testable here."
-        )
-        verdicts.append(NOT_TESTABLE)
+    for family, name in FAMILIES.items():
+        if family not in per_family:
+            claim.body += [
+                f"**{name} ({family})**: no kl-shampoo run with recorded spectra (`--record-every`): not testable.",
+                "",
+            ]
+            verdicts.append(NOT_TESTABLE)
     for family, rows in per_family.items():
         steps = sorted({r["step"] for r in rows})
         claim.body += [
@@ -351,6 +359,23 @@ def claim_spike_and_flat(benches: dict[str, Bench], fig_dir: Path) -> Claim:
                 f"| {statistics.median(r['tail_max_over_min'] for r in mine):.3g} | {med['tail_am_gm']:.3f} "
                 f"| {statistics.median(r['spike_over_tail'] for r in mine):.3g} "
                 f"| {statistics.median(r['chosen_rank'] / r['dim'] for r in mine):.2f} | {ok}/{len(mine)} |"
+            )
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault((module_type_of(r["layer"]), r["side"]), []).append(r)
+        claim.body += [
+            "",
+            "By layer type and side (every stage and seed):",
+            "",
+            "| layer type | side | d | factors | tail CV (median) | lam1 / tail mean (median) | spike-and-flat |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for (kind, side), mine in groups.items():
+            claim.body.append(
+                f"| {kind} | {side} | {mine[0]['dim']} | {len(mine)} | "
+                f"{statistics.median(r['tail_cv'] for r in mine):.3f} | "
+                f"{statistics.median(r['spike_over_tail'] for r in mine):.3g} | "
+                f"{sum(r['spike_and_flat'] for r in mine)}/{len(mine)} |"
             )
         fraction = sum(r["spike_and_flat"] for r in rows) / len(rows)
         verdict = _shape_verdict(fraction)
@@ -608,6 +633,18 @@ def _plot_loss_vs_time(benches: dict[str, Bench], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _family_verdict(passes: Mapping[str, list[bool | None]], nothing: str) -> tuple[str, str]:
+    """Per family ``verdict_of`` its parts, combined over both families (a missing one: not testable)."""
+    verdict = combine_verdicts([verdict_of(passes.get(family, [])) for family in FAMILIES])
+    evidence = "; ".join(
+        f"{family}: {sum(bool(p) for p in parts)}/{len(parts)} parts pass" for family, parts in passes.items()
+    )
+    missing = [family for family in FAMILIES if not passes.get(family)]
+    if missing and passes:
+        evidence += f"; not measured: {', '.join(missing)}"
+    return verdict, evidence or nothing
+
+
 # --------------------------------------------------------------------------------------- claim 4
 def claim_kl_vs_soap(benches: dict[str, Bench]) -> Claim:
     claim = Claim(
@@ -622,7 +659,7 @@ def claim_kl_vs_soap(benches: dict[str, Bench]) -> Claim:
         'better or within noise ("SOAP-level"), its optimizer-state bytes better, each by the noise rule. '
         "Confirmed when every part passes in both families, partly when some do, refuted when none does."
     )
-    passes: list[bool | None] = []
+    passes: dict[str, list[bool | None]] = {}
     claim.body += [
         "| family | rival | final val loss (KL-Shampoo vs rival) | opt ms/step | opt state MiB | verdicts |",
         "|---|---|---|---|---|---|",
@@ -639,16 +676,14 @@ def claim_kl_vs_soap(benches: dict[str, Bench]) -> Claim:
             loss = compare(kl["final_val_loss"], other["final_val_loss"], "loss")
             step = compare(kl["optimizer_ms_per_step"], other["optimizer_ms_per_step"], "seconds")
             mem = compare(kl["optimizer_state_bytes"], other["optimizer_state_bytes"], "bytes")
-            passes += [loss == BETTER, not_worse(step), mem == BETTER]
+            passes.setdefault(family, []).extend([loss == BETTER, not_worse(step), mem == BETTER])
             claim.body.append(
                 f"| {family} | {rival} | {_fmt(kl['final_val_loss'])} vs {_fmt(other['final_val_loss'])} "
                 f"| {_fmt(kl['optimizer_ms_per_step'], '.1f')} vs {_fmt(other['optimizer_ms_per_step'], '.1f')} "
                 f"| {_mib(kl['optimizer_state_bytes'])} vs {_mib(other['optimizer_state_bytes'])} "
                 f"| loss {loss}, time {step}, memory {mem} |"
             )
-    claim.verdict = verdict_of(passes)
-    measured = [p for p in passes if p is not None]
-    claim.evidence = f"{sum(measured)}/{len(measured)} parts pass" if measured else "no kl-shampoo with soap/klsoap"
+    claim.verdict, claim.evidence = _family_verdict(passes, "no kl-shampoo with soap/klsoap")
     claim.scale = (
         "The optimizer ms/step at d_model 128 measures small-matrix overheads (QR and eigh of 128-512 wide "
         "factors on one CPU thread), not the large-matrix arithmetic that decides GPU step time; memory is exact "
@@ -685,7 +720,7 @@ def claim_htmuon(benches: dict[str, Bench], fig_dir: Path) -> Claim:
         "HTMuon vs Muon, must be better (lower) by the noise rule (floor 0.05), and the final val loss better "
         "(floor 0.01 nats). Confirmed when both pass in every family, partly when some do, refuted when none does."
     )
-    passes: list[bool | None] = []
+    passes: dict[str, list[bool | None]] = {}
     per_layer: dict[str, dict[str, dict[str, Any]]] = {}
     for family, bench in benches.items():
         if "htmuon" not in bench.aggregate or "muon" not in bench.aggregate:
@@ -699,7 +734,7 @@ def claim_htmuon(benches: dict[str, Bench], fig_dir: Path) -> Claim:
         }
         alpha_v = compare(mean_alpha["htmuon"], mean_alpha["muon"], "alpha")
         loss_v = compare(bench.aggregate["htmuon"]["final_val_loss"], bench.aggregate["muon"]["final_val_loss"], "loss")
-        passes += [alpha_v == BETTER, loss_v == BETTER]
+        passes[family] = [alpha_v == BETTER, loss_v == BETTER]
         layers = list(next(iter(alphas["muon"].values())))
         per_layer[family] = {
             label: {layer: seed_stats(a.get(layer) for a in runs.values()) for layer in layers}
@@ -719,9 +754,7 @@ def claim_htmuon(benches: dict[str, Bench], fig_dir: Path) -> Claim:
             mu, ht = per_layer[family]["muon"][layer], per_layer[family]["htmuon"][layer]
             claim.body.append(f"| {layer} | {_fmt(mu, '.3f')} | {_fmt(ht, '.3f')} | {compare(ht, mu, 'alpha')} |")
         claim.body.append("")
-    claim.verdict = verdict_of(passes)
-    measured = [p for p in passes if p is not None]
-    claim.evidence = f"{sum(measured)}/{len(measured)} parts pass (alpha, loss per family)" if measured else "no data"
+    claim.verdict, claim.evidence = _family_verdict(passes, "no htmuon and muon runs with weight_alpha records")
     if per_layer:
         claim.figures.append(
             ("power-law alpha per hidden matrix, Muon vs HTMuon", _plot_alpha(per_layer, fig_dir / "claim5_alpha.png"))
@@ -810,7 +843,8 @@ def claim_spike(sources: Sources, fig_dir: Path) -> tuple[Claim, dict[str, Any]]
 
         config = SpikeConfig(optimizers=("soap-kl", "rekls"), kl_inits=("safe", "peer"))
         result = run_spike_experiment(config).to_json()
-        origin = "computed now (defaults of `whiten diagnose spike`)"
+        origin = f"computed now (defaults of `whiten diagnose spike`; saved as {_fig(fig_dir, 'spike.json')})"
+        _fig(fig_dir, "spike.json").write_text(json.dumps(result, indent=1) + "\n")
     parts = spike_parts(result)
     cfg = result["config"]
     claim.body += [
@@ -923,6 +957,10 @@ def sweep_section(sources: Sources, benches: dict[str, Bench]) -> list[str]:
         lines += [
             f"**{FAMILIES[family]} ({family})**, `{path}`, {sweep['model']['name']}, {sweep['config']['steps']} steps, "
             f"seeds {sweep['config']['seeds']}:",
+            "",
+            "```bash",
+            training_command("sweep", sweep["config"], str(path), sweep["grid"]),
+            "```",
             "",
             "| optimizer | lr -> final val loss (mean over seeds) | best lr | on the grid's edge | bench lr |",
             "|---|---|---|---|---|",
