@@ -429,9 +429,11 @@ def _plot_spectra(curves: dict[str, dict[tuple[str, str], list]], synthetic: dic
             color = plt.get_cmap("tab10")(i)
             for j, (_step, eigs) in enumerate(stages):
                 ys = sorted(eigs, reverse=True)
+                k = max(1, min(TAIL_START, len(ys) // 4))
+                tail_mean = statistics.fmean(ys[k:]) or 1.0  # the rule's flat level: a flat tail sits at 1
                 ax.semilogy(
                     range(1, len(ys) + 1),
-                    [max(y, 1e-30) for y in ys],
+                    [max(y / tail_mean, 1e-6) for y in ys],
                     color=color,
                     alpha=0.35 + 0.65 * (j + 1) / len(stages),
                     lw=1,
@@ -439,9 +441,11 @@ def _plot_spectra(curves: dict[str, dict[tuple[str, str], list]], synthetic: dic
                 )
         for r in (8, 16, 32, 64):
             ax.axvline(r, color="grey", ls=":", lw=0.8)
+        ax.axhline(1.0, color="black", lw=0.6)
+        ax.axhline(SPIKE_RATIO, color="black", lw=0.6, ls="--")
         ax.set_title(f"{FAMILIES[family]}: kl-shampoo factors (faint = early)", fontsize=8)
         ax.set_xlabel("index (dotted: r = 8, 16, 32, 64)")
-        ax.set_ylabel("eigenvalue")
+        ax.set_ylabel(f"eigenvalue / tail mean (dashed: {SPIKE_RATIO:g}x)")
         ax.legend(fontsize=6)
     ax = axes[0][-1]
     eigs = synthetic["right_eigenvalues"]
