@@ -147,6 +147,12 @@ def test_pro_vs_kl_table_on_a_hand_made_summary():
     assert [hit["seconds"]["verdict"] for hit in r8["to_target"]] == [WORSE, NEITHER]
     # the claim's cells: loss, peak memory (RSS without a CUDA peak), wall-clock to each target
     assert claim_cells(table) == [NOISE, WORSE, WORSE, NEITHER, BETTER, NOISE, BETTER, BETTER]
+    # a summary without the CUDA peak (written before it existed): peak memory falls back to peak RSS
+    for entry in summary["aggregate"].values():
+        del entry["peak_cuda_bytes"]
+    old = pro_vs_kl_table(summary)
+    assert old["rows"][0]["cells"]["peak_cuda_bytes"]["verdict"] == MISSING
+    assert claim_cells(old) == claim_cells(table)
     text = format_pro_vs_kl_table(table)
     assert "| r=16 | 2.3000 ± 0.0200 vs 2.4000 ± 0.0100 ✓ |" in text
     assert "CUDA peak" not in text  # no CUDA run: no empty column

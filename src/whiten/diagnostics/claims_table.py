@@ -65,8 +65,12 @@ def _stat(entry: Any) -> dict[str, Any] | None:
     return {"mean": entry.get("mean"), "std": entry.get("std"), "n": entry.get("n")}
 
 
-def _cell(pro: Any, kl: Any, kind: str) -> dict[str, Any]:
+def _cell(pro: Any, kl: Any, kind: str, *, target: bool = False) -> dict[str, Any]:
+    """Both sides and the verdict; ``None`` means "not reached" for a to-target metric, "not recorded" otherwise."""
+    unknown = {"mean": None, "std": None, "n": 0}
     pro, kl = _stat(pro), _stat(kl)
+    if not target:
+        pro, kl = pro or unknown, kl or unknown  # e.g. a summary written before the metric existed
     return {"pro": pro, "kl": kl, "kind": kind, "verdict": compare(pro, kl, kind)}
 
 
@@ -92,7 +96,7 @@ def pro_vs_kl_table(summary: Mapping[str, Any]) -> dict[str, Any]:
                 "reached": {"pro": p_hit["reached"], "kl": k_hit["reached"]},
             }
             for key, _, kind in TARGET_METRICS:
-                entry[key] = _cell(p_hit.get(key), k_hit.get(key), kind)
+                entry[key] = _cell(p_hit.get(key), k_hit.get(key), kind, target=True)
             to_target.append(entry)
         rows.append({"rank": rank, "label": label, "cells": cells, "to_target": to_target})
     return {"baseline": KL_LABEL, "targets": targets, "rows": rows}
