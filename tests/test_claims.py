@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from whiten.cli import main
+from whiten.diagnostics.claims import discover
 from whiten.diagnostics.claims_table import claim_cells, format_pro_vs_kl_table, pro_vs_kl_table
 from whiten.diagnostics.compare import (
     BETTER,
@@ -295,6 +296,16 @@ def test_investigation_file_is_copied_and_bad_results_dirs_fail_clearly(results,
     assert "KL-Shampoo's lr was 10x too small (measured)." in text and "Not investigated" not in text
     assert "missing: no GPT-2-style (gpt) bench folder" in text
     assert "**Verdict: not testable here**" in _section(text, 3)
+    # another gpt bench without a claims preset (e.g. bench-default) does not displace the claims one
+    other = only_spike / "a-bench-default"
+    other.mkdir()
+    config = json.loads((results / "gpt" / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "bench": {**config["bench"], "preset": "default"}}))
+    (other / "summary.json").write_text((results / "gpt" / "summary.json").read_text())
+    (only_spike / "z-gpt").symlink_to(results / "gpt")
+    found = discover(only_spike)
+    assert found.benches["gpt"] == only_spike / "z-gpt"
+    assert any(note.startswith("ignored:") and "a-bench-default" in note for note in found.notes)
     capsys.readouterr()
     for bad, message in ((tmp_path / "nope", "is not a folder"), (tmp_path / "empty", "holds no bench")):
         if bad.name == "empty":

@@ -85,6 +85,7 @@ class Sources:
     spike: Path | None = None
     investigation: Path | None = None
     notes: list[str] = field(default_factory=list)
+    from_claims_preset: dict[str, set[str]] = field(default_factory=lambda: {"bench": set(), "sweep": set()})
 
 
 def _read_json(path: Path) -> Any:
@@ -104,7 +105,8 @@ def _family(info: Mapping[str, Any], path: Path) -> str:
 def discover(results_dir: str | Path) -> Sources:
     """Find the bench (``summary.json`` + ``config.json``), sweep (``sweep.json``) and spike folders.
 
-    Looks at ``results_dir`` and its sub-folders two levels down; the family is the model's ``arch``.
+    Looks at ``results_dir`` and its sub-folders two levels down; the family is the model's ``arch``. Of
+    several folders of one family and kind, one made with a ``claims`` preset wins, else the first in name order.
     """
     root = Path(results_dir)
     if not root.is_dir():
@@ -114,11 +116,11 @@ def discover(results_dir: str | Path) -> Sources:
     candidates += [q for p in candidates[1:] for q in sorted(p.iterdir()) if q.is_dir() and q.name != "runs"]
     for folder in candidates:
         if (folder / "sweep.json").is_file():
-            family = _family(_read_json(folder / "sweep.json"), folder)
-            _keep(found, found.sweeps, family, folder, "sweep")
+            info = _read_json(folder / "sweep.json")
+            _keep(found, found.sweeps, _family(info, folder), folder, "sweep", info["config"].get("preset"))
         elif (folder / "summary.json").is_file() and (folder / "config.json").is_file():
-            family = _family(_read_json(folder / "config.json"), folder)
-            _keep(found, found.benches, family, folder, "bench")
+            info = _read_json(folder / "config.json")
+            _keep(found, found.benches, _family(info, folder), folder, "bench", info["bench"].get("preset"))
         elif (folder / "spike.json").is_file() and found.spike is None:
             found.spike = folder / "spike.json"
         elif (folder / "config.json").is_file():
@@ -139,11 +141,17 @@ def discover(results_dir: str | Path) -> Sources:
     return found
 
 
-def _keep(found: Sources, table: dict[str, Path], family: str, folder: Path, kind: str) -> None:
-    if family in table:
-        found.notes.append(f"ignored: a second {family} {kind} folder {folder} (using {table[family]})")
-    else:
+def _keep(found: Sources, table: dict[str, Path], family: str, folder: Path, kind: str, preset: str | None) -> None:
+    """One folder per family and kind: the first one made with a ``claims`` preset, else the first found."""
+    claims = (preset or "").startswith("claims")
+    if family not in table or (claims and family not in found.from_claims_preset[kind]):
+        if family in table:
+            found.notes.append(f"ignored: {table[family]} ({family} {kind}; {folder} has a claims preset)")
         table[family] = folder
+        if claims:
+            found.from_claims_preset[kind].add(family)
+    else:
+        found.notes.append(f"ignored: a second {family} {kind} folder {folder} (using {table[family]})")
 
 
 @dataclass
