@@ -1,6 +1,6 @@
 """Pure tensor kernels (no optimizer state): Newton–Schulz, spectral maps, eigen/QR, precision."""
 
-from whiten.linalg.batching import map_batched, stacking_helps
+from whiten.linalg.batching import batched_addmm, map_batched, stack_groups, stacking_helps
 from whiten.linalg.eigen import (
     eigh_descending,
     orthogonal_iteration,
@@ -90,6 +90,7 @@ __all__ = [
     "STREAM_STARTS",
     "FlopCount",
     "NSSchedule",
+    "batched_addmm",
     "check_matmul_dtype",
     "check_precision",
     "clamp_eigenvalues",
@@ -140,6 +141,7 @@ __all__ = [
     "sort_basis",
     "sorted_orthogonal_iteration",
     "spike_flat_statistics",
+    "stack_groups",
     "stacking_helps",
     "svd_flops",
     "svd_thin",

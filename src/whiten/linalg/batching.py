@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar, cast
 
 import torch
@@ -24,12 +24,31 @@ def stacking_helps(device: torch.device, shape: Sequence[int] | None = None) -> 
     matrices only, whose steps are bound by the per-call overhead (one dtype conversion and one batched
     product instead of one per matrix: Muon on the tiny preset's 64 x 64 / 64 x 256 matrices 26 -> 10 ms
     per step in bf16, docs/precision.md); for large ones ``bmm`` is slower than ``mm`` and the stacking
-    copy comes on top (``docs/performance.md``). The one batching policy: :func:`map_batched` and SOAP's
+    copy comes on top (``docs/performance.md``). The one batching policy: :func:`stack_groups` (and
+    through it :func:`map_batched` and KL-Shampoo's and Pro-KLShampoo's stacked stages) and SOAP's
     buckets use it.
     """
     if device.type != "cpu":
         return True
     return shape is not None and math.prod(shape[-2:]) <= CPU_STACK_MAX_NUMEL
+
+
+def stack_groups(
+    tensors: Sequence[Tensor], keys: Sequence[Hashable] | None = None, *, stack: bool | None = None
+) -> list[list[int]]:
+    """Partition the indices of ``tensors`` into the batches that one batched call per stage serves.
+
+    Tensors of the same shape, dtype and device (and the same ``keys[i]``, when given: whatever else a
+    batch must share, such as a step count or the preconditioned sides) form one batch where stacking
+    pays (``stack=None``: :func:`stacking_helps`; ``stack=True``: always; ``False``: never); every other
+    tensor is a batch of its own. Batches come in the order of their first member, members in input order.
+    """
+    batches: dict[Hashable, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        do_stack = stacking_helps(tensor.device, tensor.shape) if stack is None else stack
+        key = (tuple(tensor.shape), tensor.dtype, tensor.device, None if keys is None else keys[index])
+        batches.setdefault(key if do_stack else ("single", index), []).append(index)
+    return list(batches.values())
 
 
 def map_batched(
@@ -50,20 +69,12 @@ def map_batched(
     returning a tuple of tensors (a factor and a Gram matrix) gets a tuple per matrix back.
     """
     out: list[Result | None] = [None] * len(matrices)
-    buckets: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[int]] = {}
-    for index, mat in enumerate(matrices):
-        do_stack = stacking_helps(mat.device, mat.shape) if stack is None else stack
-        if not do_stack:
-            out[index] = fn(mat)
-            continue
-        buckets.setdefault((tuple(mat.shape), mat.dtype, mat.device), []).append(index)
-    for key, indices in buckets.items():
-        batch_shape: tuple[int, ...] = key[0]
-        mat_dtype, device = key[1], key[2]
+    for indices in stack_groups(matrices, stack=stack):
         if len(indices) == 1:
             out[indices[0]] = fn(matrices[indices[0]])
             continue
-        batch = torch.empty((len(indices), *batch_shape), dtype=dtype or mat_dtype, device=device)
+        first = matrices[indices[0]]
+        batch = torch.empty((len(indices), *first.shape), dtype=dtype or first.dtype, device=first.device)
         for slot, index in enumerate(indices):
             batch[slot].copy_(matrices[index])  # one pass: stack and cast
         result = fn(batch)
@@ -73,3 +84,11 @@ def map_batched(
             else:
                 out[index] = result[slot]
     return out  # type: ignore[return-value]
+
+
+def batched_addmm(C: Tensor, A: Tensor, B: Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """``beta C + alpha A @ B`` for matrices or batches of them: ``torch.addmm`` for 2-D operands (the
+    per-matrix path, unchanged), ``torch.baddbmm`` for 3-D ones (a stacked batch)."""
+    if A.ndim == 2:
+        return torch.addmm(C, A, B, beta=beta, alpha=alpha)
+    return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)

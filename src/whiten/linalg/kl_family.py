@@ -63,8 +63,12 @@ def rotate_matrix(X: Tensor, Q_L: Tensor | None, Q_R: Tensor | None, *, back: bo
 
 
 def rotate_all(X: Tensor, bases: Sequence[Tensor | None], *, back: bool = False) -> Tensor:
-    """Apply :func:`rotate` along every dimension that has a basis (``None`` = identity)."""
-    if X.ndim == 2 and len(bases) == 2:
+    """Apply :func:`rotate` along every dimension that has a basis (``None`` = identity).
+
+    Two bases mean a matrix, batched over any leading dims of ``X`` (:func:`rotate_matrix`); otherwise one
+    basis per dimension of ``X``.
+    """
+    if len(bases) == 2:
         return rotate_matrix(X, bases[0], bases[1], back=back)
     for dim, Q in enumerate(bases):
         if Q is not None:

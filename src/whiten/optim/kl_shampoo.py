@@ -51,11 +51,16 @@ from whiten.linalg import (
     orthogonal_iteration_flops,
     rotate_all,
     rotation_flops,
+    stack_groups,
 )
 from whiten.optim import _options as opt
 from whiten.optim._adamw import apply_update_
 from whiten.optim._options import CommonOptions, constructor_options
+from whiten.optim._stacking import stack, stack_states, store_states
 from whiten.optim.base import MapInput, PhasedOptimizer, as_matrix, stat_dtype
+
+#: the map's state of a matrix with both sides preconditioned (what a stacked batch carries)
+MATRIX_STATE = ("L", "R", "Q_L", "Q_R", "lam_L", "lam_R")
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -278,20 +283,67 @@ class KLFactored(PhasedOptimizer):
 
         ``inputs`` are the whole ``(M, G)`` (no ``M`` on the initialisation step, which builds the factors
         and returns a zero update that :meth:`_apply_phase` skips). ``params`` only key the state.
-        Returns the update direction shaped like each parameter, in the statistics dtype.
+        Returns the update direction shaped like each parameter, in the statistics dtype. Same-shape
+        matrices with both sides preconditioned are stepped as one batch where
+        :func:`whiten.linalg.stacking_helps` says it pays (:meth:`_stacked_kl_steps`).
         """
-        updates = []
-        for p, x in zip(params, inputs, strict=True):
+        updates: list[Tensor | None] = [None] * len(params)
+        stackable: list[int] = []
+        for i, (p, x) in enumerate(zip(params, inputs, strict=True)):
             state = self.state[p]
             grad = _gradient_of(x)
             G = work_view(grad)
             if x.direction is None:
                 self._kl_init(group, G, state)
-                updates.append(torch.zeros_like(grad))
-                continue
+                updates[i] = torch.zeros_like(grad)
+            elif G.ndim == 2 and "Q_L" in state and "Q_R" in state:
+                stackable.append(i)
+            else:
+                with matmuls_in(effective_matmul_dtype(group["matmul_dtype"], G.shape, G.device), G.device):
+                    updates[i] = self._kl_step(group, G, state, work_view(x.direction)).reshape(p.shape)
+        if stackable:
+            stacked = self._stacked_kl_steps(
+                group,
+                [work_view(_gradient_of(inputs[i])) for i in stackable],
+                [work_view(inputs[i].direction) for i in stackable],  # type: ignore[arg-type]
+                [self.state[params[i]] for i in stackable],
+            )
+            for i, update in zip(stackable, stacked, strict=True):
+                updates[i] = update.reshape(params[i].shape)
+        return updates  # type: ignore[return-value]
+
+    def _stacked_kl_steps(
+        self, group: dict[str, Any], grads: list[Tensor], moments: list[Tensor], states: list[dict[str, Any]]
+    ) -> list[Tensor]:
+        """:meth:`_kl_step` of matrices with both sides preconditioned, same-shape ones as one batch.
+
+        A batch shares the shape, dtype and device of ``G`` and ``M``, the factor dtype and whether this step
+        refreshes (:func:`whiten.linalg.stack_groups`); its state is stacked once (:mod:`whiten.optim._stacking`),
+        every stage runs as one batched call, and the new state is written back into each parameter's tensors.
+        The states are passed in (not looked up from ``self.state``), as SOAP's buckets, for ``torch.compile``.
+        """
+        frequency = group["precondition_frequency"]
+        keys = [
+            (state["L"].dtype, state["R"].dtype, moment.dtype, state["step"] % frequency == 0)
+            for state, moment in zip(states, moments, strict=True)
+        ]
+        updates: list[Tensor | None] = [None] * len(grads)
+        for batch in stack_groups(grads, keys):
+            G = grads[batch[0]]
             with matmuls_in(effective_matmul_dtype(group["matmul_dtype"], G.shape, G.device), G.device):
-                updates.append(self._kl_step(group, G, state, work_view(x.direction)).reshape(p.shape))
-        return updates
+                if len(batch) == 1:
+                    updates[batch[0]] = self._kl_step(group, G, states[batch[0]], moments[batch[0]])
+                    continue
+                members = [states[i] for i in batch]
+                stacked = stack_states(members, MATRIX_STATE)
+                stacked["step"] = members[0]["step"]  # the refresh condition is part of the batch key
+                G_batch = stack([grads[i] for i in batch])
+                M_batch = stack([moments[i] for i in batch])
+                update = self._kl_step(group, G_batch, stacked, M_batch, batched=True)
+            store_states(members, stacked, MATRIX_STATE)
+            for i, one in zip(batch, update.unbind(0), strict=True):
+                updates[i] = one
+        return updates  # type: ignore[return-value]
 
     def _apply_phase(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:
         """Elementwise: ``W <- (W - lr U)(1 - lr wd)`` (decay after the step); nothing on the initialisation step."""
@@ -329,13 +381,24 @@ class KLFactored(PhasedOptimizer):
             initial = torch.full((d,), float(group["init_factor"]), dtype=G.dtype, device=G.device)
             state[f"lam_{name}"] = clamp_eigenvalues(initial, d)
 
-    def _kl_step(self, group: dict[str, Any], G: Tensor, state: dict[str, Any], M: Tensor | None = None) -> Tensor:
+    def _kl_step(
+        self,
+        group: dict[str, Any],
+        G: Tensor,
+        state: dict[str, Any],
+        M: Tensor | None = None,
+        *,
+        batched: bool = False,
+    ) -> Tensor:
         """One KL-Shampoo / KL-SOAP step for ``G`` (work view); returns the update direction.
 
         KL-Shampoo passes its momentum ``M`` (work view), already fed and counted by the direction phase;
-        KL-SOAP (``M=None``) counts the step and keeps its moments in the eigenbasis here.
+        KL-SOAP (``M=None``) counts the step and keeps its moments in the eigenbasis here. ``batched``:
+        ``G``, ``M`` and the tensors of ``state`` carry a leading batch dimension of same-shape matrices
+        with both sides preconditioned (KL-Shampoo, :meth:`_stacked_kl_steps`); the arithmetic is the same.
         """
-        names = side_names(G.ndim)
+        names = side_names(G.ndim - int(batched))
+        dims = G.shape[-len(names) :]
         bases: list[Tensor | None] = [state.get(f"Q_{nm}") for nm in names]
         lams: list[Tensor | None] = [state.get(f"lam_{nm}") for nm in names]
         beta1, beta2 = group["betas"]
@@ -353,7 +416,8 @@ class KLFactored(PhasedOptimizer):
             denom = None
             for k, lam in enumerate(lams):
                 if lam is not None:
-                    root = lam.sqrt().view([-1 if j == k else 1 for j in range(G.ndim)])
+                    root = lam.sqrt()
+                    root = root.view(*root.shape[:-1], *(-1 if j == k else 1 for j in range(len(names))))
                     denom = root if denom is None else denom * root
             D = rotate_all(M, bases)
             precond = D if denom is None else D / (denom + eps)
@@ -377,7 +441,7 @@ class KLFactored(PhasedOptimizer):
         lam_L, lam_R = lams if len(lams) == 2 else (None, None)
         if Q_L is not None and Q_R is not None and lam_L is not None and lam_R is not None:
             GQ = G @ Q_R
-            m, n = G.shape
+            m, n = dims
             if QG_adam is not None:  # KL-SOAP rotated G in (1) already: E = Q_L^T G Q_R is its G_rot
                 QG, E = QG_adam, G_rot
             else:
@@ -393,7 +457,7 @@ class KLFactored(PhasedOptimizer):
             if bases[k] is None or factor_target is None or lam_target is None:
                 continue
             ema_factor_(state[name], factor_target, beta)
-            state[f"lam_{name}"] = ema_eigenvalues(state[f"lam_{name}"], lam_target, beta, G.shape[k])
+            state[f"lam_{name}"] = ema_eigenvalues(state[f"lam_{name}"], lam_target, beta, dims[k])
 
         # (3) eigenbasis refresh every T steps: one warm-started QR step, eigenvalues kept
         if step % group["precondition_frequency"] == 0:

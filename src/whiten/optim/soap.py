@@ -87,6 +87,8 @@ from whiten.linalg import (
 from whiten.optim import _options as opt
 from whiten.optim._adamw import decay_and_update_
 from whiten.optim._options import CommonOptions, constructor_options
+from whiten.optim._stacking import stack as _stack
+from whiten.optim._stacking import store as _store
 from whiten.optim.base import WhitenOptimizer, as_matrix, stat_dtype
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2")
@@ -97,20 +99,6 @@ def _as_pair(value: Any) -> Any:
     """A list or tuple of betas as a tuple; anything else (a string, a number) unchanged, for validation to refuse
     as one value (``tuple("0.9,0.95")`` would be checked character by character)."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-def _stack(tensors: list[Tensor]) -> Tensor:
-    """Batch same-shape tensors; a single one becomes a view (no copy), so in-place ops reach it."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
-def _store(states: list[dict[str, Any]], key: str, batched: Tensor) -> None:
-    """Write a batched result back into the per-parameter state."""
-    if len(states) == 1:
-        states[0][key] = batched[0]  # the whole storage of a fresh or in-place-updated tensor: no copy
-        return
-    for state, value in zip(states, batched, strict=True):
-        state[key].copy_(value)
 
 
 def _add_to_diagonal(A: Tensor, value: Tensor) -> Tensor:
