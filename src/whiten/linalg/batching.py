@@ -38,15 +38,16 @@ def stack_groups(
 ) -> list[list[int]]:
     """Partition the indices of ``tensors`` into the batches that one batched call per stage serves.
 
-    Tensors of the same shape, dtype and device (and the same ``keys[i]``, when given: whatever else a
-    batch must share, such as a step count or the preconditioned sides) form one batch where stacking
-    pays (``stack=None``: :func:`stacking_helps`; ``stack=True``: always; ``False``: never); every other
-    tensor is a batch of its own. Batches come in the order of their first member, members in input order.
+    Matrices (or batches of matrices, ``(b, m, n)``) of the same matrix shape ``(m, n)``, dtype and device
+    (and the same ``keys[i]``, when given: whatever else a batch must share, such as a step count or the
+    preconditioned sides) form one batch where stacking pays (``stack=None``:
+    :func:`stacking_helps`; ``stack=True``: always; ``False``: never); every other tensor is a batch of its
+    own. Batches come in the order of their first member, members in input order.
     """
     batches: dict[Hashable, list[int]] = {}
     for index, tensor in enumerate(tensors):
         do_stack = stacking_helps(tensor.device, tensor.shape) if stack is None else stack
-        key = (tuple(tensor.shape), tensor.dtype, tensor.device, None if keys is None else keys[index])
+        key = (tuple(tensor.shape[-2:]), tensor.dtype, tensor.device, None if keys is None else keys[index])
         batches.setdefault(key if do_stack else ("single", index), []).append(index)
     return list(batches.values())
 
@@ -60,29 +61,39 @@ def map_batched(
 ) -> list[Result]:
     """Apply ``fn`` (which must accept a leading batch dimension) to every matrix.
 
-    With ``stack=True``, matrices of the same shape, dtype and device are stacked and processed in
-    one call, which turns a Python loop of small matmuls into a few batched ones; ``stack=None``
-    (default) stacks where :func:`stacking_helps` says so (not on CPU) and ``stack=False`` calls
-    ``fn`` once per matrix. ``dtype``: the dtype of the stacked batch, so that a kernel computing
-    in a narrower dtype (bf16 Newton–Schulz) gets its input cast during the stacking copy instead
-    of in a second pass; unstacked matrices are passed unchanged. Output order follows input. A kernel
-    returning a tuple of tensors (a factor and a Gram matrix) gets a tuple per matrix back.
+    ``matrices``: matrices ``(m, n)`` or batches of them ``(b, m, n)`` (a batch is one entry and gets a
+    batch back). With ``stack=True``, entries of the same matrix shape, dtype and device are
+    concatenated along the batch dimension and processed in one call, which turns a Python loop of
+    small matmuls into a few batched ones; ``stack=None`` (default) stacks where :func:`stacking_helps`
+    says so and ``stack=False`` calls ``fn`` once per entry. ``dtype``: the dtype of the stacked batch, so
+    that a kernel computing in a narrower dtype (bf16 Newton–Schulz) gets its input cast during the
+    stacking copy instead of in a second pass; unstacked entries are passed unchanged. Output order
+    follows input. A kernel returning a tuple of tensors (a factor and a Gram matrix) gets a tuple per
+    entry back.
     """
+    if any(mat.ndim not in (2, 3) for mat in matrices):
+        raise ValueError(
+            f"map_batched takes matrices or batches of them, got shapes {[tuple(m.shape) for m in matrices]}"
+        )
     out: list[Result | None] = [None] * len(matrices)
     for indices in stack_groups(matrices, stack=stack):
         if len(indices) == 1:
             out[indices[0]] = fn(matrices[indices[0]])
             continue
         first = matrices[indices[0]]
-        batch = torch.empty((len(indices), *first.shape), dtype=dtype or first.dtype, device=first.device)
-        for slot, index in enumerate(indices):
+        # where each entry lies in the batch: a matrix at one index, a batch of b matrices as a slice
+        slots = []
+        start = 0
+        for index in indices:
+            size = matrices[index].shape[0] if matrices[index].ndim == 3 else None
+            slots.append(slice(start, start + size) if size is not None else start)
+            start += 1 if size is None else size
+        batch = torch.empty((start, *first.shape[-2:]), dtype=dtype or first.dtype, device=first.device)
+        for index, slot in zip(indices, slots, strict=True):
             batch[slot].copy_(matrices[index])  # one pass: stack and cast
         result = fn(batch)
-        for slot, index in enumerate(indices):
-            if isinstance(result, tuple):
-                out[index] = cast(Result, tuple(part[slot] for part in result))
-            else:
-                out[index] = result[slot]
+        for index, slot in zip(indices, slots, strict=True):
+            out[index] = cast(Result, tuple(t[slot] for t in result)) if isinstance(result, tuple) else result[slot]
     return out  # type: ignore[return-value]
 
 

@@ -180,7 +180,8 @@ def spike_flat_statistics(
 ) -> SpikeFlatStatistics:
     """Targets of KL-Shampoo's fixed point when ``S_R`` is restricted to the spike-and-flat family.
 
-    ``G`` is ``m x n``; ``U`` (``n x R``, orthonormal) holds ``R`` tracked directions with eigenvalue
+    ``G`` is ``m x n`` (or a batch ``b x m x n``, every other argument with the same leading dim, ``sigma``
+    then of shape ``(b,)``); ``U`` (``n x R``, orthonormal) holds ``R`` tracked directions with eigenvalue
     estimates ``Lam``; the preconditioner uses the first ``rank <= R`` of them and the flat value
     ``sigma_eff`` of :func:`effective_flat_value`, i.e. ``S_R^{-1} = U_r Lam_r^{-1} U_r^T + sigma_eff^{-1}
     (I - U_r U_r^T)``. With ``S_L^{-1} = Q_L diag(1/lam_L) Q_L^T`` and ``C = (1/m) G^T S_L^{-1} G``
@@ -194,12 +195,12 @@ def spike_flat_statistics(
     """
     m, n = G.shape[-2], G.shape[-1]
     R = U.shape[-1]
-    sigma_eff = effective_flat_value(Lam, sigma, rank, n)
+    sigma_eff = effective_flat_value(Lam, sigma, rank, n).unsqueeze(-1)  # broadcasts per matrix of a batch
     GU = G @ U  # m x R
     GU_r = GU[..., :rank]
     Ggram = G @ G.mT  # m x m
     in_span = (GU_r / Lam[..., :rank].unsqueeze(-2)) @ GU_r.mT
-    left = (in_span + (Ggram - GU_r @ GU_r.mT) / sigma_eff) / n
+    left = (in_span + (Ggram - GU_r @ GU_r.mT) / sigma_eff.unsqueeze(-1)) / n
     # diag(Q_L^T G G^T Q_L) = row energies of Q_L^T G, from the m x m Gram (m^3 instead of m^2 n)
     row_energy = ((Ggram @ Q_L) * Q_L).sum(-2)
     DqU = Q_L.mT @ GU  # m x R: gradient in (left eigenbasis, tracked directions)

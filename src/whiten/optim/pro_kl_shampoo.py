@@ -34,6 +34,7 @@ from whiten.linalg import (
     GRAM_SEGMENT,
     NS_METHODS,
     FlopCount,
+    batched_addmm,
     clamp_eigenvalues,
     effective_flat_value,
     effective_matmul_dtype,
@@ -55,10 +56,12 @@ from whiten.linalg import (
     qr_flops,
     qr_orthonormal,
     spike_flat_statistics,
+    stack_groups,
 )
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
 from whiten.optim._options import CommonOptions, constructor_options
+from whiten.optim._stacking import stack, stack_states, store_states
 from whiten.optim.base import MapInput
 from whiten.optim.kl_shampoo import (
     KLFactored,
@@ -70,6 +73,8 @@ from whiten.optim.kl_shampoo import (
 )
 
 COMPLEMENTS = ("left_whitened_orth", "orth")
+#: the map's state of a projected matrix (what a stacked batch carries; ``step``, ``rank`` are shared by it)
+PROJECTED_STATE = ("L", "Q_L", "lam_L", "U", "Lam", "sigma", "Y_sketch")
 COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
 
 
@@ -135,24 +140,31 @@ def orientation(group: dict[str, Any], shape: Sequence[int]) -> bool:
 
 
 def sort_tracked(state: dict[str, Any]) -> None:
-    """Order the tracked directions (columns of ``U`` and ``Y_sketch``, entries of ``Lam``) by descending ``Lam``."""
-    order = torch.argsort(state["Lam"], descending=True)
-    state["Lam"] = state["Lam"][order]
-    state["U"] = state["U"][:, order]
-    state["Y_sketch"] = state["Y_sketch"][:, order]
+    """Order the tracked directions (columns of ``U`` and ``Y_sketch``, entries of ``Lam``) by descending ``Lam``
+    (of each matrix of a stacked batch)."""
+    order = torch.argsort(state["Lam"], dim=-1, descending=True)
+    state["Lam"] = state["Lam"].take_along_dim(order, dim=-1)
+    state["U"] = state["U"].take_along_dim(order.unsqueeze(-2), dim=-1)
+    state["Y_sketch"] = state["Y_sketch"].take_along_dim(order.unsqueeze(-2), dim=-1)
 
 
 @dataclass
 class SpikeFlatStep:
-    """One matrix's spike-and-flat step between :meth:`ProKLShampoo._pro_direction` and ``_pro_finish``.
+    """The spike-and-flat step of one matrix, or of a stacked batch of same-shape matrices, between
+    :meth:`ProKLShampoo._pro_direction` and ``_pro_finish``.
 
-    ``sub``: the whitened subspace term ``B / (sqrt(lamL (x) Lam) + eps)``; ``U_r``: the active tracked
-    directions; ``X``: the complement coordinates that Newton–Schulz orthogonalises; ``whitened_norm``:
-    ``||S_L^{-1/2} M P_perp||_F`` when the scale needs it. Newton–Schulz fills either ``O = NS(X)``
-    (direct) or ``K`` and ``P = X X^T`` with ``NS(X) = K X`` (factored, :func:`ns_factor`).
+    ``indices``: the matrices' positions in the group's step; ``members``: their states; ``state``: the
+    state the step reads and writes (``members[0]`` itself for one matrix, the members' entries stacked
+    for a batch, written back by ``_pro_finish``). ``G``: the gradient in the working orientation
+    (``s x l``, or ``b x s x l`` for a batch). ``sub``: the whitened subspace term
+    ``B / (sqrt(lamL (x) Lam) + eps)``; ``U_r``: the active tracked directions; ``X``: the complement
+    coordinates that Newton–Schulz orthogonalises; ``whitened_norm``: ``||S_L^{-1/2} M P_perp||_F`` when the
+    scale needs it. Newton–Schulz fills either ``O = NS(X)`` (direct) or ``K`` and ``P = X X^T`` with
+    ``NS(X) = K X`` (factored, :func:`ns_factor`).
     """
 
-    index: int
+    indices: list[int]
+    members: list[dict[str, Any]]
     G: Tensor
     state: dict[str, Any]
     sub: Tensor
@@ -310,7 +322,7 @@ class ProKLShampoo(KLFactored):
 
     def _pro_map(self, group: dict[str, Any], params: list[Tensor], inputs: list[MapInput]) -> list[Tensor]:
         updates: list[Tensor | None] = [None] * len(params)
-        full, pending = [], []
+        full, projected = [], []
         for i, (p, x) in enumerate(zip(params, inputs, strict=True)):
             state = self.state[p]
             grad = _gradient_of(x)
@@ -323,18 +335,60 @@ class ProKLShampoo(KLFactored):
                     self._pro_init(group, G, state)
                 updates[i] = torch.zeros_like(grad)
                 continue
-            pending.append(self._pro_direction(group, i, G, work_view(x.direction), state))
+            projected.append(i)
         if full:
             mapped = super()._map_phase(group, [params[i] for i in full], [inputs[i] for i in full])
             for i, update in zip(full, mapped, strict=True):
                 updates[i] = update
-        if pending:
+        if projected:
+            pending = self._pro_batches(group, [params[i] for i in projected], [inputs[i] for i in projected])
             for step, update in zip(pending, self._pro_updates(group, pending), strict=True):
-                updates[step.index] = update.reshape(params[step.index].shape)
+                for member, state, one in zip(step.indices, step.members, self._unstack(step, update), strict=True):
+                    i = projected[member]
+                    updates[i] = (one.mT if state["transposed"] else one).reshape(params[i].shape)
         missing = [i for i, u in enumerate(updates) if u is None]
         if missing:  # every matrix is initialised, fully preconditioned or projected: never reached
             raise RuntimeError(f"Pro-KLShampoo produced no update for matrices {missing}")
         return updates  # type: ignore[return-value]
+
+    @staticmethod
+    def _unstack(step: SpikeFlatStep, update: Tensor) -> Sequence[Tensor]:
+        """The update of each member of ``step`` (working orientation)."""
+        return update.unbind(0) if len(step.members) > 1 else (update,)
+
+    def _pro_batches(self, group: dict[str, Any], params: list[Tensor], inputs: list[MapInput]) -> list[SpikeFlatStep]:
+        """The direction stage of the projected matrices ``params``, same-shape ones as one stacked batch.
+
+        In the working orientation (``s x l``: a 256 x 64 matrix that restricts its rows batches with the
+        64 x 256 ones), a batch shares the shape, dtype and device, the active and tracked ranks, the
+        factor dtype and whether this step refreshes (:func:`whiten.linalg.stack_groups`).
+        """
+        states = [self.state[p] for p in params]
+        working = [
+            (work_view(t).mT if state["transposed"] else work_view(t))
+            for t, state in ((_gradient_of(x), st) for x, st in zip(inputs, states, strict=True))
+        ]
+        moments = [
+            (work_view(x.direction).mT if state["transposed"] else work_view(x.direction))  # type: ignore[arg-type]
+            for x, state in zip(inputs, states, strict=True)
+        ]
+        frequency = group["precondition_frequency"]
+        keys = [
+            (state["rank"], state["U"].shape[-1], state["L"].dtype, M.dtype, state["step"] % frequency == 0)
+            for state, M in zip(states, moments, strict=True)
+        ]
+        pending = []
+        for batch in stack_groups(working, keys):
+            members = [states[i] for i in batch]
+            if len(batch) == 1:
+                state, G, M = members[0], working[batch[0]], moments[batch[0]]
+            else:
+                state = stack_states(members, PROJECTED_STATE)
+                for key in ("step", "rank"):  # shared by the batch (its key)
+                    state[key] = members[0][key]
+                G, M = stack([working[i] for i in batch]), stack([moments[i] for i in batch])
+            pending.append(self._pro_direction(group, batch, members, G, M, state))
+        return pending
 
     def _pro_updates(self, group: dict[str, Any], pending: list[SpikeFlatStep]) -> list[Tensor]:
         """Finish the spike-and-flat steps of ``pending``; returns the updates."""
@@ -398,34 +452,43 @@ class ProKLShampoo(KLFactored):
         state["rank"] = min(group["rank"], R)
 
     def _pro_direction(
-        self, group: dict[str, Any], index: int, G: Tensor, M: Tensor, state: dict[str, Any]
+        self,
+        group: dict[str, Any],
+        indices: list[int],
+        members: list[dict[str, Any]],
+        G: Tensor,
+        M: Tensor,
+        state: dict[str, Any],
     ) -> SpikeFlatStep:
-        """The subspace term and the complement coordinates ``X`` of the momentum ``M`` (NS is applied afterwards)."""
-        Mw = M.mT if state["transposed"] else M
+        """The subspace term and the complement coordinates ``X`` of the momentum ``M`` (NS is applied afterwards).
+
+        ``G`` and ``M`` are in the working orientation, one matrix or a stacked batch (see :class:`SpikeFlatStep`).
+        """
         r = state["rank"]
         U = state["U"]
-        U_r = U if r == U.shape[-1] else U[:, :r]
-        lam_L, Lam = state["lam_L"], state["Lam"][:r]
-        A = state["Q_L"].mT @ Mw  # m x n: momentum in the left eigenbasis
+        U_r = U if r == U.shape[-1] else U[..., :r]
+        lam_L, Lam = state["lam_L"], state["Lam"][..., :r]
+        A = state["Q_L"].mT @ M  # m x n: momentum in the left eigenbasis
         B = A @ U_r  # m x r: its coordinates on the tracked subspace
         sub = B / (lam_L.sqrt().unsqueeze(-1) * Lam.sqrt().unsqueeze(-2) + group["eps"])
-        X = torch.addmm(A, B, U_r.mT, alpha=-1.0)  # A P_perp
+        X = batched_addmm(A, B, U_r.mT, alpha=-1.0)  # A P_perp
         inv_root = lam_L.rsqrt().unsqueeze(-1)
         if group["complement"] == "left_whitened_orth":
             X.mul_(inv_root)  # diag(lamL^{-1/2}) Q_L^T M P_perp  (= Q_L^T S_L^{-1/2} M P_perp)
             whitened_norm = torch.linalg.matrix_norm(X)
         else:
             whitened_norm = torch.linalg.matrix_norm(X * inv_root) if group["complement_scale"] == "kl_norm" else None
-        return SpikeFlatStep(index, G, state, sub, U_r, X, whitened_norm)
+        return SpikeFlatStep(indices, members, G, state, sub, U_r, X, whitened_norm)
 
     def _pro_finish(self, group: dict[str, Any], ctx: SpikeFlatStep) -> Tensor:
-        """Combine the two terms, update the statistics (raw ``G``, OLD values), refresh, adapt the rank."""
+        """Combine the two terms, update the statistics (raw ``G``, OLD values), refresh, adapt the rank.
+
+        Returns the update in the working orientation (a batch for a stacked step, whose new state is then
+        written back into each member's tensors).
+        """
         G, state = ctx.G, ctx.state
-        transposed = state["transposed"]
-        Gw = G.mT if transposed else G
-        m, n = Gw.shape
+        m, n = G.shape[-2:]
         r = state["rank"]
-        R = state["U"].shape[-1]
         Q_L, lam_L, Lam, sigma = state["Q_L"], state["lam_L"], state["Lam"], state["sigma"]
         kind = group["complement_scale"]
         if kind == "sqrt_m":
@@ -437,22 +500,20 @@ class ProKLShampoo(KLFactored):
                 ns_norm = torch.linalg.matrix_norm(ctx.O)
             else:  # ||K X||_F^2 = tr(K X X^T K^T)
                 K, P = ctx.factor()
-                ns_norm = ((K @ P) * K).sum().clamp(min=0.0).sqrt()
+                ns_norm = ((K @ P) * K).sum((-2, -1)).clamp(min=0.0).sqrt()
             flat = effective_flat_value(Lam, sigma, r, n)
             assert ctx.whitened_norm is not None  # computed for complement_scale="kl_norm"
-            scale = flat.rsqrt() * ctx.whitened_norm / ns_norm.clamp(min=1e-30)
+            scale = (flat.rsqrt() * ctx.whitened_norm / ns_norm.clamp(min=1e-30))[..., None, None]
         if ctx.O is not None:
             coords = ctx.O * scale
-            coords = torch.addmm(coords, ctx.sub, ctx.U_r.mT)
+            coords = batched_addmm(coords, ctx.sub, ctx.U_r.mT)
             update = Q_L @ coords  # m x n in the working orientation
         else:  # Q_L [sub U^T + c K X] = (Q_L sub) U^T + (c Q_L K) X: one m x m x n product
             K, _ = ctx.factor()
-            update = torch.addmm((Q_L @ ctx.sub) @ ctx.U_r.mT, Q_L @ (K * scale), ctx.X)
-        if transposed:
-            update = update.mT
+            update = batched_addmm((Q_L @ ctx.sub) @ ctx.U_r.mT, Q_L @ (K * scale), ctx.X)
 
         beta = shampoo_beta(group)
-        stats = spike_flat_statistics(Gw, Q_L, lam_L, state["U"], Lam, sigma, r)
+        stats = spike_flat_statistics(G, Q_L, lam_L, state["U"], Lam, sigma, r)
         ema_factor_(state["L"], stats.left, beta)
         state["lam_L"] = ema_eigenvalues(lam_L, stats.lam_left, beta, m)
         state["Lam"] = ema_eigenvalues(Lam, stats.Lam, beta, n)
@@ -469,12 +530,21 @@ class ProKLShampoo(KLFactored):
                 state["U"] = U_new
                 # an eigenvalue at +inf ("no gain", clamp_eigenvalues) carries no estimate: it seeds the sketch as 0,
                 # as the EMA reads it (U * inf would put inf and NaN in the sketch)
-                state["Y_sketch"] = U_new * state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
+                state["Y_sketch"] = U_new * state["Lam"].masked_fill(state["Lam"].isinf(), 0.0).unsqueeze(-2)
+        if len(ctx.members) > 1:
+            store_states(ctx.members, state, PROJECTED_STATE)
         if group["adaptive_rank"] and step % group["rank_update_interval"] == 0:
-            sort_tracked(state)  # the active directions are the first r: make them the top r
-            Lam_now = state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
-            tail = state["sigma"].masked_fill(state["sigma"].isinf(), 0.0).expand(n - R)
-            spectrum = torch.cat([Lam_now, tail])
-            if bool((spectrum > 0).any()):  # all zero ("no gain" everywhere after zero gradients): keep the rank
-                state["rank"] = adaptive_rank(spectrum, m, group["rank_tolerance"], R)
+            for member in ctx.members:
+                self._adapt_rank(group, member, m, n)
         return update
+
+    @staticmethod
+    def _adapt_rank(group: dict[str, Any], state: dict[str, Any], m: int, n: int) -> None:
+        """The adaptive-rank rule on one matrix's tracked spectrum (:func:`adaptive_rank`)."""
+        R = state["U"].shape[-1]
+        sort_tracked(state)  # the active directions are the first r: make them the top r
+        Lam_now = state["Lam"].masked_fill(state["Lam"].isinf(), 0.0)
+        tail = state["sigma"].masked_fill(state["sigma"].isinf(), 0.0).expand(n - R)
+        spectrum = torch.cat([Lam_now, tail])
+        if bool((spectrum > 0).any()):  # all zero ("no gain" everywhere after zero gradients): keep the rank
+            state["rank"] = adaptive_rank(spectrum, m, group["rank_tolerance"], R)
