@@ -53,6 +53,7 @@ from whiten.optim._options import (
     CommonOptions,
 )
 from whiten.optim._routing import route_group
+from whiten.optim._stacking import compact_state
 from whiten.optim._transaction import StatisticsFaultError, StepTransaction, group_label, square_fits
 
 try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
@@ -443,6 +444,13 @@ class WhitenOptimizer(Optimizer, ABC):
                     local = local_tensor(value)  # this rank's shard
                     total += local.numel() * local.element_size()
         return total
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, with compact copies of state entries that are views of a stacked
+        batch (:mod:`whiten.optim._stacking`), so that a saved entry never drags its whole batch along."""
+        state_dict = super().state_dict()
+        state_dict["state"] = compact_state(state_dict["state"])
+        return state_dict
 
     def _check_saved_state(self, state_dict: Mapping[str, Any]) -> None:
         """Hook: refuse a state dict whose per-parameter state this optimizer cannot step (before loading it)."""
