@@ -45,12 +45,12 @@ def run(params, opt, steps, *, seed=1, start=0, nan_at=4):
 
 @pytest.fixture
 def stacking(monkeypatch):
-    """Switch the stacking of small CPU matrices on (the default) or off (every matrix on its own)."""
-
-    default = batching.CPU_STACK_MAX_NUMEL
+    """Switch the stacking of small CPU matrices on (the default) or off (every matrix on its own); only the
+    stacking (``stack_groups``): the choices that read the policy themselves (Pro's NS method) stay."""
+    default = batching.stacking_helps
 
     def switch(on: bool) -> None:
-        monkeypatch.setattr(batching, "CPU_STACK_MAX_NUMEL", default if on else 0)
+        monkeypatch.setattr(batching, "stacking_helps", default if on else (lambda device, shape=None: False))
 
     return switch
 

@@ -58,6 +58,7 @@ def map_batched(
     *,
     stack: bool | None = None,
     dtype: torch.dtype | None = None,
+    transposable: bool = False,
 ) -> list[Result]:
     """Apply ``fn`` (which must accept a leading batch dimension) to every matrix.
 
@@ -69,12 +70,19 @@ def map_batched(
     that a kernel computing in a narrower dtype (bf16 Newton–Schulz) gets its input cast during the
     stacking copy instead of in a second pass; unstacked entries are passed unchanged. Output order
     follows input. A kernel returning a tuple of tensors (a factor and a Gram matrix) gets a tuple per
-    entry back.
+    entry back. ``transposable``: ``fn`` commutes with transposition (``fn(X^T) = fn(X)^T``, Newton–Schulz),
+    so a tall matrix joins the batch of its transposes (a 256 x 64 matrix with the 64 x 256 ones) and gets
+    the transpose of its result back (a view).
     """
     if any(mat.ndim not in (2, 3) for mat in matrices):
         raise ValueError(
             f"map_batched takes matrices or batches of them, got shapes {[tuple(m.shape) for m in matrices]}"
         )
+    tall = [transposable and mat.shape[-2] > mat.shape[-1] for mat in matrices]
+    if any(tall):
+        wide = [mat.mT if flip else mat for mat, flip in zip(matrices, tall, strict=True)]
+        results = map_batched(fn, wide, stack=stack, dtype=dtype)
+        return [_transposed(r) if flip else r for r, flip in zip(results, tall, strict=True)]
     out: list[Result | None] = [None] * len(matrices)
     for indices in stack_groups(matrices, stack=stack):
         if len(indices) == 1:
@@ -95,6 +103,12 @@ def map_batched(
         for index, slot in zip(indices, slots, strict=True):
             out[index] = cast(Result, tuple(t[slot] for t in result)) if isinstance(result, tuple) else result[slot]
     return out  # type: ignore[return-value]
+
+
+def _transposed(result: Result) -> Result:
+    if isinstance(result, tuple):
+        return cast(Result, tuple(part.mT for part in result))
+    return result.mT
 
 
 def batched_addmm(C: Tensor, A: Tensor, B: Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> Tensor:

@@ -186,8 +186,11 @@ class _SpectralMomentum(PhasedOptimizer):
                     method=group["ns_method"],
                 ),
                 ns_inputs,
-                # where stacking pays (not on CPU), cast to the NS dtype during the stacking copy
+                # where stacking pays (small matrices on CPU, any on accelerators), cast to the NS dtype during the
+                # stacking copy; NS(U^T) = NS(U)^T (newton_schulz iterates on the wide orientation anyway), so a tall
+                # matrix joins the batch of its transposes
                 dtype=None if any(U.dtype == torch.float64 for U in ns_inputs) else ns_dtype,
+                transposable=True,
             )
             for i, O in zip(ns_idx, ns_out, strict=True):
                 outputs[i] = O

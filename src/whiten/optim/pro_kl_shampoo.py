@@ -57,6 +57,7 @@ from whiten.linalg import (
     qr_orthonormal,
     spike_flat_statistics,
     stack_groups,
+    stacking_helps,
 )
 from whiten.linalg.spectrum import choose_rank
 from whiten.optim import _options as opt
@@ -106,10 +107,13 @@ def default_ns_method(dtype: torch.dtype, device: torch.device, shape: Sequence[
     On CPU ``"spectral"`` (one fp32 ``eigh`` of the ``m x m`` Gram; LAPACK's ``eigh`` is cheap there) for
     fp32/fp64 complements, and for bf16 ones that are wide enough for the Gram route to pay
     (:func:`whiten.linalg.prefers_gram`'s ``l >= 1.5 s``, the factor computed in fp32); a squarer bf16
-    complement iterates directly in bf16. On accelerators ``"auto"`` (no ``eigh``: it is slow and
-    synchronises with the host there). Measured in ``docs/precision.md``.
+    complement iterates directly in bf16. Small complements on CPU, which are stacked
+    (:func:`whiten.linalg.stacking_helps`), take ``"auto"``: one ``eigh`` per matrix costs more than the
+    iteration's batched products there (tiny preset: 16 x 64 x 64 direct 2.8 ms against spectral 6.4 ms,
+    8 x 64 x 256 Gram 3.1 ms against 3.6 ms, ``docs/performance.md``). On accelerators ``"auto"`` (no
+    ``eigh``: it is slow and synchronises with the host there). Measured in ``docs/precision.md``.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or stacking_helps(device, shape):
         return "auto"
     if dtype in (torch.float32, torch.float64):
         return "spectral"
