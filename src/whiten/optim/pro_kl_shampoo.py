@@ -299,8 +299,9 @@ class ProKLShampoo(KLFactored):
         r = min(group["rank"], l)
         mm = matmul_flops
         direction = mm(s, s, l) + mm(s, l, r) + mm(s, r, l)  # A, B, X
-        dtype = matmul_compute_dtype(group["matmul_dtype"], torch.float32)
         device = group["params"][0].device if group.get("params") else torch.device("cpu")
+        # the dtype the complement has in the step: small matrices on CPU keep fp32 products (docs/precision.md)
+        dtype = matmul_compute_dtype(effective_matmul_dtype(group["matmul_dtype"], (s, l), device), torch.float32)
         method = group["ns_method"] or default_ns_method(dtype, device, (s, l))
         kind = ns_evaluation(method, (s, l), dtype)
         if kind == "direct":
