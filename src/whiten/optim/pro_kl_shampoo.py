@@ -74,9 +74,9 @@ from whiten.optim.kl_shampoo import (
 )
 
 COMPLEMENTS = ("left_whitened_orth", "orth")
+COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
 #: the map's state of a projected matrix (what a stacked batch carries; ``step``, ``rank`` are shared by it)
 PROJECTED_STATE = ("L", "Q_L", "lam_L", "U", "Lam", "sigma", "Y_sketch")
-COMPLEMENT_SCALES = ("sqrt_m", "kl_norm", "muon_rms")
 
 
 def ns_factor(X: Tensor, method: str, steps: int = 5) -> str:
@@ -369,14 +369,12 @@ class ProKLShampoo(KLFactored):
         factor dtype and whether this step refreshes (:func:`whiten.linalg.stack_groups`).
         """
         states = [self.state[p] for p in params]
-        working = [
-            (work_view(t).mT if state["transposed"] else work_view(t))
-            for t, state in ((_gradient_of(x), st) for x, st in zip(inputs, states, strict=True))
-        ]
-        moments = [
-            (work_view(x.direction).mT if state["transposed"] else work_view(x.direction))  # type: ignore[arg-type]
-            for x, state in zip(inputs, states, strict=True)
-        ]
+
+        def oriented(t: Tensor, state: dict[str, Any]) -> Tensor:
+            return work_view(t).mT if state["transposed"] else work_view(t)
+
+        working = [oriented(_gradient_of(x), state) for x, state in zip(inputs, states, strict=True)]
+        moments = [oriented(x.direction, state) for x, state in zip(inputs, states, strict=True)]  # type: ignore[arg-type]
         frequency = group["precondition_frequency"]
         keys = [
             (state["rank"], state["U"].shape[-1], state["L"].dtype, M.dtype, state["step"] % frequency == 0)
