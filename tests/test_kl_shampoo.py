@@ -129,11 +129,25 @@ def test_matches_dense_reference_pseudocode(soap):
 def test_first_step_is_initialisation_only():
     grads = random_grads(1, (4, 6))
     W0 = torch.randn(4, 6, dtype=F64)
-    W, state, _ = run_optimizer(KLShampoo, grads, W0, weight_decay=0.5, lr=1.0)
+    # the reference code's defaults (KLShampoo's own differ: test_defaults_differ_from_the_reference_code_where_documented)
+    W, state, _ = run_optimizer(KLShampoo, grads, W0, weight_decay=0.5, lr=1.0, betas=(0.9, 0.98), init_factor=0.1)
     assert torch.equal(W, W0)  # no update and no weight decay on the initialisation step
     assert state["step"] == 0 and torch.count_nonzero(state["exp_avg"]) == 0
     torch.testing.assert_close(state["L"], 0.02 * grads[0] @ grads[0].T / 6)
     torch.testing.assert_close(state["lam_R"], torch.full((6,), 0.1, dtype=F64))
+
+
+def test_defaults_differ_from_the_reference_code_where_documented():
+    W = torch.nn.Parameter(torch.zeros(3, 4))
+    (shampoo,) = KLShampoo([W]).param_groups
+    (soap,) = KLSOAP([W]).param_groups
+    assert (shampoo["betas"], shampoo["init_factor"]) == ((0.95, 0.95), "grad_rms")  # docs/kl_shampoo.md, measured
+    assert (soap["betas"], soap["init_factor"]) == ((0.9, 0.98), 0.1)  # the reference code's
+    (explicit,) = KLShampoo([W], betas=(0.9, 0.98), init_factor=0.1).param_groups
+    assert (explicit["betas"], explicit["init_factor"]) == ((0.9, 0.98), 0.1)
+    grads = random_grads(1, (40, 48))
+    _, state, _ = run_optimizer(KLShampoo, grads, torch.randn(40, 48, dtype=F64), lr=1.0)
+    torch.testing.assert_close(state["lam_L"], grads[0].square().mean().sqrt().expand(40))
 
 
 def test_max_precond_dim_leaves_large_side_unpreconditioned():
@@ -258,7 +272,7 @@ FAST = dict(betas=(0.9, 0.95), weight_decay=0.0, precondition_frequency=5)
 @pytest.mark.parametrize(
     "make_opt",
     [
-        lambda p: KLShampoo(p, lr=0.3, **FAST),
+        lambda p: KLShampoo(p, lr=0.1, **FAST),  # init_factor="grad_rms" takes full steps from the start
         lambda p: KLSOAP(p, lr=0.1, **FAST),
         lambda p: ProKLShampoo(p, lr=0.03, rank=4, **FAST),
         lambda p: ProKLShampoo(p, lr=0.3, rank=4, complement_scale="kl_norm", **FAST),
@@ -362,6 +376,7 @@ def test_switches_survive_in_param_groups():
         (dict(shampoo_beta=1.5), "shampoo_beta"),
         (dict(precondition_frequency=0), "precondition_frequency"),
         (dict(init_factor=0.0), "init_factor"),
+        (dict(init_factor="rms"), "init_factor must be a finite number > 0 or .grad_rms."),
         (dict(max_precond_dim=0), "max_precond_dim"),
         (dict(state_dtype="int8"), "state_dtype"),
         (dict(eps=float("nan")), "eps"),
@@ -409,3 +424,34 @@ def test_bf16_factor_state_tracks_the_fp32_run(cls, extra):
     # the factors only steer the (fp32) bases: the runs differ by bf16 round-off, not by a different algorithm
     rel = (moved["float32"] - moved["bfloat16"]).norm() / moved["float32"].norm()
     assert 0 < rel < 0.02
+
+
+def test_grad_rms_init_starts_at_the_gradient_scale_and_is_invariant_to_it():
+    grads = random_grads(12, (40, 48))
+    W0 = torch.randn(40, 48, dtype=F64)
+    _, state, _ = run_optimizer(KLShampoo, grads[:1], W0, lr=1.0, init_factor="grad_rms")
+    mean_square = grads[0].square().mean()
+    torch.testing.assert_close(state["lam_L"] * state["lam_R"][0], mean_square.expand(40))
+    # one side above max_precond_dim: the other side alone carries the mean square
+    _, state, _ = run_optimizer(KLShampoo, grads[:1], W0, lr=1.0, init_factor="grad_rms", max_precond_dim=45)
+    assert "lam_R" not in state
+    torch.testing.assert_close(state["lam_L"], mean_square.expand(40))
+    # the updates until the first basis refresh are the same for a loss scaled by 2^10 (the update is
+    # M / sqrt(lam_L lam_R), and a power of two rounds alike; the refresh reads the factor L, whose
+    # initialisation G G^T / n is the reference's, not whitened, so later steps mix in the scale) ...
+    options = dict(lr=0.01, weight_decay=0.0, precondition_frequency=5, eps=0.0, matmul_dtype="float32")
+    W1, _, _ = run_optimizer(KLShampoo, grads[:5], W0, init_factor="grad_rms", **options)
+    W2, _, _ = run_optimizer(KLShampoo, [1024.0 * g for g in grads[:5]], W0, init_factor="grad_rms", **options)
+    torch.testing.assert_close(W1, W2, rtol=1e-9, atol=1e-12)
+    assert not torch.equal(W1, W0)
+    # ... and not with a constant init_factor
+    W3, _, _ = run_optimizer(KLShampoo, grads[:5], W0, init_factor=0.1, **options)
+    W4, _, _ = run_optimizer(KLShampoo, [1024.0 * g for g in grads[:5]], W0, init_factor=0.1, **options)
+    assert (W3 - W4).abs().max() > 1e-3 * (W3 - W0).abs().max()
+
+
+def test_grad_rms_init_of_a_three_dimensional_tensor():
+    G = torch.randn(3, 6, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    _, state, _ = run_optimizer(KLShampoo, [G], torch.zeros(3, 6, 5, dtype=F64), init_factor="grad_rms")
+    product = state["lam_F0"][0] * state["lam_F1"][0] * state["lam_F2"][0]
+    torch.testing.assert_close(product, G.square().mean())

@@ -125,7 +125,7 @@ _SPECS = (
     OptimizerSpec(
         "kl-shampoo",
         KLShampoo,
-        3e-2,
+        1e-2,  # with betas (0.95, 0.95) and init_factor "grad_rms" (docs/kl_shampoo.md); 3e-2 before
         "KL-Shampoo (full left and right factors)",
         bases=("Q_L",),
         factors=_KL_FACTORS,
