@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from whiten.linalg.gram import GRAM_BLOCK_ROWS
-from whiten.linalg.newton_schulz import ns_evaluation
+from whiten.linalg.newton_schulz import GRAM_SEGMENT, ns_evaluation
 
 
 @dataclass(frozen=True)
@@ -97,18 +97,31 @@ def newton_schulz_flops(
 ) -> FlopCount:
     """:func:`whiten.linalg.newton_schulz` on an ``m x n`` matrix, by how it evaluates the polynomial.
 
-    On the wide orientation ``s x l``: direct, per step ``A = X X^T``, ``A A`` and ``B X``; Gram
-    (:func:`whiten.linalg.newton_schulz_left_factor`), ``P = X X^T`` once, per step ``P_k^2``, ``poly Z``
-    (not on the first step, ``Z_0 = I``) and ``P_k = Z P_0 Z^T`` (not after the last), then ``K X``;
-    spectral (:func:`whiten.linalg.newton_schulz_spectral_factor`), ``P``, one ``eigh``, ``V diag(q) V^T``
-    and ``K X``. ``apply_factor=False``: the factor ``K`` alone (a caller that folds ``K`` into other left
-    factors before one product with ``X``: Pro-KLShampoo).
+    On the wide orientation ``s x l``: direct, per step ``A = X X^T``, ``A A`` and ``B X``; Gram, in
+    segments of :data:`whiten.linalg.GRAM_SEGMENT` steps, each ``P_0`` (``X X^T``), per step ``P_k^2``,
+    ``poly Z`` (not on a segment's first step, ``Z_0 = I``) and ``P_k = Z P_0 Z^T`` (not after its last):
+    ``4 k - 3`` products of ``s x s`` for a segment of ``k`` steps; :func:`whiten.linalg.newton_schulz`
+    applies each segment's ``Z`` to ``X`` (``s x s x l``), :func:`whiten.linalg.newton_schulz_left_factor`
+    (``apply_factor=False``) forms the iterate ``K X`` before every later segment and accumulates
+    ``K = Z K``; spectral (:func:`whiten.linalg.newton_schulz_spectral_factor`), ``P``, one ``eigh``,
+    ``V diag(q) V^T`` and ``K X``. ``apply_factor=False``: the factor ``K`` alone (a caller that folds ``K``
+    into other left factors before one product with ``X``: Pro-KLShampoo).
     """
     s, l = sorted((int(shape[-2]), int(shape[-1])))
     evaluation = ns_evaluation(method, (s, l), compute_dtype)
     apply = matmul_flops(s, s, l) if apply_factor else NONE_FLOPS
     if evaluation == "gram":
-        return matmul_flops(s, l, s) + (4 * steps - 3) * matmul_flops(s, s, s) + apply
+        segments = -(-steps // GRAM_SEGMENT)
+        polynomials = (4 * steps - 3 * segments) * matmul_flops(s, s, s)
+        if apply_factor:  # every segment: its P_0 from the iterate, then Z X
+            return segments * (matmul_flops(s, l, s) + matmul_flops(s, s, l)) + polynomials
+        # the factor: P once, then per later segment the iterate K X, its Gram and Z K
+        later = segments - 1
+        return (
+            matmul_flops(s, l, s)
+            + polynomials
+            + later * (matmul_flops(s, s, l) + matmul_flops(s, l, s) + matmul_flops(s, s, s))
+        )
     if evaluation == "spectral":
         return matmul_flops(s, l, s) + eigh_flops(s) + matmul_flops(s, s, s) + apply
     return steps * (matmul_flops(s, l, s) + matmul_flops(s, s, s) + matmul_flops(s, s, l))
