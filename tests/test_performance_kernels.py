@@ -147,6 +147,24 @@ def test_gram_newton_schulz_is_the_same_polynomial(shape: tuple[int, ...]) -> No
         newton_schulz(G, compute_dtype=torch.bfloat16, method="spectral")
 
 
+@pytest.mark.parametrize("steps", range(1, 9))
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (3, 8, 24)])
+def test_gram_newton_schulz_equals_the_left_factor_formula(shape: tuple[int, ...], steps: int) -> None:
+    """One Gram path for every step count: up to GRAM_SEGMENT steps it is K X with K the left factor."""
+    from whiten.linalg import newton_schulz_left_factor
+
+    gen = torch.Generator().manual_seed(11)
+    G = torch.randn(shape, dtype=torch.float64, generator=gen)
+    wide = G if shape[-2] <= shape[-1] else G.mT
+    for coefficients in ("keller", "polar_express"):
+        K, _ = newton_schulz_left_factor(wide, steps, coefficients)
+        expected = K @ wide if shape[-2] <= shape[-1] else (K @ wide).mT
+        got = newton_schulz(G, steps, coefficients, compute_dtype=torch.float64, method="gram")
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        direct = newton_schulz(G, steps, coefficients, compute_dtype=torch.float64, method="direct")
+        torch.testing.assert_close(got, direct, rtol=1e-10, atol=1e-10)
+
+
 def test_auto_method_choice_and_bad_method() -> None:
     from whiten.linalg import prefers_gram
 

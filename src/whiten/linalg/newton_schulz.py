@@ -167,11 +167,11 @@ def newton_schulz(
             return newton_schulz(G, steps, coefficients, compute_dtype=torch.float32, eps=eps, method=method).to(
                 compute_dtype
             )
-        if evaluation == "spectral" or schedule.steps <= GRAM_SEGMENT:
-            factor = newton_schulz_spectral_factor if evaluation == "spectral" else newton_schulz_left_factor
-            K, _ = factor(X, steps, coefficients, eps=eps)
+        if evaluation == "spectral":
+            K, _ = newton_schulz_spectral_factor(X, steps, coefficients, eps=eps)
             X = K @ X
-        else:  # re-anchor the Gram iteration on the explicit iterate every GRAM_SEGMENT steps
+        else:  # the Gram iteration, re-anchored on the explicit iterate every GRAM_SEGMENT steps (one segment
+            # up to GRAM_SEGMENT steps: the products of newton_schulz_left_factor, K applied to X once)
             scale = _power_of_two_scale(X)
             X = X * scale
             P = X @ X.mT
