@@ -152,6 +152,30 @@ def test_bad_matmul_dtype_names_the_option():
             cls([torch.nn.Parameter(torch.zeros(3, 3))], **options, matmul_dtype="float16")
 
 
+def test_steps_do_not_revalidate_matmul_dtype(monkeypatch):
+    """The option is checked once, when the group is built; the helpers inside each step only look it up."""
+    import whiten.linalg.precision as precision
+
+    def revalidated(*args, **kwargs):
+        raise AssertionError("matmul_dtype re-validated inside a step")
+
+    built = [
+        (cls([torch.nn.Parameter(torch.randn(12, 30))], **options, matmul_dtype="bfloat16")) for cls, options in CLASSES
+    ]
+    monkeypatch.setattr(precision, "check_matmul_dtype", revalidated)
+    for optimizer in built:
+        for _ in range(2):
+            for p in optimizer.param_groups[0]["params"]:
+                p.grad = torch.randn(p.shape)
+            optimizer.step()
+    for helper in (
+        lambda: matmuls_in("float16", "cpu").__enter__(),
+        lambda: matmul_compute_dtype("float16", torch.float32),
+    ):
+        with pytest.raises(KeyError, match="float16"):  # a lookup, not a silent fp32
+            helper()
+
+
 def test_pro_klshampoo_ns_method_default_by_dtype_device_and_shape():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_ns_method(torch.float32, cpu, (768, 768)) == "spectral"

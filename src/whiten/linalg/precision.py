@@ -149,6 +149,9 @@ MATMUL_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": t
 
 
 def check_matmul_dtype(matmul_dtype: str, name: str = "matmul_dtype") -> str:
+    """The user-facing check of a ``matmul_dtype`` value (the optimizers run the same check on their options
+    when they are built, ``whiten/optim/_options.py``); the helpers below take validated values and only look
+    them up in :data:`MATMUL_DTYPES` (a ``KeyError`` for anything else), since they run inside every step."""
     if matmul_dtype not in MATMUL_DTYPES:
         raise ValueError(f"{name}={matmul_dtype!r} is not valid; use one of {tuple(MATMUL_DTYPES)}")
     return matmul_dtype
@@ -156,7 +159,7 @@ def check_matmul_dtype(matmul_dtype: str, name: str = "matmul_dtype") -> str:
 
 def matmul_compute_dtype(matmul_dtype: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype the hot matmuls on ``dtype`` statistics run in: the policy's, but fp64 stays fp64."""
-    return torch.float64 if dtype == torch.float64 else MATMUL_DTYPES[check_matmul_dtype(matmul_dtype)]
+    return torch.float64 if dtype == torch.float64 else MATMUL_DTYPES[matmul_dtype]
 
 
 #: on CPU, matrices of at most this many entries keep fp32 products under ``matmul_dtype="bfloat16"``
@@ -167,7 +170,6 @@ def effective_matmul_dtype(matmul_dtype: str, shape: Sequence[int], device: torc
     """The policy a matrix of ``shape`` gets: ``matmul_dtype``, except that on CPU a small matrix (at most
     :data:`CPU_BF16_MIN_NUMEL` entries) keeps fp32, where the conversions and autocast's per-call cost
     exceed what bf16 products save (the tiny preset's KL-Shampoo 27 -> 38 ms per step; docs/precision.md)."""
-    check_matmul_dtype(matmul_dtype)
     if torch.device(device).type == "cpu" and math.prod(shape[-2:]) <= CPU_BF16_MIN_NUMEL:
         return "float32"
     return matmul_dtype
@@ -185,7 +187,7 @@ def matmuls_in(matmul_dtype: str, device: torch.device | str) -> Iterator[None]:
     products. Decompositions belong in :func:`full_precision` blocks.
     """
     device_type = torch.device(device).type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=check_matmul_dtype(matmul_dtype) == "bfloat16"):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=MATMUL_DTYPES[matmul_dtype] is torch.bfloat16):
         yield
 
 
