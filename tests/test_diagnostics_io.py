@@ -110,3 +110,26 @@ def test_diagnose_alpha_reads_model_safetensors(tmp_path) -> None:
     assert main(["diagnose", "alpha", str(folder), "--xmin", "median", "--out", str(tmp_path / "a"), "--no-plots"]) == 0
     layers = json.loads((tmp_path / "a" / "alpha.json").read_text())["checkpoint-3"]["layers"]
     assert [layer["name"] for layer in layers] == ["0.weight", "2.weight"]
+
+
+def test_one_json_lines_reader_for_the_bench_and_the_diagnostics(tmp_path, capsys) -> None:
+    from whiten.bench import report, runner
+    from whiten.diagnostics import claims
+    from whiten.diagnostics.io import read_json, read_jsonl
+
+    assert runner.read_jsonl is report.read_jsonl is claims.read_jsonl is read_jsonl
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n\n{"step": 2, "val_loss": 3.5}\n')
+    assert read_jsonl(log) == [{"step": 1}, {"step": 2, "val_loss": 3.5}]
+    assert read_jsonl(tmp_path / "missing.jsonl", missing_ok=True) == []
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl' does not exist"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    log.write_text('{"step": 1}\n{"step": 2, "val_lo\n')  # a run killed while writing its last line
+    with pytest.raises(ValueError, match=r"log\.jsonl' is not valid JSON lines \(line 2\)"):
+        read_jsonl(log)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match=r"bad\.json' is not valid JSON"):
+        read_json(tmp_path / "bad.json")
+    # the diagnose CLI reports it as a usage error naming the file and the line
+    assert main(["diagnose", "alpha", str(log)]) != 0
+    assert "is not valid JSON lines (line 2)" in capsys.readouterr().err

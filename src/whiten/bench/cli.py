@@ -28,6 +28,7 @@ from whiten.bench.models import MODEL_CONFIGS, count_parameters, model_config
 from whiten.bench.precision import PRECISIONS
 from whiten.bench.report import PLOT_FILES, load_summary, markdown_table, plot, summarize
 from whiten.bench.runner import BenchConfig, RunSpec, run_all
+from whiten.diagnostics.io import read_json
 from whiten.optim.registry import get as get_spec
 from whiten.optim.registry import names as known_names
 from whiten.optim.registry import parse_options
@@ -329,7 +330,7 @@ def _prepare(args: argparse.Namespace, kind: str) -> tuple[BenchConfig, Path]:
     if args.resume:
         if not config_path.exists():
             raise FileNotFoundError(f"--resume: {str(config_path)!r} does not exist; nothing to resume")
-        saved = json.loads(config_path.read_text())
+        saved = read_json(config_path)
         cfg = BenchConfig.from_dict(saved["bench"])
         for key, value in _explicit(args).items():
             if key in ("device", "threads", "jobs"):
@@ -523,7 +524,7 @@ def _sweep_grid(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, list[fl
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     cfg, out = _prepare(args, "sweep")
-    grid = json.loads((out / "config.json").read_text())["grid"] if args.resume else _sweep_grid(cfg, args)
+    grid = read_json(out / "config.json")["grid"] if args.resume else _sweep_grid(cfg, args)
     data, mcfg, info = _begin(args, cfg, out, {"grid": grid})
     specs = [
         RunSpec(name, lr, seed, f"{name}@{lr:g}") for name in cfg.optimizers for lr in grid[name] for seed in cfg.seeds

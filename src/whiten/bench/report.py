@@ -13,13 +13,12 @@ run never reaches the target). Seconds are training-step seconds (evaluation exc
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-from whiten.bench.runner import read_jsonl
+from whiten.diagnostics.io import read_json, read_jsonl
 
 PLOT_FILES = ("val_loss_vs_tokens.png", "val_loss_vs_time.png", "time_to_target.png", "memory.png")
 
@@ -83,7 +82,7 @@ def summarize(out: Path, config: dict[str, Any], results: list[dict[str, Any]], 
     targets = resolve_targets(results, config.get("targets"), config["target_factors"])
     runs = []
     for r in results:
-        vals = [x for x in read_jsonl(out / "runs" / f"{r['label']}-s{r['seed']}" / "log.jsonl") if "val_loss" in x]
+        vals = _val_records(out, r["label"], r["seed"])
         run = dict(r)
         missed = {"step": None, "tokens": None, "seconds": None, "cpu_seconds": None}
         run["to_target"] = [{"target": t, **(time_to_target(vals, t) or missed)} for t in targets["losses"]]
@@ -204,7 +203,12 @@ def load_summary(out: Path) -> dict[str, Any]:
     path = out / "summary.json"
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist; run `whiten bench --out {out}` first")
-    return json.loads(path.read_text())
+    return read_json(path)
+
+
+def _val_records(out: Path, label: str, seed: int) -> list[dict[str, Any]]:
+    """The evaluation records of run ``label``/``seed`` in its ``log.jsonl`` (none yet: ``[]``)."""
+    return [x for x in read_jsonl(out / "runs" / f"{label}-s{seed}" / "log.jsonl", missing_ok=True) if "val_loss" in x]
 
 
 def _curves(
@@ -215,7 +219,7 @@ def _curves(
     for r in runs:
         if r["label"] != label:
             continue
-        vals = [x for x in read_jsonl(out / "runs" / f"{label}-s{r['seed']}" / "log.jsonl") if "val_loss" in x]
+        vals = _val_records(out, label, r["seed"])
         per_seed.append(vals)
     length = min((len(v) for v in per_seed), default=0)
     xs, mean, lo, hi = [], [], [], []

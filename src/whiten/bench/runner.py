@@ -39,6 +39,7 @@ from whiten.bench.launch import launched, rank_slice
 from whiten.bench.models import ModelConfig, build_model, count_parameters
 from whiten.bench.optimizers import build_optimizer, check_bench_options, optimizer_state_bytes
 from whiten.bench.precision import PRECISIONS, autocast, check_precision, default_precision
+from whiten.diagnostics.io import read_json, read_jsonl
 from whiten.optim.registry import get as get_spec
 
 
@@ -317,12 +318,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def find_recorders() -> dict[str, Callable[..., Any]]:
     """The diagnostics the ``--record-every`` hook calls: ``record_spectra`` and ``weight_alpha``.
 
@@ -360,7 +355,7 @@ def run_one(
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path, ckpt_path, log_path = run_dir / "result.json", run_dir / "checkpoint.pt", run_dir / "log.jsonl"
     if resume and result_path.exists():
-        return json.loads(result_path.read_text())
+        return read_json(result_path)
     device = torch.device(cfg.device)
     if launched() and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
@@ -386,7 +381,7 @@ def run_one(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, clock, peak_rss = ckpt["step"], ckpt["clock"], ckpt["peak_rss"]
-        kept = [r for r in read_jsonl(log_path) if r["step"] <= step]
+        kept = [r for r in read_jsonl(log_path, missing_ok=True) if r["step"] <= step]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     else:
         for stale in (log_path, ckpt_path, result_path, run_dir / "diagnostics.jsonl"):
@@ -488,7 +483,7 @@ def run_one(
         log.close()
         bar.close()
     peak_rss = max(peak_rss, memory.peak_rss)
-    records = read_jsonl(log_path)
+    records = read_jsonl(log_path, missing_ok=True)
     vals = [r for r in records if "val_loss" in r]
     trains = [r for r in records if "train_loss" in r]
     last_train = [r["train_loss"] for r in trains[-max(1, cfg.eval_every) :]]

@@ -52,6 +52,7 @@ from whiten.diagnostics.compare import (
     seed_stats,
     verdict_of,
 )
+from whiten.diagnostics.io import read_json, read_jsonl
 from whiten.diagnostics.spectra import spectrum_stats
 
 FAMILIES = {"gpt": "GPT-2-style", "llama": "LLaMA-style"}
@@ -88,13 +89,6 @@ class Sources:
     from_claims_preset: dict[str, set[str]] = field(default_factory=lambda: {"bench": set(), "sweep": set()})
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-
-
 def _family(info: Mapping[str, Any], path: Path) -> str:
     arch = (info.get("model") or {}).get("arch")
     if arch not in FAMILIES:
@@ -116,10 +110,10 @@ def discover(results_dir: str | Path) -> Sources:
     candidates += [q for p in candidates[1:] for q in sorted(p.iterdir()) if q.is_dir() and q.name != "runs"]
     for folder in candidates:
         if (folder / "sweep.json").is_file():
-            info = _read_json(folder / "sweep.json")
+            info = read_json(folder / "sweep.json")
             _keep(found, found.sweeps, _family(info, folder), folder, "sweep", info["config"].get("preset"))
         elif (folder / "summary.json").is_file() and (folder / "config.json").is_file():
-            info = _read_json(folder / "config.json")
+            info = read_json(folder / "config.json")
             _keep(found, found.benches, _family(info, folder), folder, "bench", info["bench"].get("preset"))
         elif (folder / "spike.json").is_file() and found.spike is None:
             found.spike = folder / "spike.json"
@@ -165,7 +159,7 @@ class Bench:
 
     @classmethod
     def load(cls, path: Path, family: str) -> Bench:
-        return cls(path, family, _read_json(path / "summary.json"), _read_json(path / "config.json"))
+        return cls(path, family, read_json(path / "summary.json"), read_json(path / "config.json"))
 
     @property
     def aggregate(self) -> dict[str, Any]:
@@ -175,10 +169,7 @@ class Bench:
         return list(self.aggregate[label]["seeds"]) if label in self.aggregate else []
 
     def jsonl(self, label: str, seed: int, name: str) -> list[dict[str, Any]]:
-        path = self.path / "runs" / f"{label}-s{seed}" / name
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path / "runs" / f"{label}-s{seed}" / name, missing_ok=True)
 
     def command(self, out: str) -> str:
         """The ``whiten bench`` command line that reproduces this folder's config."""
@@ -848,7 +839,7 @@ def claim_spike(sources: Sources, fig_dir: Path) -> tuple[Claim, dict[str, Any]]
         "when it fails for the peer init."
     )
     if sources.spike is not None:
-        result = _read_json(sources.spike)
+        result = read_json(sources.spike)
         origin = f"read from {sources.spike}"
     else:
         from whiten.diagnostics.spike import SpikeConfig, run_spike_experiment
@@ -964,7 +955,7 @@ def sweep_section(sources: Sources, benches: dict[str, Bench]) -> list[str]:
     if not sources.sweeps:
         return [*lines, "No sweep folder was found: the lrs below were not swept at this scale.", ""]
     for family, path in sources.sweeps.items():
-        sweep = _read_json(path / "sweep.json")
+        sweep = read_json(path / "sweep.json")
         bench = benches.get(family)
         lines += [
             f"**{FAMILIES[family]} ({family})**, `{path}`, {sweep['model']['name']}, {sweep['config']['steps']} steps, "

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 from whiten.diagnostics.alpha import XMIN_RULES, LayerAlpha, format_alpha_table, mean_by_type, weight_alpha
-from whiten.diagnostics.io import checkpoint_step, find_model_state, labelled_sources, load_checkpoint
+from whiten.diagnostics.io import (
+    checkpoint_step,
+    find_model_state,
+    labelled_sources,
+    load_checkpoint,
+    read_json,
+    read_jsonl,
+)
 from whiten.diagnostics.spectra import (
     FACTOR_SOURCES,
     expected_factors,
@@ -209,18 +216,7 @@ class NoFactorsError(ValueError):
 
 def _spectra_records(path: Path, args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
     if path.suffix in (".json", ".jsonl"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{str(path)!r} does not exist")
-        text = path.read_text()
-        try:
-            items = (
-                [json.loads(line) for line in text.splitlines() if line.strip()]
-                if path.suffix == ".jsonl"
-                else (json.loads(text))
-            )
-        except json.JSONDecodeError as err:
-            kind = "JSON lines" if path.suffix == ".jsonl" else "JSON"
-            raise ValueError(f"{str(path)!r} is not valid {kind}: {err}") from None
+        items = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
         items = items if isinstance(items, list) else [items]
         records = []
         for item in items:
@@ -331,7 +327,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 
 def _alpha_from_jsonl(path: Path) -> list[LayerAlpha]:
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = read_jsonl(path)
     lists = [e["weight_alpha"] for e in entries if isinstance(e.get("weight_alpha"), list) and e["weight_alpha"]]
     if not lists:
         raise ValueError(f"{str(path)!r} holds no weight_alpha records")

@@ -47,6 +47,36 @@ HF_FILES = {"optimizer": ("optimizer.pt",), "model": ("model.safetensors", "pyto
 STEP_KEYS = ("step", "global_step")  # whiten bench / Lightning
 
 
+def read_json(path: str | Path) -> Any:
+    """The value of a JSON file, with a clear error for a missing or malformed one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def read_jsonl(path: str | Path, *, missing_ok: bool = False) -> list[Any]:
+    """The records of a JSON-lines file (one value per line, blank lines skipped): the bench's ``log.jsonl``
+    and ``diagnostics.jsonl``. A missing file is ``[]`` when ``missing_ok`` (a run that has not logged yet),
+    else a ``FileNotFoundError``; a malformed line a ``ValueError`` naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{str(path)!r} is not valid JSON lines (line {number}): {err}") from None
+    return records
+
+
 def load_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
     """``torch.load`` on CPU with a clear error for a missing or unreadable file."""
     path = Path(path)
