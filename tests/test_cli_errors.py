@@ -44,3 +44,21 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, a_file, capsys, argv, pr
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"{prefix}: error:") and message in err and len(err.splitlines()) == 1, err
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix", "name"),
+    [
+        (["bench", "--device", "cuda"], "whiten bench", "--device"),
+        (["sweep", "--device", "cuda:1"], "whiten sweep", "--device"),
+        (["diagnose", "spike", "--device", "cuda"], "whiten diagnose spike", "device"),
+    ],
+)
+def test_a_cuda_device_without_cuda_is_one_check_for_every_command(monkeypatch, capsys, argv, prefix, name) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    expected = f"{name} {argv[-1]!r} requested but CUDA is not available; use {name} cpu"
+    assert err == f"{prefix}: error: {expected}", err

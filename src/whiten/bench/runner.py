@@ -39,6 +39,7 @@ from whiten.bench.launch import launched, rank_slice
 from whiten.bench.models import ModelConfig, build_model, count_parameters
 from whiten.bench.optimizers import build_optimizer, check_bench_options, optimizer_state_bytes
 from whiten.bench.precision import PRECISIONS, autocast, check_precision, default_precision
+from whiten.diagnostics.devices import check_device
 from whiten.diagnostics.io import read_json, read_jsonl
 from whiten.optim.registry import get as get_spec
 
@@ -142,12 +143,7 @@ class BenchConfig:
             raise ValueError(f"--jobs {self.jobs} must be an integer >= 1")
         if self.jobs > 1 and launched():
             raise ValueError("--jobs > 1 cannot be combined with --nproc; use one or the other")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"--device {self.device!r} is not a device; use cpu or cuda[:i]") from None
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device} requested but CUDA is not available; use --device cpu")
+        check_device(self.device)
         if self.precision is None:
             raise ValueError("--precision is not set; use one of " + ", ".join(PRECISIONS))
         check_precision(self.precision)

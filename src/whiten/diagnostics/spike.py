@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from whiten.diagnostics.angles import angle_trajectory_deg
+from whiten.diagnostics.devices import check_device
 from whiten.linalg import PRECISIONS, emulate_global_matmul_precision, matmul_precision
 from whiten.optim import registry
 
@@ -92,12 +93,7 @@ class SpikeConfig:
     n_eigenvalues: int = 10
 
     def validate(self) -> None:
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"device {self.device!r} is not a device; use cpu or cuda[:i]") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available; use cpu")
+        check_device(self.device, "device")
         if len(self.shape) != 2 or min(self.shape) < 2:
             raise ValueError(f"shape must be two dimensions >= 2, got {self.shape}")
         if not self.optimizers:
