@@ -412,6 +412,41 @@ def test_checkpoint_load_keeps_the_loading_runs_mode(tmp_path) -> None:
     assert resumed_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
 
 
+def test_owner_assignment_is_cached_until_the_split_parameters_change(monkeypatch) -> None:
+    from whiten.optim.distributed import ownership
+
+    world = [2]
+    monkeypatch.setattr(ownership, "_initialized", lambda: True)
+    monkeypatch.setattr(ownership, "process_group_of", lambda optimizer, params: None)
+    monkeypatch.setattr(ownership.dist, "get_world_size", lambda group=None: world[0])
+    costed = []
+
+    def counted(optimizer, shape, group):
+        costed.append(shape)
+        return float(torch.Size(shape).numel())
+
+    monkeypatch.setattr(ownership, "matrix_flops", counted)
+    params = [torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(4, 4))]
+    optimizer = Muon(params)
+    optimizer.set_distributed_mode("split")
+    group = optimizer.param_groups[0]
+    first = wd.owners_of(optimizer, group)
+    assert first == {id(params[0]): 0, id(params[1]): 1} and len(costed) == 2
+    assert wd.owners_of(optimizer, group) is first and len(costed) == 2  # hit: nothing re-costed
+
+    params[1].data = torch.zeros(16, 16)  # same parameter, new size: the largest is now params[1]
+    resized = wd.owners_of(optimizer, group)
+    assert resized == {id(params[0]): 1, id(params[1]): 0} and costed[-2:] == [(8, 8), (16, 16)]
+    extra = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer.add_param_group({"params": [extra]})  # the defaults' mode: split
+    assert id(extra) in wd.owners_of(optimizer, group) and len(costed) == 7
+    assert id(extra) in wd.owners_of(optimizer, optimizer.param_groups[1]) and len(costed) == 7
+    world[0] = 3
+    assert sorted(wd.owners_of(optimizer, group).values()) == [0, 1, 2] and len(costed) == 10
+    optimizer.param_groups[1]["distributed_mode"] = "replicate"  # the other group leaves the split
+    assert set(wd.owners_of(optimizer, group)) == {id(params[0]), id(params[1])} and len(costed) == 12
+
+
 def test_assign_owners_is_greedy_largest_first() -> None:
     assert wd.assign_owners([10.0, 6.0, 5.0, 4.0], 2) == [0, 1, 1, 0]
     costs = [100.0, 1.0, 1.0, 1.0, 1.0]

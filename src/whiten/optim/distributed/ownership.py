@@ -124,29 +124,70 @@ def _state_moved_to(state: dict, params: Sequence[Tensor], proxies: Sequence[Ten
 
 
 # -- ownership ---------------------------------------------------------------------------------------
+def _is_split(group: Mapping[str, Any]) -> bool:
+    return group.get("distributed_mode") == "split" and bool(group.get("use_matrix"))
+
+
+@dataclass
+class OwnerCache:
+    """The owner assignment and what it was computed from: the world size, each split-mode group (the
+    group dict and its ``params`` list, by identity) and every parameter with its shape at the time."""
+
+    world: int
+    groups: list[tuple[Mapping[str, Any], list[Tensor]]]
+    params: list[tuple[Tensor, torch.Size]]
+    owners: dict[int, int]
+
+    def holds(self, optimizer: Any, world: int) -> bool:
+        """Whether the assignment still applies: no allocation, identity and shape comparisons only."""
+        if world != self.world:
+            return False
+        groups = iter(self.groups)
+        for g in optimizer.param_groups:
+            if _is_split(g):
+                held_group = next(groups, None)
+                if held_group is None or held_group[0] is not g or held_group[1] is not g["params"]:
+                    return False
+        if next(groups, None) is not None:
+            return False
+        params = iter(self.params)
+        for _, plist in self.groups:
+            for p in plist:
+                held = next(params, None)
+                if held is None or held[0] is not p or held[1] != p.shape:
+                    return False
+        return next(params, None) is None
+
+
 def owners_of(optimizer: Any, group: Mapping[str, Any]) -> dict[int, int] | None:
     """``{id(param): owner rank}`` for a split-mode matrix group, or ``None`` when not splitting.
 
     The assignment balances estimated flops over all split-mode matrix groups of the optimizer
     together; it depends only on shapes and options, so every rank computes the same one. It is
-    cached and recomputed when the parameters or the world size change.
+    cached (:class:`OwnerCache`) and recomputed when the world size, the split-mode groups, their
+    parameters or a parameter's shape change (a changed option of a group, which changes a cost but
+    not what is split, keeps the assignment until then).
     """
-    if group.get("distributed_mode") != "split" or not group.get("use_matrix") or not _initialized():
+    if not _is_split(group) or not _initialized():
         return None
     pg = process_group_of(optimizer, group["params"])
     world = dist.get_world_size(pg)
     if world == 1:
         return None
-    split_groups = [g for g in optimizer.param_groups if g.get("use_matrix") and g.get("distributed_mode") == "split"]
-    key = (world, tuple(id(p) for g in split_groups for p in g["params"]))
-    cache = getattr(optimizer, "_owner_cache", None)
-    if cache is None or cache[0] != key:
+    cache: OwnerCache | None = getattr(optimizer, "_owner_cache", None)
+    if cache is None or not cache.holds(optimizer, world):
+        split_groups = [g for g in optimizer.param_groups if _is_split(g)]
         entries = [(p, g) for g in split_groups for p in g["params"]]
         costs = [matrix_flops(optimizer, tuple(p.shape), g) for p, g in entries]
         owners = assign_owners(costs, world)
-        cache = (key, {id(p): r for (p, _), r in zip(entries, owners, strict=True)})
+        cache = OwnerCache(
+            world,
+            [(g, g["params"]) for g in split_groups],
+            [(p, p.shape) for p, _ in entries],
+            {id(p): r for (p, _), r in zip(entries, owners, strict=True)},
+        )
         optimizer._owner_cache = cache
-    return cache[1]
+    return cache.owners
 
 
 def holds_state(optimizer: Any, group: Mapping[str, Any], param: Tensor) -> bool:
