@@ -47,6 +47,7 @@ _PAPER_SCALE = {
     "weight_decay": 0.1,
 }
 _TINY = {"ctx": 64, "batch_size": 16, "steps": 500, "eval_batches": 8, "threads": 1}
+_MINI = {"model": "gpt-mini", "ctx": 128, "batch_size": 8, "steps": 400, "eval_batches": 8, "threads": 1}
 
 _CLAIMS_OPTIMIZERS = [
     "adamw",
@@ -61,12 +62,7 @@ _CLAIMS_OPTIMIZERS = [
     "pro-kls-r64",
 ]
 _CLAIMS: dict[str, Any] = {
-    "model": "gpt-mini",
-    "ctx": 128,
-    "batch_size": 8,
-    "steps": 400,
-    "eval_batches": 8,
-    "threads": 1,
+    **_MINI,
     "jobs": 2,
     "seeds": [0, 1, 2],
     "record_every": 100,
@@ -86,12 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~0.84M parameters (d 128, 4 layers, ctx 128): the larger preset measured on the CPU (docs/bench.md)
     # its lrs: best of `whiten sweep --preset mini --seeds 0` (lr x 1/3, 1, 3 around the tiny defaults)
     "mini": {
-        "model": "gpt-mini",
-        "ctx": 128,
-        "batch_size": 8,
-        "steps": 400,
-        "eval_batches": 8,
-        "threads": 1,
+        **_MINI,
         "seeds": [0, 1, 2],
         "optimizers": ["adamw", "muon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32"],
         "lrs": {"adamw": 1e-3, "muon": 4e-2, "kl-shampoo": 3e-2, "pro-kls-r16": 3e-3, "pro-kls-r32": 3.33e-3},
