@@ -129,7 +129,7 @@ def test_matches_dense_reference_pseudocode(soap):
 def test_first_step_is_initialisation_only():
     grads = random_grads(1, (4, 6))
     W0 = torch.randn(4, 6, dtype=F64)
-    # the reference code's defaults (KLShampoo's own differ: test_defaults_differ_from_the_reference_code_where_documented)
+    # the reference code's defaults (KLShampoo's own differ: see test_defaults_differ_from_the_reference_code...)
     W, state, _ = run_optimizer(KLShampoo, grads, W0, weight_decay=0.5, lr=1.0, betas=(0.9, 0.98), init_factor=0.1)
     assert torch.equal(W, W0)  # no update and no weight decay on the initialisation step
     assert state["step"] == 0 and torch.count_nonzero(state["exp_avg"]) == 0

@@ -304,8 +304,11 @@ class ProKLShampoo(KLFactored):
         dtype = matmul_compute_dtype(effective_matmul_dtype(group["matmul_dtype"], (s, l), device), torch.float32)
         method = group["ns_method"] or default_ns_method(dtype, device, (s, l))
         kind = ns_evaluation(method, (s, l), dtype)
-        if kind == "direct":
-            direction = direction + newton_schulz_flops((s, l), group["ns_steps"]) + mm(s, r, l) + mm(s, s, l)
+        if kind == "gram" and group["ns_steps"] > GRAM_SEGMENT:
+            kind = "segmented"  # as ns_factor: newton_schulz(method="gram") returns NS(X) itself
+        if kind in ("direct", "segmented"):
+            ns = newton_schulz_flops((s, l), group["ns_steps"], "gram" if kind == "segmented" else "direct")
+            direction = direction + ns + mm(s, r, l) + mm(s, s, l)
         else:
             # K alone (its K X is fused into the final product), then (Q_L sub) U^T, Q_L K and (.) X
             factor = newton_schulz_flops((s, l), group["ns_steps"], kind, apply_factor=False)
