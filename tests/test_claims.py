@@ -183,6 +183,8 @@ def results(tmp_path_factory) -> Path:
         assert main([*args, "--out", str(res / name)]) == 0
     sweep = ["sweep", "--preset", "claims", "--model", "gpt-tiny", *data, *TOY, "--seeds", "0"]
     assert main([*sweep, "--optimizers", "kl-shampoo", "--factors", "0.5,1", "--out", str(res / "sweep-gpt")]) == 0
+    # a second sweep of the same family over another optimizer: both are used
+    assert main([*sweep, "--optimizers", "muon", "--factors", "1", "--out", str(res / "sweep-gpt-muon")]) == 0
     spike = ["diagnose", "spike", "--shape", "16x8", "--steps", "24", "--spike-at", "12", "--optimizers", "rekls"]
     assert main([*spike, "--kl-init", "safe,peer", "--no-plots", "--out", str(res / "spike")]) == 0
     return res
@@ -278,6 +280,8 @@ def test_page_numbers_are_the_summary_numbers(results, page):
     edge = "**yes: widen the grid**" if sweep["best_on_grid_edge"]["kl-shampoo"] else "no"
     assert f"| kl-shampoo | {cells} | {sweep['best_lr']['kl-shampoo']} | {edge} |" in text
     assert "--grid kl-shampoo=" in text
+    muon = json.loads((results / "sweep-gpt-muon" / "sweep.json").read_text())["results"]["muon"][0]
+    assert f"| muon | {muon['lr']:g}: {muon['final_val_loss']:.4f} |" in text
     # claim 6: the saved spike run's angles
     spike = json.loads((results / "spike" / "spike.json").read_text())
     peer_high = next(r for r in spike["runs"] if r["kl_init"] == "peer" and r["precision"] == "high")

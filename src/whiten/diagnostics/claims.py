@@ -82,7 +82,9 @@ class Sources:
 
     root: Path
     benches: dict[str, Path] = field(default_factory=dict)
-    sweeps: dict[str, Path] = field(default_factory=dict)
+    sweeps: dict[str, list[Path]] = field(
+        default_factory=dict
+    )  # every sweep of a family (they may split the optimizers)
     spike: Path | None = None
     investigation: Path | None = None
     notes: list[str] = field(default_factory=list)
@@ -100,7 +102,8 @@ def discover(results_dir: str | Path) -> Sources:
     """Find the bench (``summary.json`` + ``config.json``), sweep (``sweep.json``) and spike folders.
 
     Looks at ``results_dir`` and its sub-folders two levels down; the family is the model's ``arch``. Of
-    several folders of one family and kind, one made with a ``claims`` preset wins, else the first in name order.
+    several bench folders of one family, one made with a ``claims`` preset wins, else the first in name order;
+    every sweep folder of a family is used (sweeps may cover different optimizers).
     """
     root = Path(results_dir)
     if not root.is_dir():
@@ -111,7 +114,7 @@ def discover(results_dir: str | Path) -> Sources:
     for folder in candidates:
         if (folder / "sweep.json").is_file():
             info = read_json(folder / "sweep.json")
-            _keep(found, found.sweeps, _family(info, folder), folder, "sweep", info["config"].get("preset"))
+            found.sweeps.setdefault(_family(info, folder), []).append(folder)
         elif (folder / "summary.json").is_file() and (folder / "config.json").is_file():
             info = read_json(folder / "config.json")
             _keep(found, found.benches, _family(info, folder), folder, "bench", info["bench"].get("preset"))
@@ -479,7 +482,8 @@ def identity_checks(seed: int = 0) -> dict[str, float]:
     mix = torch.randn(n, n, dtype=f64, generator=gen) / math.sqrt(n)
     grads = [torch.randn(m, n, dtype=f64, generator=gen) @ mix for _ in range(20)]
     W0 = torch.randn(m, n, dtype=f64, generator=gen)
-    hyper = {"lr": 0.02, "weight_decay": 0.05, "precondition_frequency": 4}
+    # the same hyperparameters on both sides (KLShampoo's own defaults for betas and init_factor differ from Pro's)
+    hyper = {"lr": 0.02, "weight_decay": 0.05, "precondition_frequency": 4, "betas": (0.9, 0.98), "init_factor": 0.1}
     w_kl, w_pro = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
     kl, pro = KLShampoo([w_kl], **hyper), ProKLShampoo([w_pro], rank=n, **hyper)
     rank_n = 0.0
@@ -954,7 +958,7 @@ def sweep_section(sources: Sources, benches: dict[str, Bench]) -> list[str]:
     lines = ["## Learning-rate sweeps", ""]
     if not sources.sweeps:
         return [*lines, "No sweep folder was found: the lrs below were not swept at this scale.", ""]
-    for family, path in sources.sweeps.items():
+    for family, path in ((f, p) for f, paths in sources.sweeps.items() for p in paths):
         sweep = read_json(path / "sweep.json")
         bench = benches.get(family)
         lines += [
@@ -1037,7 +1041,7 @@ def build_page(results_dir: str | Path, out: str | Path, fig_dir: str | Path | N
     data = {
         "results_dir": str(sources.root),
         "benches": {k: str(v) for k, v in sources.benches.items()},
-        "sweeps": {k: str(v) for k, v in sources.sweeps.items()},
+        "sweeps": {k: [str(p) for p in v] for k, v in sources.sweeps.items()},
         "notes": sources.notes,
         "claims": [
             {"number": c.number, "title": c.title, "verdict": c.verdict, "evidence": c.evidence, "rule": c.rule}
@@ -1064,7 +1068,7 @@ def _render(sources: Sources, benches: dict[str, Bench], claims: list[Claim], ou
     lines += [f"| {c.number} | {c.title} | **{c.verdict}** | {c.evidence} |" for c in claims]
     lines += ["", "## Inputs", ""]
     lines += [f"* {family} bench: `{path}`" for family, path in sources.benches.items()]
-    lines += [f"* {family} sweep: `{path}`" for family, path in sources.sweeps.items()]
+    lines += [f"* {family} sweep: `{path}`" for family, paths in sources.sweeps.items() for path in paths]
     lines += [f"* spike: `{sources.spike}`"] if sources.spike else []
     lines += [f"* {note}" for note in sources.notes]
     lines += [""]
