@@ -133,7 +133,7 @@ def run_checks(device: torch.device, names: Sequence[str] = NAMES, steps: int = 
                             torch.cuda.set_sync_debug_mode("default")
             if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
                 failures.append(f"{name}: non-finite parameters")
-        except Exception as error:  # noqa: BLE001 - every failure is reported with its optimizer
+        except Exception as error:  # every failure is reported with its optimizer
             failures.append(f"{name}: {type(error).__name__}: {error}\n{traceback.format_exc(limit=-3)}")
     return failures
 

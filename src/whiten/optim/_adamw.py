@@ -69,6 +69,21 @@ def apply_update_(
     decay_and_update_(param, update, alpha=-lr * update_scale, decay=decay, decay_first=decay_first)
 
 
+def step_count(state: dict, param: Tensor) -> Tensor:
+    """``state["step"]`` as a 0-d fp32 tensor on ``param``'s device (as ``torch.optim``'s fused AdamW keeps it), so
+    that the count advances, and skips, on the device; an int from an older checkpoint is converted once."""
+    step = state["step"]
+    if not isinstance(step, Tensor) or step.device != param.device or step.dtype != torch.float32:
+        step = state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device, copy=True)
+    return step
+
+
+def _init_moments(param: Tensor, state: dict, dtype: torch.dtype, memory_format: torch.memory_format) -> None:
+    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=memory_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=memory_format)
+
+
 def adamw_step_(
     param: Tensor,
     grad: Tensor,
@@ -79,23 +94,32 @@ def adamw_step_(
     eps: float,
     weight_decay: float,
     stat_dtype: torch.dtype,
+    ok: Tensor | None = None,
 ) -> None:
-    """One AdamW step for ``param``; state keys ``exp_avg``, ``exp_avg_sq``, ``step``."""
+    """One AdamW step for ``param``; state keys ``exp_avg``, ``exp_avg_sq``, ``step`` (a 0-d tensor).
+
+    ``ok`` (a 0-d bool tensor): commit the step only where it holds, on the device (the parameter, moments and
+    count keep their values otherwise, bit for bit); nothing is read back.
+    """
     if "exp_avg" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(param, dtype=stat_dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=stat_dtype, memory_format=torch.preserve_format)
+        _init_moments(param, state, stat_dtype, torch.preserve_format)
     beta1, beta2 = betas
-    state["step"] += 1
-    step = state["step"]
-    g = grad.to(stat_dtype)
+    step = step_count(state, param)
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    saved = None if ok is None else (param.detach().clone(), exp_avg.clone(), exp_avg_sq.clone())
+    step.add_(1.0 if ok is None else ok)
+    # the bias corrections from the count on the device, in fp64 (as from a Python int before)
+    t = step.to(torch.float64 if step.device.type in ("cpu", "cuda") else torch.float32)
+    g = grad.to(stat_dtype)
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    bias1 = 1.0 - beta1**step
-    bias2 = 1.0 - beta2**step
+    bias1 = 1.0 - beta1**t
+    bias2 = 1.0 - beta2**t
     denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
     apply_update_(param, (exp_avg / denom).div_(bias1), lr, weight_decay)
+    if ok is not None and saved is not None:
+        for new, old in zip((param.detach(), exp_avg, exp_avg_sq), saved, strict=True):
+            torch.where(ok, new, old, out=new)
 
 
 def _fusable(param: Tensor, grad: Tensor, stat_dtype: torch.dtype) -> bool:
@@ -126,49 +150,65 @@ def adamw_foreach_(
     eps: float,
     weight_decay: float,
     stat_dtype: Callable[[Tensor], torch.dtype],
+    ok: Tensor | None = None,
 ) -> None:
     """:func:`adamw_step_` for a list of parameters, with the same state keys and the same math.
 
     Parameters whose weight, gradient and statistics share one dtype (fp32 or fp64 weights) are
-    stepped by PyTorch's fused AdamW kernel, one call per (device, dtype, step count) bucket:
-    it reads and writes each tensor once instead of the ~10 passes of the eager formula
-    (``docs/performance.md``). Its arithmetic is ``W (1 - lr wd) - (lr / b1) m / (sqrt(v) / sqrt(b2) +
-    eps)``, equal to the eager ``m / b1 / (sqrt(v / b2) + eps)`` up to rounding. Other
+    stepped by PyTorch's fused AdamW kernel: it reads and writes each tensor once instead of the ~10
+    passes of the eager formula (``docs/performance.md``). Its arithmetic is ``W (1 - lr wd) - (lr / b1) m /
+    (sqrt(v) / sqrt(b2) + eps)``, equal to the eager ``m / b1 / (sqrt(v / b2) + eps)`` up to rounding. Other
     parameters (bf16 weights with fp32 statistics, sharded tensors) take :func:`adamw_step_`.
+
+    ``ok`` (a bool vector over ``params``, on the device): step only the parameters where it holds, deciding
+    nothing on the host. Without it every parameter steps, one fused call per (device, dtype); with it one
+    fused call per parameter, whose ``found_inf`` (the flag ``torch.amp``'s gradient scaler uses) makes the
+    kernel leave a skipped parameter and its moments untouched, and its count advances by ``ok``.
     """
     beta1, beta2 = betas
+    # found_inf of the fused kernel: 1.0 = leave this parameter alone; the count advances by 1 - found_inf
+    advance = None if ok is None else ok.to(torch.float32)
+    skip = None if advance is None else 1.0 - advance
     buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
-    for param, grad, state in zip(params, grads, states, strict=True):
+    masked: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [])
+    for index, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         dtype = stat_dtype(param)
+        mask = None if ok is None else ok[index]
         if not _fusable(param, grad, dtype):
-            adamw_step_(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stat_dtype=dtype)
+            adamw_step_(
+                param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stat_dtype=dtype, ok=mask
+            )
             continue
         if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+            _init_moments(param, state, dtype, torch.contiguous_format)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous() and exp_avg.dtype == dtype == exp_avg_sq.dtype):
-            adamw_step_(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stat_dtype=dtype)
+            adamw_step_(
+                param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stat_dtype=dtype, ok=mask
+            )
             continue
-        state["step"] += 1
-        bucket = buckets.setdefault((param.device, param.dtype, state["step"]), ([], [], [], []))
-        for store, tensor in zip(bucket, (param, grad, exp_avg, exp_avg_sq), strict=True):
+        tensors = (param, grad, exp_avg, exp_avg_sq, step_count(state, param))
+        if advance is not None and skip is not None:
+            for store, tensor in zip(masked, (*tensors, advance[index], skip[index]), strict=True):
+                store.append(tensor)
+            continue
+        bucket = buckets.setdefault((param.device, param.dtype), ([], [], [], [], []))
+        for store, tensor in zip(bucket, tensors, strict=True):
             store.append(tensor)
-    for (device, _, step), (ps, gs, ms, vs) in buckets.items():
-        step_t = torch.tensor(float(step), dtype=torch.float32, device=device)
-        torch._fused_adamw_(
-            ps,
-            gs,
-            ms,
-            vs,
-            [],
-            [step_t] * len(ps),
-            lr=lr.to(device) if isinstance(lr, Tensor) else lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            eps=eps,
-            amsgrad=False,
-            maximize=False,
-        )
+    hyper = {
+        "beta1": beta1,
+        "beta2": beta2,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "amsgrad": False,
+        "maximize": False,
+    }
+    for (device, _), (ps, gs, ms, vs, steps) in buckets.items():
+        torch._foreach_add_(steps, 1.0)
+        torch._fused_adamw_(ps, gs, ms, vs, [], steps, lr=lr.to(device) if isinstance(lr, Tensor) else lr, **hyper)
+    ps, gs, ms, vs, steps, advances, skips = masked
+    if ps:
+        torch._foreach_add_(steps, advances)
+        for p, g, m, v, step, found_inf in zip(ps, gs, ms, vs, steps, skips, strict=True):
+            p_lr = lr.to(p.device) if isinstance(lr, Tensor) else lr
+            torch._fused_adamw_([p], [g], [m], [v], [], [step], lr=p_lr, found_inf=found_inf, **hyper)

@@ -14,6 +14,13 @@ per group, that every new state tensor and the parameter are finite. A parameter
 A failed parameter is restored exactly (parameter, momentum, factors, step counter) and counted in
 ``state["fault_skips"]``; under ``nonfinite="raise"`` every parameter stepped so far in this call is
 restored and the error is raised, so that a retried ``step()`` equals an unfaulted one.
+
+Without reading anything back (:meth:`StepTransaction.run_masked`, the default ``nonfinite="skip"`` step of
+parameters that have state): the whole group steps, non-finite gradients included, and each parameter keeps
+its new values or its copies by ``torch.where(ok, new, old)`` on the device, ``ok`` being "finite gradient and
+finite new state". The skips are counted in device tensors (:class:`PendingSkips`) that are added to the
+``state`` counters, and taken off an int ``step`` the skipped steps advanced, when the state is next read
+(``docs/reliability.md``).
 """
 
 from __future__ import annotations
@@ -78,14 +85,21 @@ def _invalid(tensors: list[Tensor], infinite_ok: bool) -> Tensor:
 def finite_state_flags(
     params: list[Tensor], states: list[Mapping[str, Any]], infinite_ok: Callable[[str], bool] = lambda key: False
 ) -> list[bool]:
-    """Whether each parameter and every floating tensor of its state is finite (one host sync).
+    """:func:`finite_state_mask` read back to the host (one sync)."""
+    if not params:
+        return []
+    return finite_state_mask(params, states, infinite_ok).tolist()
+
+
+def finite_state_mask(
+    params: list[Tensor], states: list[Mapping[str, Any]], infinite_ok: Callable[[str], bool] = lambda key: False
+) -> Tensor:
+    """Bool vector on the device: whether each parameter and every floating tensor of its state is finite.
 
     ``infinite_ok(key)``: state entries where ``+inf`` is a deliberate value (KL-Shampoo's eigenvalues, where
     ``+inf`` means "no gain", :func:`whiten.linalg.clamp_eigenvalues`); NaN is refused there too.
     Checked one parameter at a time, so the temporaries never exceed one parameter's state.
     """
-    if not params:
-        return []
     device = params[0].device
     flags = []
     for p, state in zip(params, states, strict=True):
@@ -98,7 +112,87 @@ def finite_state_flags(
         if lenient:
             bad = bad | _invalid(lenient, True).to(device)
         flags.append(bad.to(device))
-    return torch.stack(flags).logical_not().tolist()
+    return torch.stack(flags).logical_not()
+
+
+#: the per-parameter skip counters (ints in ``state``), see ``docs/shared_behaviour.md``
+SKIP_COUNTERS = ("nonfinite_skips", "fault_skips")
+
+
+class PendingSkips:
+    """Skips decided on the device and not yet added to ``state`` (so that a step reads nothing back).
+
+    Per parameter a device tensor ``[nonfinite, fault]`` accumulates the skipped steps; :meth:`flush` reads them
+    all (one host sync per device, when the optimizer's state is read: ``optimizer.state``, ``state_dict()``,
+    ``nonfinite_skips()``), adds them to ``state["nonfinite_skips"]`` / ``state["fault_skips"]`` (a key appears
+    with its first skip, as before) and takes them off an int ``state["step"]``: a masked step advances an
+    int step counter on the host for every parameter, and a skipped one must not have advanced it
+    (:meth:`StepTransaction.run_masked` commits masked steps only when the counter advanced by exactly one).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[Tensor, Tensor] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def add(self, params: list[Tensor], nonfinite: Tensor, fault: Tensor) -> None:
+        """Count ``nonfinite[i]`` / ``fault[i]`` (bool vectors on one device) for ``params[i]``; no host read."""
+        contributions = torch.stack([nonfinite, fault]).to(torch.int64)
+        targets = []
+        for p in params:
+            total = self.counts.get(p)
+            if total is None:
+                total = self.counts[p] = torch.zeros(2, dtype=torch.int64, device=contributions.device)
+            targets.append(total)
+        torch._foreach_add_(targets, list(contributions.unbind(1)))
+
+    def discard(self) -> None:
+        self.counts.clear()
+
+    def flush(self, state: Mapping[Tensor, dict[str, Any]]) -> None:
+        """Add the pending skips to ``state`` (reads them back: one sync per device)."""
+        if not self.counts:
+            return
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for p, total in self.counts.items():
+            by_device.setdefault(total.device, []).append(p)
+        pending = [(params, torch.stack([self.counts[p] for p in params]).tolist()) for params in by_device.values()]
+        self.counts.clear()
+        for params, rows in pending:
+            for p, (nonfinite, fault) in zip(params, rows, strict=True):
+                if not (nonfinite or fault):
+                    continue
+                entry = state[p]
+                for key, count in zip(SKIP_COUNTERS, (nonfinite, fault), strict=True):
+                    if count:
+                        entry[key] = entry.get(key, 0) + count
+                if type(entry.get("step")) is int:  # advanced on the host by the skipped masked steps
+                    entry["step"] -= nonfinite + fault
+
+
+def _masked_commit_applies(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether ``torch.where(ok, new, old)`` per tensor restores ``old`` exactly: the same keys, tensors of the same
+    shape, dtype and device, the same plain values, except an int ``step`` that advanced by one (taken back by
+    :meth:`PendingSkips.flush` for a skipped step)."""
+    if old.keys() != new.keys():
+        return False
+    for key, value in new.items():
+        before = old[key]
+        if isinstance(value, Tensor):
+            if not (
+                isinstance(before, Tensor)
+                and value.shape == before.shape
+                and value.dtype == before.dtype
+                and value.device == before.device
+            ):
+                return False
+        elif type(value) is int and type(before) is int and key == "step":
+            if value != before + 1:
+                return False
+        elif isinstance(before, Tensor) or value != before:
+            return False
+    return True
 
 
 class StatisticsFaultError(FloatingPointError):
@@ -112,17 +206,28 @@ class DecompositionFaultError(torch.linalg.LinAlgError):
 class StepTransaction:
     """The matrix steps of one ``step()`` call; see the module docstring."""
 
-    def __init__(self, optimizer: Any, describe: Callable[[Mapping[str, Any], Tensor], str]) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        describe: Callable[[Mapping[str, Any], Tensor], str],
+        pending: PendingSkips | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.describe = describe
         # under "raise" a later group's failure must undo the earlier groups too: keep their copies
         self.keep = any(group["nonfinite"] == "raise" for group in optimizer.param_groups)
         self.kept: list[_Saved] = []
         self.counts: list[tuple[Tensor, str]] = []  # skip counters, applied by commit()
+        self.pending = pending if pending is not None else PendingSkips()
+        self.masked_counts: list[tuple[list[Tensor], Tensor, Tensor]] = []  # device-side skips, for commit()
 
     def count(self, param: Tensor, key: str) -> None:
         """Count a skipped step of ``param`` in ``state[key]`` when the call completes (:meth:`commit`)."""
         self.counts.append((param, key))
+
+    def count_masked(self, params: list[Tensor], nonfinite: Tensor, fault: Tensor) -> None:
+        """Count skips decided on the device (bool vectors over ``params``) when the call completes."""
+        self.masked_counts.append((params, nonfinite, fault))
 
     def commit(self) -> None:
         """Apply the skip counters: the call completed (a raise leaves every counter as it was too)."""
@@ -130,6 +235,9 @@ class StepTransaction:
             state = self.optimizer.state[param]
             state[key] = state.get(key, 0) + 1
         self.counts.clear()
+        for params, nonfinite, fault in self.masked_counts:
+            self.pending.add(params, nonfinite, fault)
+        self.masked_counts.clear()
 
     def _save(self, params: list[Tensor]) -> list[_Saved]:
         state = self.optimizer.state
@@ -177,3 +285,83 @@ class StepTransaction:
             self.kept.extend(good)
         if bad:
             self._fail(group, bad, "non-finite statistics or update (an overflow)", None)
+
+    def run_masked(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], finite: Tensor, step: StepFn
+    ) -> None:
+        """``step`` over every parameter of a ``nonfinite="skip"`` group, committed per parameter on the device.
+
+        ``finite``: whether each gradient is finite (a bool vector, on the device). Parameters with a non-finite
+        gradient step too and are then restored with the ones whose new state is not finite:
+        ``torch.where(ok, new, copy)`` per tensor that the step changed (a tensor the step did not touch, as its
+        ``_version`` shows, is left alone), so nothing is read back. The rare cases that change the state's
+        structure (a new key, a new shape, a plain value such as Pro-KLShampoo's adaptive ``rank``) or raise a
+        ``LinAlgError`` are decided on the host as :meth:`run` does.
+        """
+        state = self.optimizer.state
+        saved = self._save(params)
+        # identity and version of every state tensor: an untouched one needs no selection
+        compiling = torch.compiler.is_compiling()  # dynamo does not trace _version
+        before = [
+            {} if compiling else {k: (v, v._version) for k, v in state[p].items() if isinstance(v, Tensor)}
+            for p in params
+        ]
+        try:
+            step(group, params, grads)
+        except torch.linalg.LinAlgError:
+            self._restore(saved)
+            self._run_finite(group, params, grads, finite.tolist(), step)
+            return
+        states = [state[p] for p in params]
+        if not all(_masked_commit_applies(entry.state, new) for entry, new in zip(saved, states, strict=True)):
+            self._decide_on_host(group, saved, states, finite.tolist())
+            return
+        state_ok = finite_state_mask(params, states, self.optimizer.infinite_state_ok)
+        finite = finite.to(state_ok.device)
+        ok = finite & state_ok
+        for keep, entry, new, old_tensors in zip(ok.unbind(), saved, states, before, strict=True):
+            value = entry.param.detach()
+            torch.where(keep, value, entry.value, out=value)
+            for key, tensor in new.items():
+                if not isinstance(tensor, Tensor):
+                    continue
+                original, version = old_tensors.get(key, (None, -1))
+                if tensor is original and tensor._version == version:
+                    continue  # not written by the step
+                if tensor is original:
+                    torch.where(keep, tensor, entry.state[key], out=tensor)
+                else:
+                    new[key] = torch.where(keep, tensor, entry.state[key])
+        self.count_masked(params, ~finite, finite & ~state_ok)
+        if self.keep:
+            self.kept.extend(saved)
+
+    def _run_finite(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], finite: list[bool], step: StepFn
+    ) -> None:
+        """:meth:`run` over the parameters with a finite gradient; the others are counted (host flags)."""
+        kept_params, kept_grads = [], []
+        for p, g, ok in zip(params, grads, finite, strict=True):
+            if ok:
+                kept_params.append(p)
+                kept_grads.append(g)
+            else:
+                self.count(p, "nonfinite_skips")
+        if kept_params:
+            self.run(group, kept_params, kept_grads, step)
+
+    def _decide_on_host(
+        self, group: dict[str, Any], saved: list[_Saved], states: list[dict[str, Any]], finite: list[bool]
+    ) -> None:
+        """The verdict of :meth:`run_masked` read back: restore and count what failed (one sync)."""
+        params = [entry.param for entry in saved]
+        state_ok = finite_state_flags(params, states, self.optimizer.infinite_state_ok)
+        bad_gradient = [entry for entry, ok in zip(saved, finite, strict=True) if not ok]
+        bad_state = [entry for entry, g, s in zip(saved, finite, state_ok, strict=True) if g and not s]
+        if self.keep:
+            self.kept.extend(entry for entry, g, s in zip(saved, finite, state_ok, strict=True) if g and s)
+        self._restore(bad_gradient)
+        for entry in bad_gradient:
+            self.count(entry.param, "nonfinite_skips")
+        if bad_state:
+            self._fail(group, bad_state, "non-finite statistics or update (an overflow)", None)

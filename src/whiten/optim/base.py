@@ -11,7 +11,9 @@
 * keeps statistics in fp32 (fp64 for fp64 parameters) and never modifies ``p.grad``;
 * handles non-finite gradients by policy ``nonfinite``: ``"skip"`` (default) leaves that
   parameter and its state untouched for the step and counts it in ``state["nonfinite_skips"]``,
-  ``"raise"`` raises ``FloatingPointError`` before any parameter or state is modified;
+  ``"raise"`` raises ``FloatingPointError`` before any parameter or state is modified; under
+  ``"skip"`` a step of parameters that have state decides this on the device (masked commits, the
+  counters added when the state is read), so it never waits on the host (``docs/reliability.md``);
 * restores state dtypes on ``load_state_dict`` (PyTorch casts floating state to the parameter
   dtype, which would silently drop fp32 statistics of bf16 weights to bf16);
 * runs under ``torch.distributed`` (DDP, FSDP2 DTensor parameters) with the option
@@ -54,7 +56,14 @@ from whiten.optim._options import (
 )
 from whiten.optim._routing import route_group
 from whiten.optim._stacking import compact_state
-from whiten.optim._transaction import StatisticsFaultError, StepTransaction, group_label, square_fits
+from whiten.optim._transaction import (
+    SKIP_COUNTERS,
+    PendingSkips,
+    StatisticsFaultError,
+    StepTransaction,
+    group_label,
+    square_fits,
+)
 
 try:  # DTensor is part of every torch >= 2.4 build that has torch.distributed
     from torch.distributed.tensor import DTensor
@@ -106,11 +115,43 @@ def local_finite(tensors: Sequence[Tensor]) -> Tensor:
 
     The finiteness check of a step, ``isfinite(t).all()`` per tensor: never a norm, which overflows in
     fp32 once ``sum(t^2) > 3.4e38`` although every entry is finite (a 64 x 64 gradient of 1e18).
-    Reading the vector back is the step's one host sync per group.
+    Only the host path of a step reads the vector back (``nonfinite="raise"``, initialisation steps); the
+    default step selects with it on the device (:meth:`StepTransaction.run_masked`).
     """
     local = [local_tensor(t) for t in tensors]
     device = local[0].device
     return torch.stack([torch.isfinite(t.detach()).all().to(device) for t in local])
+
+
+@dataclass
+class GradientFlags:
+    """What :meth:`WhitenOptimizer._gather` found about a group's gradients.
+
+    ``finite``: whether each gradient is finite; ``fits`` (AdamW groups): whether its square fits the statistics
+    dtype. Bool vectors on the device, or host lists where the verdict had to be reduced over ranks (DTensors).
+    :meth:`host` reads them back (the host path of a step); the default step never does.
+    """
+
+    finite: Tensor | list[bool]
+    fits: Tensor | list[bool] | None = None
+    _host: tuple[list[bool], list[bool]] | None = None
+
+    @property
+    def on_device(self) -> bool:
+        return isinstance(self.finite, Tensor)
+
+    def host(self) -> tuple[list[bool], list[bool]]:
+        """``(finite, overflow)`` as lists (one host sync, once): ``overflow`` = finite but its square does not fit."""
+        if self._host is None:
+            finite, fits = self.finite, self.fits
+            if isinstance(finite, Tensor):
+                if isinstance(fits, Tensor):
+                    finite, fits = torch.stack([finite, fits]).tolist()
+                else:
+                    finite = finite.tolist()
+            fits = fits if fits is not None else [True] * len(finite)
+            self._host = (list(finite), [ok and not fit for ok, fit in zip(finite, fits, strict=True)])
+        return self._host
 
 
 @dataclass(frozen=True)
@@ -231,7 +272,31 @@ class WhitenOptimizer(Optimizer, ABC):
         self._validate(full)
         #: process group that splits the work of plain (DDP) parameters; ``None`` = the default group
         self.process_group: Any = None
+        #: skips decided on the device, added to ``state`` when it is next read (outside a step)
+        self._pending_skips = PendingSkips()
+        self._in_step = False
         super().__init__(params, full)
+
+    # the per-parameter state: reading it outside a step first adds the skips that steps decided on the device
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        state = self.__dict__["_state"]
+        pending = getattr(self, "_pending_skips", None)
+        if pending and not getattr(self, "_in_step", False):
+            pending.flush(state)
+        return state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.__dict__["_state"] = value
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "state" in state:  # torch.optim sets it through __dict__, which the property above would shadow
+            state["_state"] = state.pop("state")
+        super().__setstate__(state)
+        self.__dict__.setdefault("_pending_skips", PendingSkips())
+        self.__dict__.setdefault("_in_step", False)
 
     @classmethod
     def constructor_option_names(cls) -> tuple[str, ...]:
@@ -321,25 +386,50 @@ class WhitenOptimizer(Optimizer, ABC):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._in_step = True
+        try:
+            self._step_groups()
+        finally:
+            self._in_step = False
+        return loss
+
+    def _step_groups(self) -> None:
+        """Every group's step. A ``nonfinite="skip"`` group whose parameters all have state steps without reading
+        anything back (:meth:`_masked_group_step`); the others (``"raise"``, initialisation steps, DTensors,
+        the distributed stepper) read the gradient flags and leave out the parameters they refuse."""
         work = [(group, *self._gather(group)) for group in self.param_groups]
-        for group, params, _grads, finite, overflow in work:
-            if group["nonfinite"] == "raise" and not all(finite):
+        for group, params, _grads, flags in work:
+            if group["nonfinite"] != "raise" or not params:
+                continue
+            finite, overflow = flags.host()
+            if not all(finite):
                 bad = [group_label(group, p) for p, ok in zip(params, finite, strict=True) if not ok]
                 raise FloatingPointError(
                     f"non-finite gradient for parameter(s) {bad}; no parameter or state was changed "
                     "(set nonfinite='skip' to skip such parameters and count them instead)"
                 )
-            if group["nonfinite"] == "raise" and any(overflow):
+            if any(overflow):
                 bad = [group_label(group, p) for p, over in zip(params, overflow, strict=True) if over]
                 raise StatisticsFaultError(
                     f"gradient too large for AdamW's second moment (g^2 overflows) for parameter(s) {bad}; "
                     "no parameter or state was changed (set nonfinite='skip' to skip and count them instead)"
                 )
-        transaction = StepTransaction(self, group_label)
+        transaction = StepTransaction(self, group_label, self._pending_skips)
         # matrix groups first: they may fail (and under "raise" undo the call); AdamW groups were checked above
-        for group, params, grads, finite, overflow in sorted(work, key=lambda w: not w[0]["use_matrix"]):
+        for group, params, grads, flags in sorted(work, key=lambda w: not w[0]["use_matrix"]):
+            if not params:
+                continue
             # a single-process step never reaches the distributed code
             stepper = self._stepper(params) if group["use_matrix"] else None
+            if (
+                stepper is None
+                and flags.on_device
+                and group["nonfinite"] == "skip"
+                and all(self._has_state(group, p) for p in params)
+            ):
+                self._masked_group_step(transaction, group, params, grads, flags)
+                continue
+            finite, overflow = flags.host()
             kept_params, kept_grads = [], []
             for p, g, ok, over in zip(params, grads, finite, overflow, strict=True):
                 if ok and not over:
@@ -356,7 +446,54 @@ class WhitenOptimizer(Optimizer, ABC):
             else:  # under torch.distributed the step is not transactional (docs/shared_behaviour.md)
                 stepper.matrix_step(self, group, kept_params, kept_grads)
         transaction.commit()  # the skip counters, once nothing can fail any more
-        return loss
+
+    def _masked_group_step(
+        self,
+        transaction: StepTransaction,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        flags: GradientFlags,
+    ) -> None:
+        """The step of a ``"skip"`` group whose parameters have state, decided on the device (no host read).
+
+        Matrix groups: :meth:`StepTransaction.run_masked` (every parameter steps, each one keeps its new values
+        or its copies). AdamW groups: a parameter whose gradient is non-finite or too large for ``g^2`` is
+        skipped inside the fused kernel (its ``found_inf``) and its step counter is not advanced.
+        """
+        finite = cast(Tensor, flags.finite)
+        if group["use_matrix"]:
+            if self.needs_exact_counts(group, params):  # a refresh is due: its schedule reads the step counters
+                self._pending_skips.flush(self.__dict__["_state"])
+            # a skipped parameter steps on a zero gradient: its result is discarded, and no NaN reaches a
+            # decomposition (whose fallbacks would retry it, and whose failure would be decided on the host)
+            local = finite.unbind()
+            safe = [torch.where(ok.to(g.device), g, 0.0) for ok, g in zip(local, grads, strict=True)]
+            transaction.run_masked(group, params, safe, finite, self._matrix_step)
+            return
+        fits = cast(Tensor, flags.fits)
+        self._adamw_step(group, params, grads, ok=finite & fits)
+        transaction.count_masked(params, ~finite, finite & ~fits)
+
+    def _has_state(self, group: Mapping[str, Any], param: Tensor) -> bool:
+        """Whether ``param``'s step can be decided on the device: it has state beyond its skip counters (an
+        AdamW parameter: moments and a step-count tensor on its device)."""
+        state = self.__dict__["_state"].get(param)
+        if not state:
+            return False
+        if group["use_matrix"]:
+            return any(key not in SKIP_COUNTERS for key in state)
+        step = state.get("step")
+        return "exp_avg" in state and isinstance(step, Tensor) and step.device == param.device
+
+    def needs_exact_counts(self, group: Mapping[str, Any], params: Sequence[Tensor]) -> bool:
+        """Whether this step of ``group`` reads its int step counters for a decision (a refresh is due).
+
+        A masked step (:meth:`StepTransaction.run_masked`) advances an int ``step`` on the host and a skip takes
+        it back only when the counters are next read; a method whose schedule follows ``step`` says here on which
+        steps it must be exact, and those steps read the pending skips first (one host sync, on a refresh step).
+        """
+        return False
 
     @staticmethod
     def _stepper(params: Sequence[Tensor]) -> DistributedStepper | None:
@@ -370,9 +507,9 @@ class WhitenOptimizer(Optimizer, ABC):
             )
         return _distributed_stepper
 
-    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[bool], list[bool]]:
-        """The group's parameters with a gradient, their gradients, whether each is finite, and (AdamW groups)
-        whether its square would overflow AdamW's second moment; one host sync."""
+    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], GradientFlags]:
+        """The group's parameters with a gradient, their gradients, and whether each is finite and (AdamW groups)
+        whether its square fits AdamW's second moment, on the device (nothing is read back here)."""
         params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
@@ -382,20 +519,21 @@ class WhitenOptimizer(Optimizer, ABC):
             params.append(p)
             grads.append(-p.grad if group["maximize"] else p.grad)
         if not grads:
-            return params, grads, [], []
+            return params, grads, GradientFlags([])
         if any(is_sharded(g) for g in grads):  # the verdict must be global: the stepper reduces it over ranks
             stepper = self._stepper(grads)
             assert stepper is not None  # DTensors always need it
-            return params, grads, stepper.finite_flags(grads), [False] * len(grads)
-        # one flag per gradient and one host sync for the whole group instead of one per parameter
+            return params, grads, GradientFlags(stepper.finite_flags(grads))
+        # one flag per gradient, one stack for the whole group
         finite = local_finite(grads)
         if group["use_matrix"]:
-            return params, grads, finite.tolist(), [False] * len(grads)
+            return params, grads, GradientFlags(finite)
         # AdamW keeps g^2: a finite gradient above sqrt(max) of the statistics dtype would make it inf
-        finite_list, fits_list = torch.stack([finite, square_fits(grads, stat_dtype)]).tolist()
-        return params, grads, finite_list, [ok and not fit for ok, fit in zip(finite_list, fits_list, strict=True)]
+        return params, grads, GradientFlags(finite, square_fits(grads, stat_dtype))
 
-    def _adamw_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _adamw_step(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], ok: Tensor | None = None
+    ) -> None:
         adamw_foreach_(
             params,
             grads,
@@ -405,6 +543,7 @@ class WhitenOptimizer(Optimizer, ABC):
             eps=group["adamw_eps"],
             weight_decay=group["weight_decay"],
             stat_dtype=stat_dtype,
+            ok=ok,
         )
 
     @abstractmethod
@@ -436,11 +575,12 @@ class WhitenOptimizer(Optimizer, ABC):
         return sum(int(s.get("fault_skips", 0)) for s in self.state.values())
 
     def state_bytes(self) -> int:
-        """Exact bytes held in optimizer state tensors (the number the benchmark reports)."""
+        """Exact bytes held in optimizer state tensors (the number the benchmark reports); a step counter (AdamW's
+        is a 0-d tensor, so that it advances on the device) is a counter, not state memory, and is not counted."""
         total = 0
         for state in self.state.values():
-            for value in state.values():
-                if isinstance(value, Tensor):
+            for key, value in state.items():
+                if isinstance(value, Tensor) and key != "step":
                     local = local_tensor(value)  # this rank's shard
                     total += local.numel() * local.element_size()
         return total
@@ -457,6 +597,7 @@ class WhitenOptimizer(Optimizer, ABC):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_saved_state(state_dict)
+        self._pending_skips.discard()  # skips of the state being replaced
         # keep the saved tensors: PyTorch would cast floating state to the parameter dtype
         saved = {
             index: {k: v for k, v in entry.items() if isinstance(v, Tensor) and v.is_floating_point()}
@@ -504,6 +645,9 @@ class WhitenOptimizer(Optimizer, ABC):
             for key, value in tensors.items():
                 if isinstance(state.get(key), Tensor) and state[key].dtype != value.dtype:
                     state[key] = value.to(device=param.device, copy=True)
+            step = state.get("step")
+            if isinstance(step, Tensor) and step.device != param.device:  # AdamW's count lives with its parameter
+                state["step"] = step.to(device=param.device, copy=True)
 
 
 class PhasedOptimizer(WhitenOptimizer):

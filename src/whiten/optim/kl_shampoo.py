@@ -140,6 +140,11 @@ def ema_factor_(factor: Tensor, target: Tensor, beta: float) -> None:
         factor.copy_(factor.to(target.dtype).lerp_(target, 1.0 - beta))
 
 
+def _due(state: Mapping[Tensor, Mapping[str, Any]], params: Sequence[Tensor], every: int) -> bool:
+    """Whether the next step of one of ``params`` (by its step counter) is a multiple of ``every``."""
+    return any((state[p].get("step", 0) + 1) % every == 0 for p in params)
+
+
 class KLFactored(PhasedOptimizer):
     """Shared implementation of :class:`KLShampoo` (``preconditioner="kl"``) and :class:`KLSOAP` (``"adam"``).
 
@@ -242,6 +247,10 @@ class KLFactored(PhasedOptimizer):
     def phased_group(self, group: Mapping[str, Any]) -> bool:
         """Whether ``group`` runs as the three phases: KL-Shampoo (``"kl"``) yes, KL-SOAP (``"adam"``) no."""
         return group["preconditioner"] == "kl"
+
+    def needs_exact_counts(self, group: Mapping[str, Any], params: Sequence[Tensor]) -> bool:
+        """A refresh (``step % precondition_frequency == 0``) may be due on this step (``docs/reliability.md``)."""
+        return _due(self.state, params, group["precondition_frequency"])
 
     def matrix_flops(self, shape: Sequence[int], group: Mapping[str, Any]) -> FlopCount:
         """One step of an ``m x n`` matrix after the initialisation step, refreshes amortised over ``T``.

@@ -127,6 +127,13 @@ class _SpectralMomentum(PhasedOptimizer):
     # torch.optim.Muon's buffer is the same EMA (lerp with 1 - momentum): its state carries over
     foreign_matrix_state: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
+    def needs_exact_counts(self, group: Mapping[str, Any], params: Sequence[Tensor]) -> bool:
+        """The power map's steps follow the step counter (``interval > 1``): one may be due on this step."""
+        every = group["interval"]
+        if every == 1 or not (group["power"] > 0 or group["spectral_map"] != "ns"):
+            return False
+        return any((self.state[p]["step"] + 1) % every == 0 for p in params)
+
     def _direction_phase(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[MapInput]:
         """Elementwise: ``step += 1``, ``buf <- lerp(buf, G, 1 - mu)``, ``U = lerp(G, buf, mu)`` (Nesterov) or ``buf``.
 

@@ -66,6 +66,7 @@ from whiten.optim._stacking import stack, stack_states, store_states
 from whiten.optim.base import MapInput
 from whiten.optim.kl_shampoo import (
     KLFactored,
+    _due,
     _gradient_of,
     ema_factor_,
     factor_dtype,
@@ -270,6 +271,12 @@ class ProKLShampoo(KLFactored):
                 f"max_rank={max_rank} is below rank={group.get('rank')}; with adaptive_rank=True, rank is the "
                 "starting rank and must be <= max_rank (or leave max_rank=None for 2 * rank)"
             )
+
+    def needs_exact_counts(self, group: Mapping[str, Any], params: Sequence[Tensor]) -> bool:
+        """A refresh or (``adaptive_rank``) a rank update may be due on this step."""
+        if super().needs_exact_counts(group, params):
+            return True
+        return bool(group["adaptive_rank"]) and _due(self.state, params, group["rank_update_interval"])
 
     def uses_projection(self, group: dict[str, Any], shape: Sequence[int]) -> bool:
         """Whether a parameter of this (work-view) shape takes the spike-and-flat path.
