@@ -165,7 +165,6 @@ def adamw_foreach_(
     fused call per parameter, whose ``found_inf`` (the flag ``torch.amp``'s gradient scaler uses) makes the
     kernel leave a skipped parameter and its moments untouched, and its count advances by ``ok``.
     """
-    beta1, beta2 = betas
     # found_inf of the fused kernel: 1.0 = leave this parameter alone; the count advances by 1 - found_inf
     advance = None if ok is None else ok.to(torch.float32)
     skip = None if advance is None else 1.0 - advance
@@ -195,20 +194,45 @@ def adamw_foreach_(
         bucket = buckets.setdefault((param.device, param.dtype), ([], [], [], [], []))
         for store, tensor in zip(bucket, tensors, strict=True):
             store.append(tensor)
-    hyper = {
-        "beta1": beta1,
-        "beta2": beta2,
-        "weight_decay": weight_decay,
-        "eps": eps,
-        "amsgrad": False,
-        "maximize": False,
-    }
-    for (device, _), (ps, gs, ms, vs, steps) in buckets.items():
+    for ps, gs, ms, vs, steps in buckets.values():
         torch._foreach_add_(steps, 1.0)
-        torch._fused_adamw_(ps, gs, ms, vs, [], steps, lr=lr.to(device) if isinstance(lr, Tensor) else lr, **hyper)
+        _fused_adamw(ps, gs, ms, vs, steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     ps, gs, ms, vs, steps, advances, skips = masked
     if ps:
         torch._foreach_add_(steps, advances)
         for p, g, m, v, step, found_inf in zip(ps, gs, ms, vs, steps, skips, strict=True):
-            p_lr = lr.to(p.device) if isinstance(lr, Tensor) else lr
-            torch._fused_adamw_([p], [g], [m], [v], [], [step], lr=p_lr, found_inf=found_inf, **hyper)
+            _fused_adamw(
+                [p], [g], [m], [v], [step], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, found_inf=found_inf
+            )
+
+
+def _fused_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    found_inf: Tensor | None = None,
+) -> None:
+    """``torch._fused_adamw_`` on one device; ``found_inf`` (0-d fp32 on that device): 1.0 leaves them untouched."""
+    torch._fused_adamw_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        lr=lr.to(params[0].device) if isinstance(lr, Tensor) else lr,
+        beta1=betas[0],
+        beta2=betas[1],
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+        found_inf=found_inf,
+    )

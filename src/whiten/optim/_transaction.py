@@ -314,7 +314,7 @@ class StepTransaction:
             return
         states = [state[p] for p in params]
         if not all(_masked_commit_applies(entry.state, new) for entry, new in zip(saved, states, strict=True)):
-            self._decide_on_host(group, saved, states, finite.tolist())
+            self._decide_on_host(group, saved, list(states), finite.tolist())
             return
         state_ok = finite_state_mask(params, states, self.optimizer.infinite_state_ok)
         finite = finite.to(state_ok.device)
@@ -351,7 +351,7 @@ class StepTransaction:
             self.run(group, kept_params, kept_grads, step)
 
     def _decide_on_host(
-        self, group: dict[str, Any], saved: list[_Saved], states: list[dict[str, Any]], finite: list[bool]
+        self, group: dict[str, Any], saved: list[_Saved], states: list[Mapping[str, Any]], finite: list[bool]
     ) -> None:
         """The verdict of :meth:`run_masked` read back: restore and count what failed (one sync)."""
         params = [entry.param for entry in saved]

@@ -278,7 +278,7 @@ class WhitenOptimizer(Optimizer, ABC):
         super().__init__(params, full)
 
     # the per-parameter state: reading it outside a step first adds the skips that steps decided on the device
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         state = self.__dict__["_state"]
         pending = getattr(self, "_pending_skips", None)
