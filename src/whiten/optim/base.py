@@ -495,6 +495,21 @@ class WhitenOptimizer(Optimizer, ABC):
         """
         return False
 
+    def pending_lag(self, params: Sequence[Tensor]) -> Tensor | None:
+        """How far each parameter's int ``step`` is ahead of its committed steps (the skips of masked steps not yet
+        read back), as a float64 vector on the first parameter's device; ``None`` when nothing is pending for
+        them. A method whose arithmetic uses the step count (SOAP's bias corrections) corrects by it on the device.
+        """
+        counts = self._pending_skips.counts
+        if not any(p in counts for p in params):
+            return None
+        device = params[0].device
+        lags = [
+            counts[p].sum().to(device) if p in counts else torch.zeros((), dtype=torch.int64, device=device)
+            for p in params
+        ]
+        return torch.stack(lags).to(torch.float64)
+
     @staticmethod
     def _stepper(params: Sequence[Tensor]) -> DistributedStepper | None:
         """The registered distributed stepper when ``params`` need it, else ``None`` (single process)."""

@@ -55,7 +55,7 @@ eigenvalues that the eps clamp turns into ``1e8`` gains one step later: the same
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Unpack
 
 import torch
@@ -266,6 +266,12 @@ class SOAP(WhitenOptimizer):
             state["Q_R"] = torch.eye(n, dtype=dtype, device=device)
 
     # -- stepping -------------------------------------------------------------------------------
+    def needs_exact_counts(self, group: Mapping[str, Any], params: Sequence[Tensor]) -> bool:
+        """A refresh on its schedule may be due (``precondition_frequency > 1``); the bias corrections take the
+        skips still pending on the device into account themselves (:meth:`pending_lag`)."""
+        every = group["precondition_frequency"]
+        return every > 1 and any(self.state[p]["step"] % every == 0 for p in params)
+
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         # one batched pass per (shape, dtype, device, step count, preconditioned sides) where stacking pays
         # (whiten.linalg.stacking_helps, the policy of map_batched: small matrices on CPU); else one pass per matrix
@@ -304,6 +310,17 @@ class SOAP(WhitenOptimizer):
         beta1, beta2 = group["betas"]
         eps = group["eps"]
         correct_bias = group["correct_bias"]
+        # skips decided on the device that the int counters do not show yet: the bias corrections of those
+        # parameters are taken at their committed count, on the device (the others keep the host's values)
+        lag = self.pending_lag(params)
+
+        def at_step(factor: Callable[[Any], Any]) -> Any:
+            """``factor(t)``: a Python float, or where a skip is pending a ``(B, 1, 1)`` tensor of ``factor``
+            at each parameter's committed count (equal to the float where none was skipped)."""
+            value = factor(t)
+            if lag is None:
+                return value
+            return torch.where(lag == 0, value, factor(t - lag)).to(dtype).view(-1, 1, 1)
 
         def stacked(key: str) -> Tensor | None:
             return _stack([s[key] for s in states]) if key in states[0] else None
@@ -318,17 +335,19 @@ class SOAP(WhitenOptimizer):
         correct_factor_bias = group["correct_shampoo_beta_bias"]
         if correct_factor_bias is None:
             correct_factor_bias = correct_bias
+        factor_weight: Any = 1.0 - shampoo_beta  # of the factor EMAs: L <- lerp(L, target, weight)
         if correct_factor_bias:
-            shampoo_beta = 1.0 - (1.0 - shampoo_beta) / (1.0 - shampoo_beta**t)
+            beta = shampoo_beta
+            factor_weight = at_step(lambda s: 1.0 - (1.0 - (1.0 - beta) / (1.0 - beta**s)))
         # hot products in matmul_dtype (bf16 operands: fp32_matmul_prec does not apply to them); results enter
         # the fp32 (fp64) state in its dtype; the refresh below always runs in fp32 (docs/precision.md)
         hot = effective_matmul_dtype(group["matmul_dtype"], G.shape, G.device)
         with matmul_precision(group["fp32_matmul_prec"]), matmuls_in(hot, G.device):
             left, right = self._factor_targets(group, G, L, R, Q_L, Q_R, first=t == 1)
         if L is not None and left is not None:
-            L.lerp_(left.to(L.dtype), 1.0 - shampoo_beta)
+            L.lerp_(left.to(L.dtype), factor_weight)
         if R is not None and right is not None:
-            R.lerp_(right.to(R.dtype), 1.0 - shampoo_beta)
+            R.lerp_(right.to(R.dtype), factor_weight)
 
         # (2) eigenbasis refresh, first moment rotated along, second moment only permuted
         if (t - 1) % group["precondition_frequency"] == 0 and (L is not None or R is not None):
@@ -369,11 +388,12 @@ class SOAP(WhitenOptimizer):
             G_rot = rotate_matrix(G_adam, Q_L, Q_R).to(dtype)
         exp_avg.lerp_(G_rot, 1.0 - beta1)
         exp_avg_sq.lerp_(G_rot.square(), 1.0 - beta2)
-        bias1 = 1.0 - beta1**t if correct_bias else 1.0
-        bias2 = 1.0 - beta2**t if correct_bias else 1.0
+        bias1 = at_step(lambda s: 1.0 - beta1**s) if correct_bias else 1.0
+        bias2 = at_step(lambda s: 1.0 - beta2**s) if correct_bias else 1.0
         if group["nesterov"]:
-            bias_next = 1.0 - beta1 ** (t + 1) if correct_bias else 1.0
-            momentum = exp_avg * (beta1 / bias_next) + G_rot * ((1.0 - beta1) / bias1)
+            next_scale = at_step(lambda s: beta1 / (1.0 - beta1 ** (s + 1))) if correct_bias else beta1
+            grad_scale = at_step(lambda s: (1.0 - beta1) / (1.0 - beta1**s)) if correct_bias else 1.0 - beta1
+            momentum = exp_avg * next_scale + G_rot * grad_scale
         else:
             momentum = exp_avg / bias1
         direction = momentum / (exp_avg_sq / bias2).sqrt_().add_(eps)
