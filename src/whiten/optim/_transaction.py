@@ -70,16 +70,22 @@ def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
-def _invalid(tensors: list[Tensor], infinite_ok: bool) -> Tensor:
-    """0-d bool: whether any of ``tensors`` holds a NaN, or an infinity (``-inf`` only, if ``infinite_ok``).
+#: entries checked by one set of multi-tensor kernels (the temporaries of :func:`_invalid_norms` stay this small)
+CHECK_CHUNK_NUMEL = 1 << 22
 
-    Strict checks use two multi-tensor kernels instead of a few small ones per tensor (a small model's step
-    is dominated by per-kernel overhead): ``norm(0 * t)`` is 0 for a finite ``t`` and NaN as soon as ``t``
-    holds a NaN or an infinity, and it cannot overflow.
+
+def _invalid_norms(tensors: list[Tensor], infinite_ok: bool) -> list[Tensor]:
+    """One 0-d tensor per tensor, NaN where it holds a NaN or an infinity (only ``-inf`` if ``infinite_ok``).
+
+    Multi-tensor kernels instead of a few small ones per tensor (a small model's step is dominated by
+    per-kernel overhead): ``norm(0 * t)`` is 0 for a finite ``t`` and NaN as soon as ``t`` holds a NaN or an
+    infinity, and it cannot overflow; ``min(t, 0)`` first keeps a NaN and a ``-inf`` and clears a ``+inf``.
     """
     if infinite_ok:
-        return torch.stack([(torch.isnan(t) | (t == -torch.inf)).any() for t in tensors]).any()
-    return torch.stack(torch._foreach_norm(torch._foreach_mul(tensors, 0.0))).isnan().any()
+        tensors = torch._foreach_clamp_max(tensors, 0.0)
+        torch._foreach_mul_(tensors, 0.0)
+        return list(torch._foreach_norm(tensors))
+    return list(torch._foreach_norm(torch._foreach_mul(tensors, 0.0)))
 
 
 def finite_state_flags(
@@ -98,21 +104,43 @@ def finite_state_mask(
 
     ``infinite_ok(key)``: state entries where ``+inf`` is a deliberate value (KL-Shampoo's eigenvalues, where
     ``+inf`` means "no gain", :func:`whiten.linalg.clamp_eigenvalues`); NaN is refused there too.
-    Checked one parameter at a time, so the temporaries never exceed one parameter's state.
+    Checked in chunks of parameters of about :data:`CHECK_CHUNK_NUMEL` entries (at least one parameter), so
+    that the temporaries stay bounded.
     """
     device = params[0].device
-    flags = []
+    checks: list[tuple[list[Tensor], list[Tensor]]] = []
     for p, state in zip(params, states, strict=True):
         strict = [p.detach()]
         lenient: list[Tensor] = []
         for key, value in state.items():
             if isinstance(value, Tensor) and value.is_floating_point():
                 (lenient if infinite_ok(key) else strict).append(value.detach())
-        bad = _invalid(strict, False)
-        if lenient:
-            bad = bad | _invalid(lenient, True).to(device)
-        flags.append(bad.to(device))
-    return torch.stack(flags).logical_not()
+        checks.append((strict, lenient))
+    # a few multi-tensor kernels for a chunk of parameters (not a few small kernels per parameter), the chunks
+    # bounded so that the temporaries stay small; per parameter the NaN markers are stacked and reduced
+    flags: list[Tensor] = []
+    chunk: list[tuple[list[Tensor], list[Tensor]]] = []
+    numel = 0
+    for index, (strict, lenient) in enumerate(checks):
+        chunk.append((strict, lenient))
+        numel += sum(t.numel() for t in strict) + sum(t.numel() for t in lenient)
+        if numel < CHECK_CHUNK_NUMEL and index + 1 < len(checks):
+            continue
+        strict_norms = iter(_invalid_norms([t for s, _ in chunk for t in s], False))
+        lenient_flat = [t for _, l in chunk for t in l]
+        lenient_norms = iter(_invalid_norms(lenient_flat, True) if lenient_flat else [])
+        markers = [
+            [next(strict_norms) for _ in strict_part] + [next(lenient_norms) for _ in lenient_part]
+            for strict_part, lenient_part in chunk
+        ]
+        counts = {len(m) for m in markers}
+        if len(counts) == 1:  # the usual case: every parameter has the same entries, one reduction for all
+            stacked = torch.stack([t.to(device, torch.float32) for m in markers for t in m])
+            flags.extend(stacked.view(len(markers), -1).sum(1).unbind())
+        else:
+            flags.extend(torch.stack([t.to(device, torch.float32) for t in m]).sum() for m in markers)
+        chunk, numel = [], 0
+    return torch.stack(flags).isnan().logical_not()
 
 
 #: the per-parameter skip counters (ints in ``state``), see ``docs/shared_behaviour.md``

@@ -465,11 +465,9 @@ class WhitenOptimizer(Optimizer, ABC):
         if group["use_matrix"]:
             if self.needs_exact_counts(group, params):  # a refresh is due: its schedule reads the step counters
                 self._pending_skips.flush(self.__dict__["_state"])
-            # a skipped parameter steps on a zero gradient: its result is discarded, and no NaN reaches a
-            # decomposition (whose fallbacks would retry it, and whose failure would be decided on the host)
-            local = finite.unbind()
-            safe = [torch.where(ok.to(g.device), g, 0.0) for ok, g in zip(local, grads, strict=True)]
-            transaction.run_masked(group, params, safe, finite, self._matrix_step)
+            # a parameter with a non-finite gradient steps too (its result is discarded); where that makes a
+            # decomposition fail (an eigh of a NaN matrix), the LinAlgError sends the group to the host path
+            transaction.run_masked(group, params, grads, finite, self._matrix_step)
             return
         fits = cast(Tensor, flags.fits)
         self._adamw_step(group, params, grads, ok=finite & fits)
