@@ -82,9 +82,9 @@ def _invalid_norms(tensors: list[Tensor], infinite_ok: bool) -> list[Tensor]:
     infinity, and it cannot overflow; ``min(t, 0)`` first keeps a NaN and a ``-inf`` and clears a ``+inf``.
     """
     if infinite_ok:
-        tensors = torch._foreach_clamp_max(tensors, 0.0)
-        torch._foreach_mul_(tensors, 0.0)
-        return list(torch._foreach_norm(tensors))
+        cleared = list(torch._foreach_clamp_max(tensors, 0.0))
+        torch._foreach_mul_(cleared, 0.0)
+        return list(torch._foreach_norm(cleared))
     return list(torch._foreach_norm(torch._foreach_mul(tensors, 0.0)))
 
 
