@@ -356,10 +356,14 @@ class StepTransaction:
                 original, version = old_tensors.get(key, (None, -1))
                 if tensor is original and tensor._version == version:
                     continue  # not written by the step
-                if tensor is original:
+                # in place, also into a new entry: it may be the view of a stacked batch (whiten.optim._stacking);
+                # an expanded view (a stride 0) cannot be written and is replaced
+                if tensor.is_contiguous():
                     torch.where(keep, tensor, entry.state[key], out=tensor)
-                else:
+                elif any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape, strict=True)):
                     new[key] = torch.where(keep, tensor, entry.state[key])
+                else:  # a strided view (dynamo takes no non-contiguous out=)
+                    tensor.copy_(torch.where(keep, tensor, entry.state[key]))
         self.count_masked(params, ~finite, finite & ~state_ok)
         if self.keep:
             self.kept.extend(saved)
