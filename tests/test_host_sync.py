@@ -210,7 +210,11 @@ def test_skip_counters_read_lazily_survive_a_checkpoint():
     assert restored.nonfinite_skips() == 1
 
 
-@pytest.mark.parametrize("make", [lambda ps: Muon(ps, lr=0.02), lambda ps: KLShampoo(ps, lr=1e-3)], ids=["muon", "kl"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: Muon(ps, lr=0.02), lambda ps: KLShampoo(ps, lr=1e-3), lambda ps: ProKLShampoo(ps, lr=1e-3, rank=4)],
+    ids=["muon", "kl-shampoo", "pro-kl-shampoo"],
+)
 def test_dynamo_finds_no_graph_break_in_a_step(make):
     # a host read (.tolist(), bool(t)) in the step is a graph break: a step that dynamo captures whole reads nothing
     model = _model()

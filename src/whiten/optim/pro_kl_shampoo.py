@@ -331,7 +331,10 @@ class ProKLShampoo(KLFactored):
         with Newton–Schulz batched over matrices; full KL-Shampoo for the others (:meth:`uses_projection`)."""
         if not params:
             return []
-        largest = max((p.shape for p in params), key=math.prod)  # one policy for the group's batched stages
+        largest = params[0].shape  # one policy for the group's batched stages (dynamo takes no max(key=...))
+        for p in params[1:]:
+            if math.prod(p.shape) > math.prod(largest):
+                largest = p.shape
         with matmuls_in(effective_matmul_dtype(group["matmul_dtype"], largest, params[0].device), params[0].device):
             return self._pro_map(group, params, inputs)
 
