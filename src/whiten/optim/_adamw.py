@@ -69,6 +69,18 @@ def apply_update_(
     decay_and_update_(param, update, alpha=-lr * update_scale, decay=decay, decay_first=decay_first)
 
 
+def select_(keep: Tensor, target: Tensor, old: Tensor) -> None:
+    """``target <- where(keep, target, old)`` in place (``keep`` a 0-d bool tensor): no value is read back.
+
+    A contiguous ``target`` takes the result directly (``out=``); a strided view gets it by ``copy_`` (dynamo
+    refuses a non-contiguous ``out=``).
+    """
+    if target.is_contiguous():
+        torch.where(keep, target, old, out=target)
+    else:
+        target.copy_(torch.where(keep, target, old))
+
+
 def step_count(state: dict, param: Tensor) -> Tensor:
     """``state["step"]`` as a 0-d fp32 tensor on ``param``'s device (as ``torch.optim``'s fused AdamW keeps it), so
     that the count advances, and skips, on the device; an int from an older checkpoint is converted once."""
@@ -119,7 +131,7 @@ def adamw_step_(
     apply_update_(param, (exp_avg / denom).div_(bias1), lr, weight_decay)
     if ok is not None and saved is not None:
         for new, old in zip((param.detach(), exp_avg, exp_avg_sq), saved, strict=True):
-            torch.where(ok, new, old, out=new)
+            select_(ok, new, old)
 
 
 def _fusable(param: Tensor, grad: Tensor, stat_dtype: torch.dtype) -> bool:

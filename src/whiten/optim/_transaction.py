@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from whiten.optim._adamw import select_
+
 StepFn = Callable[[dict[str, Any], list[Tensor], list[Tensor]], None]
 
 
@@ -348,8 +350,7 @@ class StepTransaction:
         finite = finite.to(state_ok.device)
         ok = finite & state_ok
         for keep, entry, new, old_tensors in zip(ok.unbind(), saved, states, before, strict=True):
-            value = entry.param.detach()
-            torch.where(keep, value, entry.value, out=value)
+            select_(keep, entry.param.detach(), entry.value)
             for key, tensor in new.items():
                 if not isinstance(tensor, Tensor):
                     continue
@@ -358,12 +359,10 @@ class StepTransaction:
                     continue  # not written by the step
                 # in place, also into a new entry: it may be the view of a stacked batch (whiten.optim._stacking);
                 # an expanded view (a stride 0) cannot be written and is replaced
-                if tensor.is_contiguous():
-                    torch.where(keep, tensor, entry.state[key], out=tensor)
-                elif any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape, strict=True)):
+                if any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape, strict=True)):
                     new[key] = torch.where(keep, tensor, entry.state[key])
-                else:  # a strided view (dynamo takes no non-contiguous out=)
-                    tensor.copy_(torch.where(keep, tensor, entry.state[key]))
+                else:
+                    select_(keep, tensor, entry.state[key])
         self.count_masked(params, ~finite, finite & ~state_ok)
         if self.keep:
             self.kept.extend(saved)
