@@ -88,7 +88,7 @@ def map_batched(
         if len(indices) == 1:
             out[indices[0]] = fn(matrices[indices[0]])
             continue
-        first = matrices[indices[0]]
+        first: Tensor = matrices[indices[0]]
         # where each entry lies in the batch: a matrix at one index, a batch of b matrices as a slice
         slots = []
         start = 0
