@@ -183,8 +183,8 @@ def results(tmp_path_factory) -> Path:
         assert main([*args, "--out", str(res / name)]) == 0
     sweep = ["sweep", "--preset", "claims", "--model", "gpt-tiny", *data, *TOY, "--seeds", "0"]
     assert main([*sweep, "--optimizers", "kl-shampoo", "--factors", "0.5,1", "--out", str(res / "sweep-gpt")]) == 0
-    # a second sweep of the same family over another optimizer: both are used
-    assert main([*sweep, "--optimizers", "muon", "--factors", "1", "--out", str(res / "sweep-gpt-muon")]) == 0
+    # a second sweep of the same family, over another optimizer and one more lr of the first: merged
+    assert main([*sweep, "--optimizers", "muon,kl-shampoo", "--factors", "2", "--out", str(res / "sweep-gpt-2")]) == 0
     spike = ["diagnose", "spike", "--shape", "16x8", "--steps", "24", "--spike-at", "12", "--optimizers", "rekls"]
     assert main([*spike, "--kl-init", "safe,peer", "--no-plots", "--out", str(res / "spike")]) == 0
     return res
@@ -273,15 +273,21 @@ def test_page_numbers_are_the_summary_numbers(results, page):
         per_seed.append(statistics.fmean(a["alpha"] for a in last if a["name"].startswith("blocks.")))
     expected = f"HTMuon {statistics.fmean(per_seed):.3f} ± {statistics.stdev(per_seed):.3f}"
     assert expected in _section(text, 5)
-    # the sweep grid, with the best lr on the grid's edge flagged
-    sweep = json.loads((results / "sweep-gpt" / "sweep.json").read_text())
-    row = sweep["results"]["kl-shampoo"]
-    cells = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.4f}" for r in row)
-    edge = "**yes: widen the grid**" if sweep["best_on_grid_edge"]["kl-shampoo"] else "no"
-    assert f"| kl-shampoo | {cells} | {sweep['best_lr']['kl-shampoo']} | {edge} |" in text
+    # the sweep grid merged over both GPT sweeps, with the best lr on the merged grid's edge flagged
+    rows = [
+        row
+        for name in ("sweep-gpt", "sweep-gpt-2")
+        for row in json.loads((results / name / "sweep.json").read_text())["results"]["kl-shampoo"]
+    ]
+    rows.sort(key=lambda r: r["lr"])
+    assert len(rows) == 3
+    cells = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.4f}" for r in rows)
+    best = min(rows, key=lambda r: r["final_val_loss"])["lr"]
+    edge = "**yes: widen the grid**" if best in (rows[0]["lr"], rows[-1]["lr"]) else "no"
+    assert f"| kl-shampoo | {cells} | {best} | {edge} |" in text
     assert "--grid kl-shampoo=" in text
-    muon = json.loads((results / "sweep-gpt-muon" / "sweep.json").read_text())["results"]["muon"][0]
-    assert f"| muon | {muon['lr']:g}: {muon['final_val_loss']:.4f} |" in text
+    muon = json.loads((results / "sweep-gpt-2" / "sweep.json").read_text())["results"]["muon"][0]
+    assert f"| muon | {muon['lr']:g}: {muon['final_val_loss']:.4f} | {muon['lr']} | **yes: widen the grid** |" in text
     # claim 6: the saved spike run's angles
     spike = json.loads((results / "spike" / "spike.json").read_text())
     peer_high = next(r for r in spike["runs"] if r["kl_init"] == "peer" and r["precision"] == "high")

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -954,31 +954,49 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def merged_sweeps(paths: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Every optimizer's sweep rows over several sweep folders of one family, by lr (the first row of an lr wins)."""
+    merged: dict[str, dict[float, dict[str, Any]]] = {}
+    for path in paths:
+        for name, rows in read_json(path / "sweep.json")["results"].items():
+            for row in rows:
+                merged.setdefault(name, {}).setdefault(float(row["lr"]), row)
+    return {name: [rows[lr] for lr in sorted(rows)] for name, rows in merged.items()}
+
+
 def sweep_section(sources: Sources, benches: dict[str, Bench]) -> list[str]:
+    """The lr grids per family, merged over its sweep folders; the best lr is flagged when it is on the edge
+    of the merged grid (so a folder that extends another's grid clears or confirms its edge)."""
     lines = ["## Learning-rate sweeps", ""]
     if not sources.sweeps:
         return [*lines, "No sweep folder was found: the lrs below were not swept at this scale.", ""]
-    for family, path in ((f, p) for f, paths in sources.sweeps.items() for p in paths):
-        sweep = read_json(path / "sweep.json")
+    for family, paths in sources.sweeps.items():
         bench = benches.get(family)
+        first = read_json(paths[0] / "sweep.json")
         lines += [
-            f"**{FAMILIES[family]} ({family})**, `{path}`, {sweep['model']['name']}, {sweep['config']['steps']} steps, "
-            f"seeds {sweep['config']['seeds']}:",
+            f"**{FAMILIES[family]} ({family})**, {first['model']['name']}, {first['config']['steps']} steps, "
+            f"seeds {first['config']['seeds']}; {len(paths)} sweep folder(s):",
             "",
             "```bash",
-            training_command("sweep", sweep["config"], str(path), sweep["grid"]),
+        ]
+        for path in paths:
+            sweep = read_json(path / "sweep.json")
+            lines.append(training_command("sweep", sweep["config"], str(path), sweep["grid"]))
+        lines += [
             "```",
             "",
             "| optimizer | lr -> final val loss (mean over seeds) | best lr | on the grid's edge | bench lr |",
             "|---|---|---|---|---|",
         ]
-        for name, rows in sweep["results"].items():
+        for name, rows in merged_sweeps(paths).items():
             cells = ", ".join(
                 f"{r['lr']:g}: " + (f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "diverged")
                 for r in rows
             )
-            best = sweep["best_lr"].get(name)
-            edge = "**yes: widen the grid**" if sweep["best_on_grid_edge"].get(name) else "no"
+            ok = [r for r in rows if r["final_val_loss"] is not None]
+            best = min(ok, key=lambda r: r["final_val_loss"])["lr"] if ok else None
+            on_edge = best is not None and len(rows) > 1 and best in (rows[0]["lr"], rows[-1]["lr"])
+            edge = "**yes: widen the grid**" if on_edge or (best is not None and len(rows) == 1) else "no"
             used = bench.aggregate[name]["lr"] if bench and name in bench.aggregate else None
             note = "" if used is None or best is None or math.isclose(used, best, rel_tol=1e-6) else " (not the best)"
             lines.append(
