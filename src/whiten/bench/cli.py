@@ -61,12 +61,27 @@ _CLAIMS_OPTIMIZERS = [
     "pro-kls-r32",
     "pro-kls-r64",
 ]
+# the best of `whiten sweep --preset claims --seeds 0` (gpt-mini; lr x 1/3, 1, 3 around the mini lrs, edges
+# extended for klsoap and pro-kls-r64; docs/claims.md); LLaMA takes the same lrs (not swept separately)
+_CLAIMS_LRS = {
+    "adamw": 1e-3,
+    "muon": 4e-2,
+    "htmuon": 4e-2,
+    "soap": 1e-2,
+    "klsoap": 3.33e-3,
+    "kl-shampoo": 1e-2,
+    "pro-kls-r8": 3e-3,
+    "pro-kls-r16": 3e-3,
+    "pro-kls-r32": 3.33e-3,
+    "pro-kls-r64": 3.33e-3,
+}
 _CLAIMS: dict[str, Any] = {
     **_MINI,
     "jobs": 2,
     "seeds": [0, 1, 2],
     "record_every": 100,
     "optimizers": _CLAIMS_OPTIMIZERS,
+    "lrs": _CLAIMS_LRS,
 }
 # warmup (5%), eval_every (steps/24) and checkpoint_every (steps/6) scale with --steps unless given
 PRESETS: dict[str, dict[str, Any]] = {
@@ -85,7 +100,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_MINI,
         "seeds": [0, 1, 2],
         "optimizers": ["adamw", "muon", "kl-shampoo", "pro-kls-r16", "pro-kls-r32"],
-        "lrs": {"adamw": 1e-3, "muon": 4e-2, "kl-shampoo": 3e-2, "pro-kls-r16": 3e-3, "pro-kls-r32": 3.33e-3},
+        # kl-shampoo: 1e-2 under its new defaults (claims sweep at this scale; 3e-2 before, docs/kl_shampoo.md)
+        "lrs": {"adamw": 1e-3, "muon": 4e-2, "kl-shampoo": 1e-2, "pro-kls-r16": 3e-3, "pro-kls-r32": 3.33e-3},
     },
     # the claims page (docs/claims.md): GPT-2- and LLaMA-style models of the same size (~0.85M), every optimizer,
     # Pro-KLShampoo at ranks 8-64, 3 seeds, diagnostics recorded; two runs at a time (about an hour on 2 cores
